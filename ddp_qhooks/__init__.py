@@ -1,0 +1,14 @@
+"""ddp_qhooks: quantized DDP communication hooks with error feedback.
+
+One line after wrapping the model::
+
+    state = ddp_qhooks.register(ddp_model, codec="stochastic", bits=4)
+"""
+from . import codecs
+from .codecs import CODECS, make_codec
+from .exchange import ConfigMismatchError
+from .hook import QuantizedHookState, quantized_allgather_hook, register
+
+__version__ = "0.1.0"
+__all__ = ["register", "QuantizedHookState", "quantized_allgather_hook", "codecs", "CODECS", "make_codec",
+           "ConfigMismatchError", "__version__"]

@@ -1,0 +1,117 @@
+"""Codec interface: a flat float tensor <-> the codec-specific body of a payload.
+
+A codec is pure tensor code (no torch.distributed).  The hook puts a small header in front of the
+body (see :mod:`ddp_qhooks.codecs.wire`) and the exchange layer moves the bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+__all__ = ["Codec", "Layout", "EncodeInfo"]
+
+
+class Layout:
+    """How a flat bucket is made of parameters.
+
+    ``param_numels`` are the sizes of the parameters in bucket order and ``param_keys`` stable
+    integer identities for them (their index in the model), used to key per-parameter randomness.
+    A codec with a ``block_size`` cuts every parameter into its own blocks, so blocks never
+    straddle two parameters and the result does not depend on how DDP grouped parameters.
+    """
+
+    def __init__(self, param_numels: Sequence[int], param_keys: Sequence[int] | None = None):
+        self.param_numels = tuple(int(n) for n in param_numels)
+        self.param_keys = tuple(range(len(self.param_numels))) if param_keys is None else tuple(int(k) for k in param_keys)
+        if len(self.param_keys) != len(self.param_numels):
+            raise ValueError("param_keys and param_numels differ in length")
+        self.numel = sum(self.param_numels)
+        self._blocks: dict[int | None, tuple[int, ...]] = {}
+
+    @classmethod
+    def flat(cls, numel: int) -> "Layout":
+        return cls([numel], [0])
+
+    def block_lengths(self, block_size: int | None) -> tuple[int, ...]:
+        """Lengths of the quantization blocks: one per bucket, or ``block_size`` per parameter."""
+        if block_size not in self._blocks:
+            if block_size is None:
+                lengths = (self.numel,) if self.numel else ()
+            else:
+                lengths = []
+                for n in self.param_numels:
+                    full, rest = divmod(n, block_size)
+                    lengths += [block_size] * full + ([rest] if rest else [])
+                lengths = tuple(lengths)
+            self._blocks[block_size] = lengths
+        return self._blocks[block_size]
+
+    def param_offsets(self) -> list[int]:
+        offsets, acc = [], 0
+        for n in self.param_numels:
+            offsets.append(acc)
+            acc += n
+        return offsets
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and (self.param_numels, self.param_keys) == (other.param_numels, other.param_keys)
+
+    def __hash__(self) -> int:
+        return hash((self.param_numels, self.param_keys))
+
+    def __repr__(self) -> str:
+        return f"Layout(numel={self.numel}, params={len(self.param_numels)})"
+
+
+@dataclass
+class EncodeInfo:
+    """What an encode call learned about its input."""
+
+    finite: bool = True
+    error_sq: float | None = None    # ||x - decode(encode(x))||^2, when an error buffer was given
+    input_sq: float | None = None    # ||x||^2, alongside error_sq
+
+
+class Codec:
+    """Base class.  Subclasses set ``name`` and ``codec_id`` and implement the four methods.
+
+    ``encode(x, body, layout, key, error_out)`` writes the body bytes for the flat float tensor
+    ``x``; when ``error_out`` is given it also writes ``x - decode(body)`` there (the error-feedback
+    residual, computed while the data is hot).  ``key`` is an integer that seeds stochastic codecs;
+    deterministic codecs ignore it.  ``decode(bodies, layout, out, weight)`` writes
+    ``weight * sum(decode(b) for b in bodies)`` into ``out`` (averaging W payloads in one pass).
+
+    A non-finite input must not raise: ``encode`` returns ``EncodeInfo(finite=False)`` and leaves
+    ``error_out`` untouched, and the hook marks the payload so every rank yields a non-finite result.
+    """
+
+    name: ClassVar[str] = ""
+    codec_id: ClassVar[int] = -1
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, bits: int = 8, **options):
+        self.bits = bits
+
+    def config(self) -> dict:
+        """Everything that must agree across ranks for payloads to be decodable."""
+        return {"codec": self.name, "bits": self.bits}
+
+    def body_nbytes(self, layout: Layout) -> int:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout, key: int = 0,
+               error_out: torch.Tensor | None = None) -> EncodeInfo:
+        raise NotImplementedError
+
+    def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "codec")
+        return f"{type(self).__name__}({opts})"
+
+
+def _finite_error_stats(x: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
+    return float(torch.dot(err, err)), float(torch.dot(x, x))

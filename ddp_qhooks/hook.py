@@ -1,0 +1,336 @@
+"""The DDP communication hook: state object, hook function and one-line ``register``.
+
+Per bucket and step:
+
+1. ``g' = g + e`` (error feedback, residual ``e`` of the bucket's parameters);
+2. the codec encodes ``g'`` into ONE packed payload (header + body, see ``codecs/wire.py``) and
+   writes the new residual ``e = g' - deq(q)``;
+3. ONE asynchronous all-gather of the payloads (``exchange.py``);
+4. in the future's callback every rank checks the headers, decodes the W payloads and returns their
+   mean (DDP does not divide by the world size when a hook is registered).
+
+Usage (torch style, like ``powerSGD_hook``)::
+
+    from ddp_qhooks import QuantizedHookState, quantized_allgather_hook
+    state = QuantizedHookState(process_group=None, codec="stochastic", bits=4, module=ddp.module)
+    ddp.register_comm_hook(state, quantized_allgather_hook)
+
+or simply ``state = ddp_qhooks.register(ddp, codec="stochastic", bits=4)``.
+"""
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Set, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import exchange
+from .codecs import Layout, make_codec
+from .codecs._random import splitmix64
+from .codecs.wire import FLAG_NONFINITE, HEADER_BYTES, WIRE_VERSION, fingerprint, header_bytes, parse_header, payload_nbytes
+from .error_feedback import ResidualMemory
+
+__all__ = ["QuantizedHookState", "quantized_allgather_hook", "register"]
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class _Bucket:
+    """Buffers of one bucket layout, allocated once and reused every step."""
+
+    layout: Layout
+    body_nbytes: int
+    payload: torch.Tensor
+    gathered: torch.Tensor
+    scratch: Optional[torch.Tensor]
+
+
+class QuantizedHookState:
+    """State of :func:`quantized_allgather_hook`.
+
+    Args:
+        process_group: the group to communicate in (``None``: the default group).
+        codec: codec name, see ``ddp_qhooks.codecs.CODECS`` (``uniform``, ``stochastic``, ``fp16``,
+            ``bf16``, ``none``).
+        bits: bits per value for quantizing codecs, 1..8.
+        error_feedback: keep per-parameter residuals and add them to the next step's gradient.
+        seed: seeds stochastic rounding; randomness is keyed by (seed, rank, step, parameter), so a
+            resumed run repeats the same random choices.
+        module: the wrapped model (``ddp.module``).  Gives parameters stable identities (their index
+            in ``module.parameters()``) and names in ``state_dict``.  Without it, parameters are
+            numbered in the order the first hook calls see them, which is the same in every run of
+            the same model.
+        measure_error: compute the relative quantization error (NMSE) reported by :meth:`stats`.
+        **codec_options: codec specific, e.g. ``block_size`` for ``uniform`` / ``stochastic``.
+
+    The state is picklable (the process group is dropped, as in PowerSGD) and its
+    :meth:`state_dict` holds only tensors and plain Python values, so it survives
+    ``torch.save`` + ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
+                 seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True, **codec_options):
+        self.codec = make_codec(codec, bits, **codec_options)
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.process_group = process_group
+        self.error_feedback = error_feedback
+        self.seed = seed
+        self.measure_error = measure_error
+        self.memory = ResidualMemory()
+        self.step = 0
+        self._config_print = fingerprint(self.codec.config())
+        self._param_key: Dict[int, int] = {}
+        self._param_names: Dict[int, str] = {}
+        self._param_numels: Dict[int, int] = {}
+        if module is not None:
+            for i, (name, p) in enumerate(module.named_parameters()):
+                self._param_key[id(p)] = i
+                self._param_names[i] = name
+                self._param_numels[i] = p.numel()
+        self._buckets: Dict[Tuple[int, ...], _Bucket] = {}
+        self._used_this_step: Set[Tuple[int, ...]] = set()
+        self._agreed = False
+        self._reset_stats()
+
+    # -- identities ----------------------------------------------------------------------------
+    def _key_of(self, p: torch.Tensor) -> int:
+        key = self._param_key.get(id(p))
+        if key is None:
+            key = self._param_key[id(p)] = len(self._param_key)
+            self._param_numels[key] = p.numel()
+        return key
+
+    def _name_of(self, key: int) -> str:
+        return self._param_names.get(key, f"param{key}")
+
+    # -- stats -----------------------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0}
+        self._step_err = self._step_inp = 0.0
+        self._step_nonfinite = False
+        self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0}
+        self._step_payload = self._step_buckets = 0
+
+    def stats(self) -> dict:
+        """Cumulative traffic and quality figures of this rank.
+
+        Keys: ``steps`` (synchronised iterations), ``payload_bytes`` (bytes of this rank's
+        payloads), ``wire_bytes_sent`` (bytes this rank sends for the all-gather at this world
+        size: (W-1) x payload), ``fp32_bytes`` (4 bytes per gradient value: what an fp32 payload
+        would have been), ``compression_ratio`` (fp32_bytes / payload_bytes), ``nmse`` (last step:
+        sum of squared quantization errors / sum of squared inputs, over all buckets),
+        ``fp32_allreduce_wire_bytes`` (what a ring fp32 allreduce sends per rank: 2(W-1)/W x 4
+        bytes per value), plus ``payload_bytes_last_step``, ``buckets_last_step``, ``hook_calls``,
+        ``nonfinite_steps``, ``world_size``, ``codec`` and ``bits``.
+        """
+        t = self._totals
+        w = self._world_size()
+        return {
+            "steps": self.step,
+            "payload_bytes": t["payload_bytes"],
+            "wire_bytes_sent": t["wire_bytes_sent"],
+            "fp32_bytes": t["fp32_bytes"],
+            "compression_ratio": t["fp32_bytes"] / t["payload_bytes"] if t["payload_bytes"] else 0.0,
+            "nmse": self._last["nmse"],
+            "fp32_allreduce_wire_bytes": int(t["fp32_bytes"] * 2 * (w - 1) / w) if w else 0,
+            "payload_bytes_last_step": self._last["payload_bytes"],
+            "buckets_last_step": self._last["buckets"],
+            "hook_calls": t["hook_calls"],
+            "nonfinite_steps": t["nonfinite_steps"],
+            "world_size": w,
+            "codec": self.codec.name,
+            "bits": self.codec.bits,
+        }
+
+    def _world_size(self) -> int:
+        return exchange.world_size(self.process_group) if dist.is_initialized() else 0
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Residuals (by parameter name), step counter and seed (= the RNG state), config, counters."""
+        residuals = {self._name_of(k): v.detach().to("cpu", copy=True) for k, v in self.memory.residuals().items()}
+        return {
+            "format": STATE_FORMAT,
+            "codec": dict(self.codec.config()),
+            "error_feedback": self.error_feedback,
+            "seed": self.seed,
+            "step": self.step,
+            "world_size": self._world_size(),
+            "residuals": residuals,
+            "totals": dict(self._totals),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore residuals, step and seed, e.g. into the state of a NEW DDP model after a restart.
+
+        Residuals are matched to parameters by name (or ``param<i>`` without a module) and their
+        sizes are checked against the model when a module was given.
+        """
+        if state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported hook state format {state_dict.get('format')!r} (expected {STATE_FORMAT})")
+        if dict(state_dict["codec"]) != self.codec.config():
+            warnings.warn(f"ddp_qhooks: loading hook state saved with {state_dict['codec']} into {self.codec.config()}; "
+                          "residuals are kept (they are gradient-space errors)", stacklevel=2)
+        by_name = {v: k for k, v in self._param_names.items()}
+        residuals = {}
+        for name, tensor in state_dict["residuals"].items():
+            if by_name:
+                if name not in by_name:
+                    raise ValueError(f"hook state has a residual for {name!r}, which is not a parameter of the model")
+                key = by_name[name]
+                if tensor.numel() != self._param_numels[key]:
+                    raise ValueError(f"residual for {name!r} has {tensor.numel()} elements, the parameter has {self._param_numels[key]}")
+            elif name.startswith("param") and name[5:].isdigit():
+                key = int(name[5:])
+            else:
+                raise ValueError(f"residual {name!r} is keyed by parameter name: create the state with module=...")
+            residuals[key] = tensor
+        saved_w = state_dict.get("world_size")
+        if saved_w and dist.is_initialized() and saved_w != self._world_size():
+            warnings.warn(f"ddp_qhooks: hook state saved at world size {saved_w}, loaded at {self._world_size()}; "
+                          "each rank keeps the residuals it loaded", stacklevel=2)
+        self.memory.load(residuals)
+        self.step = int(state_dict["step"])
+        self.seed = int(state_dict["seed"])
+        self.error_feedback = bool(state_dict["error_feedback"])
+        self._totals.update({k: int(v) for k, v in state_dict.get("totals", {}).items() if k in self._totals})
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_buckets", "memory", "_param_key")}
+        state["_residuals"] = {k: v.detach().cpu().clone() for k, v in self.memory.residuals().items()}
+        return state
+
+    def __setstate__(self, state):
+        residuals = state.pop("_residuals")
+        self.__dict__.update(state)
+        self.process_group = None
+        self._buckets = {}
+        self._param_key = {}
+        self._agreed = False
+        self.memory = ResidualMemory()
+        self.memory.load(residuals)
+
+    # -- per bucket buffers ------------------------------------------------------------------------
+    def _bucket(self, signature, params, device) -> _Bucket:
+        b = self._buckets.get(signature)
+        if b is None:
+            layout = Layout([p.numel() for p in params], signature)
+            body = self.codec.body_nbytes(layout)
+            size = payload_nbytes(body)
+            w = exchange.world_size(self.process_group)
+            payload = torch.zeros(size, dtype=torch.uint8, device=device)
+            payload[:HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print, layout.numel).to(device)
+            gathered = torch.empty(w * size, dtype=torch.uint8, device=device)
+            scratch = None
+            if self.measure_error and not self.error_feedback:
+                scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
+            b = self._buckets[signature] = _Bucket(layout, body, payload, gathered, scratch)
+        return b
+
+    def _end_of_step(self) -> None:
+        self.step += 1
+        self._last = {"nmse": self._step_err / self._step_inp if self._step_inp > 0 else (0.0 if self._step_err == 0 else float("inf")),
+                      "payload_bytes": self._step_payload, "buckets": self._step_buckets}
+        if not (self.measure_error and not self._step_nonfinite):
+            self._last["nmse"] = float("nan")
+        if self._step_nonfinite:
+            self._totals["nonfinite_steps"] += 1
+        self._step_err = self._step_inp = 0.0
+        self._step_payload = self._step_buckets = 0
+        self._step_nonfinite = False
+        for sig in [s for s in self._buckets if s not in self._used_this_step]:
+            del self._buckets[sig]  # layouts DDP no longer uses (e.g. before the bucket rebuild)
+        self._used_this_step.clear()
+
+
+def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Quantize the bucket, all-gather one packed payload per rank, return the decoded mean."""
+    group = state.process_group
+    world = exchange.world_size(group)
+    buf = bucket.buffer()
+    params = bucket.parameters()
+    signature = tuple(state._key_of(p) for p in params)
+    b = state._bucket(signature, params, buf.device)
+    state._used_this_step.add(signature)
+    if not state._agreed:
+        exchange.check_agreement({**state.codec.config(), "error_feedback": state.error_feedback}, buf.device, group)
+        state._agreed = True
+
+    x = buf if buf.dtype == torch.float32 else buf.float()
+    residual = None
+    if state.error_feedback:
+        residual = state.memory.bucket_residual(signature, b.layout.param_numels, buf.device)
+        x.add_(residual)
+    key = splitmix64(state.seed, exchange.rank(group), state.step)
+    body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
+    info = state.codec.encode(x, body, b.layout, key, error_out=residual if residual is not None else b.scratch)
+    b.payload[3] = 0 if info.finite else FLAG_NONFINITE
+    if info.error_sq is not None:
+        state._step_err += info.error_sq
+        state._step_inp += info.input_sq
+    state._totals["hook_calls"] += 1
+    state._totals["payload_bytes"] += b.payload.numel()
+    state._totals["wire_bytes_sent"] += (world - 1) * b.payload.numel()
+    state._totals["fp32_bytes"] += 4 * b.layout.numel
+    state._step_payload += b.payload.numel()
+    state._step_buckets += 1
+    validate = buf.device.type == "cpu" or state.step < 3
+    last = bucket.is_last()
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        fut.value()  # re-raises a failed collective
+        rows = b.gathered.view(world, -1)
+        if validate:
+            headers = rows[:, :HEADER_BYTES].cpu()
+            _check_headers(state, b, headers)
+            flags = headers[:, 3].tolist()
+        else:
+            flags = rows[:, 3].cpu().tolist()
+        if any(f & FLAG_NONFINITE for f in flags):
+            state._step_nonfinite = True
+            buf.fill_(float("nan"))  # every rank sees a non-finite step; residuals were kept
+        else:
+            bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + b.body_nbytes] for r in range(world)]
+            state.codec.decode(bodies, b.layout, buf, divisor=world)
+        if last:
+            state._end_of_step()
+        return buf
+
+    return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
+
+
+def _check_headers(state: QuantizedHookState, b: _Bucket, headers: torch.Tensor) -> None:
+    expected = {"version": WIRE_VERSION, "codec_id": state.codec.codec_id, "bits": state.codec.bits,
+                "fingerprint": state._config_print, "numel": b.layout.numel}
+    for r, raw in enumerate(headers):
+        got = parse_header(bytes(raw.tolist()))
+        bad = [f"{k}={got[k]} (expected {v})" for k, v in expected.items() if got[k] != v]
+        if bad:
+            raise exchange.ConfigMismatchError(f"ddp_qhooks: payload from rank {r} does not match this rank's "
+                                               f"configuration: {', '.join(bad)}")
+
+
+def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedback: bool = True,
+             process_group=None, **codec_options) -> QuantizedHookState:
+    """Register the quantized all-gather hook on a DistributedDataParallel model; return its state.
+
+    ``codec_options`` go to the codec (e.g. ``block_size``) or to the state (``seed``,
+    ``measure_error``).  Invalid choices raise ValueError here, before any step.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"register() needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
+    if getattr(ddp_model, "mixed_precision", None) is not None:
+        raise ValueError("DDP's mixed_precision option installs its own comm hook; use codec='bf16'/'fp16' instead")
+    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error") if k in codec_options}
+    if process_group is None:
+        process_group = getattr(ddp_model, "process_group", None)
+    state = QuantizedHookState(process_group=process_group, codec=codec, bits=bits, error_feedback=error_feedback,
+                               module=ddp_model.module, **state_options, **codec_options)
+    ddp_model.register_comm_hook(state, quantized_allgather_hook)
+    return state
