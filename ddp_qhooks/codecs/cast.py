@@ -8,6 +8,7 @@ reported non-finite on every rank, as with AMP.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -32,7 +33,7 @@ class CastCodec(Codec):
             raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
         values = body.view(self.dtype)
         values.copy_(x)
-        if not bool(torch.isfinite(values).all()):
+        if values.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(values)).tolist()):
             return EncodeInfo(finite=False)
         if error_out is None:
             return EncodeInfo()

@@ -4,13 +4,14 @@ Wire layout: an LSB-first bit stream. Code ``i`` occupies bits ``[i*b, (i+1)*b)`
 little-endian byte string, so ``n`` codes take exactly ``ceil(n*b/8)`` bytes; the unused high
 bits of the last byte are zero.
 
-Why it is fast in plain torch: every group of 8 codes (8 bytes, one code per byte) is viewed as
-one int64 word and its 8 fields are merged pairwise in 3 shift/or levels (8 -> 16 -> 32 -> 64 bit
-lanes).  After the level at which a lane holds exactly 8 bits (b=4: 16-bit lanes, b=2: 32-bit
-lanes, b=1: 64-bit lanes) a narrowing cast lane -> uint8 yields the packed bytes in order; other
-widths take the low ``b`` bytes of each word.  All ops are vectorised integer ops on 1/8 as many
-words as codes, so packing costs a fraction of one pass over the float input.  A tail of fewer than
-8 codes is packed by a tiny generic routine.
+Why it is fast in plain torch: codes arrive one per byte.  For b in {1, 2, 4} the 8/b codes of
+one output byte sit in one int64 / int32 / int16 lane, and a single multiplication by a constant
+gathers them (see ``_MUL_PACK``), followed by a shift and a narrowing cast.  Other widths merge the
+8 codes of an int64 word pairwise in 3 shift/or levels (8 -> 16 -> 32 -> 64 bit lanes) and keep the
+low ``b`` bytes.  Unpacking spreads bits back with shifts/masks (or a multiply for b=1).  All ops are
+vectorised integer ops over at most as many bytes as there are codes; callers in hot loops pass a
+``scratch`` buffer so nothing is allocated per call.  A tail of fewer than 8 codes is handled by a
+tiny generic routine.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ def _lane_mask(lane_bits: int, field_bits: int) -> int:
     return _i64(sum(one << s for s in range(0, 64, lane_bits)))
 
 
-_LANE_DTYPES = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -60,11 +60,19 @@ def _unpack_tail(packed: torch.Tensor, bits: int, numel: int, out: torch.Tensor)
     out.copy_((word >> shifts) & ((1 << bits) - 1))
 
 
-def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _scratch_view(scratch, nbytes: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if scratch is None or scratch.numel() * scratch.element_size() < nbytes:
+        return torch.empty(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+    return scratch.view(torch.uint8)[:nbytes].view(dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Pack a 1-D uint8 tensor of codes (each < 2**bits) into ``packed_nbytes`` bytes.
 
-    Codes must already be in range: high bits are not masked (they would corrupt neighbours),
-    which is the caller's contract and is asserted by the tests, not re-checked here for speed.
+    Codes must already be in range: high bits are not masked (they would corrupt neighbours); the
+    quantizers guarantee it and the tests check it.  ``scratch``: optional 8-byte aligned buffer
+    of at least ``numel`` bytes, to avoid allocating.
     """
     _check_bits(bits)
     if codes.dtype != torch.uint8 or codes.dim() != 1:
@@ -80,16 +88,36 @@ def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None) 
         return out
     main = n - n % 8
     if main:
-        _pack_groups(codes[:main], bits, out[: main * bits // 8])
+        _pack_groups(codes[:main], bits, out[: main * bits // 8], scratch)
     if n % 8:
         _pack_tail(codes[main:], bits, out[main * bits // 8:])
     return out
 
 
-def _pack_groups(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Pack a multiple of 8 codes.  ``codes`` must be contiguous (viewed as int64)."""
-    if codes.storage_offset() % 8:
-        codes = codes.clone()  # int64 view needs 8-byte alignment
+# b in {1, 2, 4}: the k = 8/b codes of one output byte sit in the k bytes of one lane
+# (int64 / int32 / int16).  Multiplying the lane by M = sum_j 2**(s - (8-b)*j), s = (8-b)*(k-1),
+# moves code j to bit s + b*j; all other partial products land on disjoint bit ranges (checked for
+# these three widths: no carries), so bits [s, s+8) of the product are the packed byte.  Overflow
+# past the lane width only discards bits above the byte.  The narrowing cast keeps that byte.
+_MUL_PACK = {
+    1: (torch.int64, _i64(0x0102040810204080), 56),
+    2: (torch.int32, (1 << 18) + (1 << 12) + (1 << 6) + 1, 18),
+    4: (torch.int16, 17, 4),
+}
+
+
+def _pack_groups(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch=None) -> None:
+    """Pack a multiple of 8 codes."""
+    if codes.storage_offset() % 8 or not codes.is_contiguous():
+        codes = codes.clone()  # wide views need alignment
+    if bits in _MUL_PACK:
+        dtype, mul, shift = _MUL_PACK[bits]
+        lanes = codes.view(dtype)
+        tmp = _scratch_view(scratch, codes.numel(), dtype, codes.device)
+        torch.mul(lanes, mul, out=tmp)
+        tmp.bitwise_right_shift_(shift)
+        out.copy_(tmp)  # narrowing cast keeps the low byte of each lane
+        return
     w = codes.view(torch.int64)
     lane, field = 8, bits
     while True:
@@ -98,9 +126,6 @@ def _pack_groups(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
         high = _i64((~low) & ((1 << 64) - 1))
         w = torch.bitwise_or(w & low, torch.bitwise_right_shift(w & high, lane - field))
         lane, field = lane2, field * 2
-        if field == 8 and lane in _LANE_DTYPES:
-            out.copy_(w.view(_LANE_DTYPES[lane]))  # narrowing cast keeps the low byte of each lane
-            return
         if lane == 64 or (lane == 32 and field == 24):
             nb = field // 8
             out.view(-1, nb).copy_(w.view(torch.uint8).view(-1, lane // 8)[:, :nb])
@@ -117,31 +142,52 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int, out: torch.Tensor 
         out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
     elif out.numel() != numel or out.dtype != torch.uint8:
         raise ValueError(f"out must be a uint8 tensor of {numel} elements")
-    if bits == 8:
-        out.copy_(packed)
-        return out
-    main = numel - numel % 8
-    if main:
-        _unpack_groups(packed[: main * bits // 8], bits, out[:main])
-    if numel % 8:
-        _unpack_tail(packed[main * bits // 8:], bits, numel - main, out[main:])
+    out.copy_(unpack_view(packed, bits, numel))
     return out
 
 
-def _unpack_groups(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    # replay the packing levels backwards: split every lane into two half-width lanes
+def unpack_view(packed: torch.Tensor, bits: int, numel: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Unpacked codes as a uint8 tensor that may live in ``scratch`` (>= 2*numel bytes, 8-aligned)
+    or alias ``packed`` (bits=8).  No validation: internal fast path for the codecs."""
+    if bits == 8:
+        return packed
+    main = numel - numel % 8
+    nb = main * bits // 8
+    if numel % 8:  # rare (last chunk of a bucket): simple path with a fresh buffer
+        out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
+        if main:
+            out[:main].copy_(_unpack_groups(packed[:nb], bits, main, None))
+        _unpack_tail(packed[nb:], bits, numel - main, out[main:])
+        return out
+    return _unpack_groups(packed, bits, main, scratch)
+
+
+def _unpack_groups(packed: torch.Tensor, bits: int, numel: int, scratch) -> torch.Tensor:
+    device = packed.device
+    if bits == 1:
+        # 8 copies of the byte, one per output byte; keep bit j in byte j, then map 2**j -> 1
+        w = _scratch_view(scratch, numel, torch.int64, device)
+        w.copy_(packed)
+        w.mul_(0x0101010101010101).bitwise_and_(_i64(0x8040201008040201))
+        return w.view(torch.uint8).clamp_max_(1)
+    if bits in (2, 4):
+        dtype, steps = (torch.int16, ((4, 0x0F0F),)) if bits == 4 else (torch.int32, ((12, 0x000F000F), (6, 0x03030303)))
+        w = _scratch_view(scratch, 2 * numel, dtype, device)
+        w, tmp = w[: w.numel() // 2], w[w.numel() // 2:]
+        w.copy_(packed)
+        for shift, mask in steps:
+            torch.bitwise_left_shift(w, shift, out=tmp)
+            w.bitwise_or_(tmp).bitwise_and_(mask)
+        return w.view(torch.uint8)
+    # other widths: replay the packing levels backwards, splitting every lane into two half lanes
     lane, field = 8, bits
     plan = []
     while True:
         plan.append((lane, field))
         lane, field = lane * 2, field * 2
-        if field == 8 and lane in _LANE_DTYPES:
-            # one packed byte per lane: widen bytes to lanes, reinterpret as int64 words
-            w = packed.to(_LANE_DTYPES[lane]).view(torch.int64)
-            break
         if lane == 64 or (lane == 32 and field == 24):
             nb = field // 8
-            words = torch.zeros(packed.numel() // nb, lane // 8, dtype=torch.uint8, device=packed.device)
+            words = torch.zeros(packed.numel() // nb, lane // 8, dtype=torch.uint8, device=device)
             words[:, :nb] = packed.view(-1, nb)
             w = words.view(-1).view(torch.int64)
             break
@@ -150,4 +196,4 @@ def _unpack_groups(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
         lo = w & mask
         hi = torch.bitwise_right_shift(w, half_field) & mask
         w = lo | torch.bitwise_left_shift(hi, half_lane)
-    out.copy_(w.view(torch.uint8))
+    return w.view(torch.uint8)

@@ -27,20 +27,22 @@ import torch
 
 from . import _random
 from .base import Codec, EncodeInfo, Layout
-from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
+from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes, unpack_view
 
 _FP32_MAX = torch.finfo(torch.float32).max
 CHUNK = 1 << 16  # elements per cache-resident chunk (multiple of 8)
 
 
 class _Scratch:
-    """Per-device chunk buffers, reused across calls so the hot loop allocates nothing."""
+    """Per-device chunk buffers, reused across calls so the hot loops allocate nothing."""
 
     def __init__(self, device: torch.device):
         self.f32 = torch.empty(CHUNK, dtype=torch.float32, device=device)
         self.f32b = torch.empty(CHUNK, dtype=torch.float32, device=device)
         self.i32 = torch.empty(CHUNK, dtype=torch.int32, device=device)
         self.u8 = torch.empty(CHUNK, dtype=torch.uint8, device=device)
+        self.lanes = torch.empty(CHUNK // 4, dtype=torch.int64, device=device)  # 2*CHUNK bytes
+        self.window = torch.empty(_random.POOL_SIZE + CHUNK, dtype=torch.float32, device=device)
 
 
 class UniformCodec(Codec):
@@ -112,31 +114,37 @@ class UniformCodec(Codec):
             return self._encode_blocks(x, meta, codes, Layout.flat(x.numel()), key, error_out, force_fp64=True, meta_done=True)
         s = self._scratch_for(x.device)
         bits, levels, n = self.bits, self.levels, x.numel()
-        bias = -lo * inv + (0.0 if self.stochastic else 0.5)
-        pool = _random.dither_pool(x.device) if self.stochastic else None
-        start = _random.offset(key)
+        # One fused op per chunk computes v = window + inv * x, where the window holds the offset
+        # -lo*inv plus the rounding term: 0.5 (nearest) or the dither (stochastic).  The window is
+        # built once per call; stochastic chunks take consecutive pool stretches, so the dither
+        # only repeats every POOL_SIZE elements of a bucket.
+        bias = -lo * inv
+        if self.stochastic:
+            span_w = min(n, _random.POOL_SIZE)
+            wlen = span_w + min(CHUNK, n) if n > _random.POOL_SIZE else n
+            window = s.window[:wlen]
+            _random.fill_dither(window, key)
+            window.add_(bias)
+        else:
+            span_w = None
+            window = s.window[:min(CHUNK, n)].fill_(bias + 0.5)
         err_sq = inp_sq = 0.0
         for a in range(0, n, CHUNK):
             c = min(CHUNK, n - a)
             xc = x[a:a + c]
             v = s.f32[:c]
-            if pool is not None:
-                o = (start + a) % _random.POOL_SIZE
-                torch.add(pool[o:o + c], xc, alpha=inv, out=v)
-                v.add_(bias)
-            else:
-                torch.mul(xc, inv, out=v)
-                v.add_(bias)
+            w0 = a % span_w if span_w else 0
+            torch.add(window[w0:w0 + c], xc, alpha=inv, out=v)
             ci = s.i32[:c]
             ci.copy_(v)  # truncation == floor here: v > -1 by construction
-            if pool is not None:
+            if self.stochastic:
                 ci.clamp_max_(levels)  # fp32 round-off at the top of the range only
             if bits == 8:
                 codes[a:a + c].copy_(ci)
             else:
                 cu = s.u8[:c]
                 cu.copy_(ci)
-                pack_codes(cu, bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)])
+                pack_codes(cu, bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.lanes)
             if error_out is not None:
                 ec = error_out[a:a + c]
                 d = s.f32b[:c]
@@ -212,18 +220,18 @@ class UniformCodec(Codec):
         s = self._scratch_for(out.device)
         bits, n = self.bits, out.numel()
         direct = out.dtype == torch.float32
+        offset = s.f32b[:min(CHUNK, n)].fill_(const)
         for a in range(0, n, CHUNK):
             c = min(CHUNK, n - a)
-            acc = out[a:a + c] if direct else s.f32b[:c]
-            acc.fill_(const)
-            for codes, scale in zip(codes_list, scales):
-                if bits == 8:
-                    cu = codes[a:a + c]
-                else:
-                    cu = unpack_codes(codes[a * bits // 8: packed_nbytes(a + c, bits)], bits, c, out=s.u8[:c])
+            acc = out[a:a + c] if direct else s.window[:c]
+            for i, (codes, scale) in enumerate(zip(codes_list, scales)):
+                cu = unpack_view(codes[a * bits // 8: packed_nbytes(a + c, bits)], bits, c, s.lanes)
                 f = s.f32[:c]
                 f.copy_(cu)
-                acc.add_(f, alpha=scale)
+                if i == 0:
+                    torch.add(offset[:c], f, alpha=scale, out=acc)
+                else:
+                    acc.add_(f, alpha=scale)
             if not direct:
                 out[a:a + c].copy_(acc)
         return out
