@@ -16,6 +16,10 @@ import torch
 from .base import Codec, EncodeInfo, Layout
 
 
+def _sq(t: torch.Tensor) -> float:
+    return float(torch.dot(t.double(), t.double()))  # float64: |x| > 1.8e19 would overflow float32
+
+
 class CastCodec(Codec):
     dtype: torch.dtype = torch.float32
 
@@ -37,18 +41,25 @@ class CastCodec(Codec):
             return EncodeInfo(finite=False)
         if error_out is None:
             return EncodeInfo()
-        torch.sub(x, values, out=error_out)
         xf = x.float()
-        return EncodeInfo(True, float(torch.dot(error_out.float(), error_out.float())), float(torch.dot(xf, xf)))
+        torch.sub(xf, values, out=error_out)
+        return EncodeInfo(True, _sq(error_out), _sq(xf))
 
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1):
+        if out.numel() != layout.numel:
+            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        if not bodies:
+            return out.zero_()
+        # every share is widened to float32 BEFORE dividing, as DDP's fp32 allreduce divides
+        # float32 gradients; bodies are never modified (they may be views of received buffers)
         acc = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        share = torch.empty_like(acc) if len(bodies) > 1 else None
         for i, body in enumerate(bodies):
-            values = body.view(self.dtype)
-            if i == 0:
-                torch.div(values, divisor, out=acc)
-            else:
-                acc.add_(values.float().div_(divisor))
+            target = acc if i == 0 else share
+            target.copy_(body.view(self.dtype))
+            target.div_(divisor)
+            if i:
+                acc.add_(share)
         if acc is not out:
             out.copy_(acc)
         return out

@@ -30,6 +30,8 @@ from .base import Codec, EncodeInfo, Layout
 from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes, unpack_view
 
 _FP32_MAX = torch.finfo(torch.float32).max
+_MIN_NORMAL_STEP = 2.0 ** -100  # smaller steps lose bits in float32 products: use float64
+_BIG = 1e18  # beyond this, squared sums overflow float32: accumulate error statistics in float64
 CHUNK = 1 << 16  # elements per cache-resident chunk (multiple of 8)
 
 
@@ -61,7 +63,7 @@ class UniformCodec(Codec):
         self.block_size = block_size
         self.levels = (1 << bits) - 1
         self._scratch: dict[torch.device, _Scratch] = {}
-        self._lengths: dict[tuple, torch.Tensor] = {}
+        self._run_cache: dict[tuple, tuple] = {}
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size}
@@ -81,12 +83,36 @@ class UniformCodec(Codec):
             s = self._scratch[device] = _Scratch(device)
         return s
 
-    def _lengths_tensor(self, layout: Layout, device) -> torch.Tensor:
-        k = (layout.param_numels, self.block_size, str(device))
-        t = self._lengths.get(k)
-        if t is None:
-            t = self._lengths[k] = torch.tensor(layout.block_lengths(self.block_size), dtype=torch.int64, device=device)
-        return t
+    def _runs(self, layout: Layout, block_size) -> tuple[tuple[int, int, int], ...]:
+        """Blocks grouped into runs ``(start, nblocks, block_len)`` of equal, contiguous blocks, so
+        each run is one ``(nblocks, block_len)`` view and per-block scalars broadcast over it."""
+        k = (layout, block_size)
+        runs = self._run_cache.get(k)
+        if runs is None:
+            runs, start = [], 0
+            for blen in layout.block_lengths(block_size):
+                if runs and runs[-1][2] == blen:
+                    s0, nb, bl = runs[-1]
+                    runs[-1] = (s0, nb + 1, bl)
+                else:
+                    runs.append((start, 1, blen))
+                start += blen
+            runs = self._run_cache[k] = tuple(runs)
+        return runs
+
+    def _grid_ok_fp32(self, lo: torch.Tensor, span: torch.Tensor) -> bool:
+        """Can the grid (float64 ``lo``/``span`` per block) be applied in float32 without overflow,
+        subnormal steps, or codes drowned in the round-off of large offsets?"""
+        scale = span / self.levels
+        nonzero = scale[scale > 0]
+        if nonzero.numel() == 0:
+            return bool((lo.abs() < _FP32_MAX / 4).all())
+        tiny = lo.abs()[lo != 0]
+        if tiny.numel() and float(tiny.min()) < _MIN_NORMAL_STEP:
+            return False
+        mag = torch.maximum(lo.abs(), (lo + span).abs())
+        return bool((nonzero.max() < _FP32_MAX / 4 / self.levels) & (nonzero.min() > _MIN_NORMAL_STEP)
+                    & (mag.max() < _FP32_MAX / 4))
 
     # -- encode ------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
@@ -97,9 +123,11 @@ class UniformCodec(Codec):
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
         if self.block_size is None:
             return self._encode_one_block(x, meta, codes, _random.splitmix64(key, layout.param_keys[0]), error_out)
-        return self._encode_blocks(x, meta, codes, layout, key, error_out)
+        return self._encode_blocks(x, meta, codes, layout, self.block_size, key, error_out)
 
     def _encode_one_block(self, x, meta, codes, key, error_out):
+        if x.dtype != torch.float32:
+            x = x.float()  # half-precision buckets: compute (and form residuals) in float32
         lo_t, hi_t = torch.aminmax(x)
         meta[0, 0] = lo_t
         meta[0, 1] = hi_t
@@ -107,24 +135,25 @@ class UniformCodec(Codec):
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return EncodeInfo(finite=False)
         span = hi - lo  # float64: cannot overflow
+        if not self._grid_ok_fp32(torch.tensor([lo], dtype=torch.float64), torch.tensor([span], dtype=torch.float64)):
+            return self._encode_blocks(x, meta, codes, Layout.flat(x.numel()), None, key, error_out, meta_done=True)
         inv = self.levels / span if span > 0 else 0.0
         scale = span / self.levels
-        if inv > _FP32_MAX / 4 or scale > _FP32_MAX / 4 or abs(lo * inv) > _FP32_MAX / 4:
-            # extreme magnitudes: do this bucket in float64 rather than overflow float32
-            return self._encode_blocks(x, meta, codes, Layout.flat(x.numel()), key, error_out, force_fp64=True, meta_done=True)
         s = self._scratch_for(x.device)
         bits, levels, n = self.bits, self.levels, x.numel()
-        # One fused op per chunk computes v = window + inv * x, where the window holds the offset
-        # -lo*inv plus the rounding term: 0.5 (nearest) or the dither (stochastic).  The window is
-        # built once per call; stochastic chunks take consecutive pool stretches, so the dither
-        # only repeats every POOL_SIZE elements of a bucket.
-        bias = -lo * inv
+        mag = max(abs(lo), abs(hi))
+        # Fast path: ONE fused op per chunk, v = window + inv * x, where the window holds -lo*inv
+        # plus the rounding term (0.5 for nearest, the dither for stochastic).  Its round-off is
+        # about mag*inv*2**-24 code units; when that is not negligible (values far from zero
+        # relative to their spread) subtract lo first, which is exact for nearby values.
+        precise = mag * inv * 2.0 ** -22 > 0.01
+        bias = 0.0 if precise else -lo * inv
         if self.stochastic:
             span_w = min(n, _random.POOL_SIZE)
-            wlen = span_w + min(CHUNK, n) if n > _random.POOL_SIZE else n
-            window = s.window[:wlen]
+            window = s.window[:span_w + min(CHUNK, n) if n > _random.POOL_SIZE else n]
             _random.fill_dither(window, key)
-            window.add_(bias)
+            if bias:
+                window.add_(bias)
         else:
             span_w = None
             window = s.window[:min(CHUNK, n)].fill_(bias + 0.5)
@@ -134,7 +163,11 @@ class UniformCodec(Codec):
             xc = x[a:a + c]
             v = s.f32[:c]
             w0 = a % span_w if span_w else 0
-            torch.add(window[w0:w0 + c], xc, alpha=inv, out=v)
+            if precise:
+                torch.sub(xc, lo, out=v)
+                torch.add(window[w0:w0 + c], v, alpha=inv, out=v)
+            else:
+                torch.add(window[w0:w0 + c], xc, alpha=inv, out=v)
             ci = s.i32[:c]
             ci.copy_(v)  # truncation == floor here: v > -1 by construction
             if self.stochastic:
@@ -149,56 +182,60 @@ class UniformCodec(Codec):
                 ec = error_out[a:a + c]
                 d = s.f32b[:c]
                 d.copy_(ci)
-                torch.sub(xc, d, alpha=scale, out=ec)
-                ec.sub_(lo)
-                err_sq += float(torch.dot(ec, ec))
-                xf = xc if xc.dtype == torch.float32 else xc.float()
-                inp_sq += float(torch.dot(xf, xf))
+                torch.sub(xc, lo, out=ec)   # (x - lo) first: accurate for values near lo
+                ec.sub_(d, alpha=scale)
+                err_sq += _sq(ec, mag)
+                inp_sq += _sq(xc, mag)
         if error_out is not None:
             return EncodeInfo(True, err_sq, inp_sq)
         return EncodeInfo()
 
-    def _block_dither(self, layout: Layout, key: int, device) -> torch.Tensor:
+    def _param_dither(self, layout: Layout, key: int, device) -> torch.Tensor:
         # keyed by (key, parameter identity): independent of where the parameter sits in a bucket
         d = torch.empty(layout.numel, dtype=torch.float32, device=device)
         for off, n, pkey in zip(layout.param_offsets(), layout.param_numels, layout.param_keys):
             _random.fill_dither(d[off:off + n], _random.splitmix64(key, pkey))
         return d
 
-    def _encode_blocks(self, x, meta, codes, layout, key, error_out, force_fp64=False, meta_done=False):
-        lengths = self._lengths_tensor(layout, x.device)
-        xf = x.to(torch.float64) if force_fp64 else x.float()
+    def _encode_blocks(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
+        runs = self._runs(layout, block_size)
+        nblocks = meta.shape[0]
         if not meta_done:
-            lo = torch.segment_reduce(xf, "min", lengths=lengths)
-            hi = torch.segment_reduce(xf, "max", lengths=lengths)
-            meta[:, 0] = lo
-            meta[:, 1] = hi
+            for start, nb, blen, bi in _indexed(runs):
+                view = x[start:start + nb * blen].view(nb, blen)
+                torch.amin(view, 1, out=meta[bi:bi + nb, 0]) if view.dtype == torch.float32 else meta[bi:bi + nb, 0].copy_(view.amin(1))
+                torch.amax(view, 1, out=meta[bi:bi + nb, 1]) if view.dtype == torch.float32 else meta[bi:bi + nb, 1].copy_(view.amax(1))
             if not bool(torch.isfinite(meta).all()):
                 return EncodeInfo(finite=False)
-        lo64, hi64 = meta[:, 0].double(), meta[:, 1].double()
-        span = hi64 - lo64
-        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span))
-        scale = span / self.levels
-        if not force_fp64 and bool((inv.abs().max() > _FP32_MAX / 4) | (scale.max() > _FP32_MAX / 4) | ((lo64 * inv).abs().max() > _FP32_MAX / 4)):
-            return self._encode_blocks(x, meta, codes, layout, key, error_out, force_fp64=True, meta_done=True)
-        work = torch.float64 if force_fp64 else torch.float32
-        xf = xf.to(work)
-        inv_e = torch.repeat_interleave(inv.to(work), lengths)
-        lo_e = torch.repeat_interleave(lo64.to(work), lengths)
-        v = (xf - lo_e) * inv_e if force_fp64 else torch.addcmul(-lo_e * inv_e, xf, inv_e)
-        if self.stochastic:
-            v += self._block_dither(layout, key, x.device).to(work)
-        else:
-            v += 0.5
-        ci = v.floor_().clamp_(0, self.levels).to(torch.uint8)
+        lo = meta[:, 0].double()
+        span = meta[:, 1].double() - lo
+        work = torch.float32 if self._grid_ok_fp32(lo, span) else torch.float64
+        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
+        scale = (span / self.levels).to(work)
+        lo_w = lo.to(work)
+        xw = x.to(work)
+        dither = self._param_dither(layout, key, x.device) if self.stochastic else None
+        ci = torch.empty(layout.numel, dtype=torch.uint8, device=x.device)
+        err = torch.empty(layout.numel, dtype=work, device=x.device) if error_out is not None else None
+        for start, nb, blen, bi in _indexed(runs):
+            sl = slice(start, start + nb * blen)
+            xv = xw[sl].view(nb, blen)
+            lo_c, inv_c, scale_c = lo_w[bi:bi + nb, None], inv[bi:bi + nb, None], scale[bi:bi + nb, None]
+            v = (xv - lo_c).mul_(inv_c)       # subtract first: accurate near lo
+            if dither is not None:
+                v += dither[sl].view(nb, blen).to(work)
+            else:
+                v += 0.5
+            v.floor_().clamp_(0, self.levels)  # clamp: fp round-off at the range ends only
+            ci[sl].copy_(v.view(-1))
+            if err is not None:
+                torch.sub(xv, lo_c, out=err[sl].view(nb, blen)).sub_(v.mul_(scale_c))
         pack_codes(ci, self.bits, out=codes)
-        if error_out is None:
+        if err is None:
             return EncodeInfo()
-        scale_e = torch.repeat_interleave(scale.to(work), lengths)
-        deq = torch.addcmul(lo_e, ci.to(work), scale_e)
-        err = (xf - deq)
         error_out.copy_(err)
-        return EncodeInfo(True, float(torch.dot(err, err)), float(torch.dot(xf, xf)))
+        mag = float(meta.abs().max()) if nblocks else 0.0
+        return EncodeInfo(True, _sq(err, mag), _sq(x, mag))
 
     # -- decode ------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
@@ -207,14 +244,15 @@ class UniformCodec(Codec):
         if layout.numel == 0 or not bodies:
             return out.zero_()
         parts = [self._split(b, layout) for b in bodies]
-        if self.block_size is None:
-            lohi = torch.stack([m[0] for m, _ in parts]).double()
-            span = lohi[:, 1] - lohi[:, 0]
-            scales = (span / self.levels / divisor).tolist()
-            const = float(lohi[:, 0].sum() / divisor)
-            if max(abs(s) for s in scales) * self.levels < _FP32_MAX / 4 and abs(const) < _FP32_MAX / 4:
-                return self._decode_one_block([c for _, c in parts], scales, const, out)
-        return self._decode_blocks(parts, layout, out, divisor)
+        metas = torch.stack([m for m, _ in parts]).double()  # (W, nblocks, 2)
+        lo, span = metas[..., 0], metas[..., 1] - metas[..., 0]
+        fp32 = self._grid_ok_fp32(lo.reshape(-1) / divisor, span.reshape(-1) / divisor) and \
+            float(lo.abs().sum(0).max()) / divisor < _FP32_MAX / 4
+        if self.block_size is None and fp32:
+            scales = (span[:, 0] / self.levels / divisor).tolist()
+            const = float(lo[:, 0].sum() / divisor)
+            return self._decode_one_block([c for _, c in parts], scales, const, out)
+        return self._decode_blocks(parts, layout, out, divisor, torch.float32 if fp32 else torch.float64)
 
     def _decode_one_block(self, codes_list, scales, const, out):
         s = self._scratch_for(out.device)
@@ -236,17 +274,35 @@ class UniformCodec(Codec):
                 out[a:a + c].copy_(acc)
         return out
 
-    def _decode_blocks(self, parts, layout, out, divisor):
-        lengths = self._lengths_tensor(layout, out.device)
-        acc = torch.zeros(layout.numel, dtype=torch.float64, device=out.device)
+    def _decode_blocks(self, parts, layout, out, divisor, work):
+        runs = self._runs(layout, self.block_size)
+        acc = torch.zeros(layout.numel, dtype=work, device=out.device)
+        # offsets summed over ranks in float64 first and added once (exact for constant blocks)
+        lo_sum = (sum(meta[:, 0].to(torch.float64) for meta, _ in parts) / divisor).to(work)
         for meta, codes in parts:
-            lo, hi = meta[:, 0].double(), meta[:, 1].double()
-            scale_e = torch.repeat_interleave((hi - lo) / self.levels, lengths)
-            lo_e = torch.repeat_interleave(lo, lengths)
-            ci = unpack_codes(codes, self.bits, layout.numel).double()
-            acc += torch.addcmul(lo_e, ci, scale_e)
-        acc /= divisor
+            scale = ((meta[:, 1].to(torch.float64) - meta[:, 0].to(torch.float64)) / self.levels / divisor).to(work)
+            ci = unpack_codes(codes, self.bits, layout.numel).to(work)
+            for start, nb, blen, bi in _indexed(runs):
+                sl = slice(start, start + nb * blen)
+                acc[sl].view(nb, blen).add_(ci[sl].view(nb, blen).mul_(scale[bi:bi + nb, None]))
+        for start, nb, blen, bi in _indexed(runs):
+            acc[start:start + nb * blen].view(nb, blen).add_(lo_sum[bi:bi + nb, None])
         return out.copy_(acc)
+
+
+def _indexed(runs):
+    """Runs with the index of their first block."""
+    bi = 0
+    for start, nb, blen in runs:
+        yield start, nb, blen, bi
+        bi += nb
+
+
+def _sq(t: torch.Tensor, magnitude: float) -> float:
+    """Sum of squares; in float64 when float32 could overflow."""
+    if magnitude > _BIG or t.dtype != torch.float32:
+        t = t.double()
+    return float(torch.dot(t, t))
 
 
 class StochasticCodec(UniformCodec):
