@@ -62,6 +62,10 @@ class QuantizedHookState:
             numbered in the order the first hook calls see them, which is the same in every run of
             the same model.
         measure_error: compute the relative quantization error (NMSE) reported by :meth:`stats`.
+        hold_unused_residuals: for DDP's ``find_unused_parameters=True`` (``register`` sets it from
+            the model).  A parameter whose local gradient is exactly zero in a step (unused here)
+            neither receives nor updates its residual that step: DDP discards the result for
+            globally unused parameters, which would otherwise silently drop their residual.
         **codec_options: codec specific, e.g. ``block_size`` for ``uniform`` / ``stochastic``.
 
     The state is picklable (the process group is dropped, as in PowerSGD) and its
@@ -70,7 +74,8 @@ class QuantizedHookState:
     """
 
     def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
-                 seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True, **codec_options):
+                 seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
+                 hold_unused_residuals: bool = False, **codec_options):
         self.codec = make_codec(codec, bits, **codec_options)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
@@ -80,6 +85,7 @@ class QuantizedHookState:
         self.error_feedback = error_feedback
         self.seed = seed
         self.measure_error = measure_error
+        self.hold_unused_residuals = hold_unused_residuals
         self.memory = ResidualMemory()
         self.step = 0
         self._config_print = fingerprint(self.codec.config())
@@ -262,12 +268,19 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
 
     x = buf if buf.dtype == torch.float32 else buf.float()
     residual = None
+    held = []
     if state.error_feedback:
         residual = state.memory.bucket_residual(signature, b.layout.param_numels, buf.device)
+        if state.hold_unused_residuals:
+            held = [(sl, residual[sl].clone()) for sl in _param_slices(b.layout) if not bool(x[sl].any())]
         x.add_(residual)
+        for sl, _ in held:
+            x[sl].zero_()  # an unused parameter's gradient is exactly zero: send zero
     key = splitmix64(state.seed, exchange.rank(group), state.step)
     body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
     info = state.codec.encode(x, body, b.layout, key, error_out=residual if residual is not None else b.scratch)
+    for sl, saved in held:
+        residual[sl].copy_(saved)
     b.payload[3] = 0 if info.finite else FLAG_NONFINITE
     if info.error_sq is not None:
         state._step_err += info.error_sq
@@ -303,6 +316,10 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
 
 
+def _param_slices(layout: Layout):
+    return [slice(off, off + n) for off, n in zip(layout.param_offsets(), layout.param_numels)]
+
+
 def _check_headers(state: QuantizedHookState, b: _Bucket, headers: torch.Tensor) -> None:
     expected = {"version": WIRE_VERSION, "codec_id": state.codec.codec_id, "bits": state.codec.bits,
                 "fingerprint": state._config_print, "numel": b.layout.numel}
@@ -319,7 +336,8 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
     """Register the quantized all-gather hook on a DistributedDataParallel model; return its state.
 
     ``codec_options`` go to the codec (e.g. ``block_size``) or to the state (``seed``,
-    ``measure_error``).  Invalid choices raise ValueError here, before any step.
+    ``measure_error``).  With ``find_unused_parameters=True`` the residuals of parameters unused
+    in a step are held back (see :class:`QuantizedHookState`).  Invalid choices raise ValueError here, before any step.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -328,6 +346,7 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
     if getattr(ddp_model, "mixed_precision", None) is not None:
         raise ValueError("DDP's mixed_precision option installs its own comm hook; use codec='bf16'/'fp16' instead")
     state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error") if k in codec_options}
+    state_options["hold_unused_residuals"] = bool(getattr(ddp_model, "find_unused_parameters", False))
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
     state = QuantizedHookState(process_group=process_group, codec=codec, bits=bits, error_feedback=error_feedback,

@@ -36,15 +36,19 @@ CHUNK = 1 << 16  # elements per cache-resident chunk (multiple of 8)
 
 
 class _Scratch:
-    """Per-device chunk buffers, reused across calls so the hot loops allocate nothing."""
+    """Per-device chunk buffers, reused across calls so the hot loops allocate nothing.
 
-    def __init__(self, device: torch.device):
-        self.f32 = torch.empty(CHUNK, dtype=torch.float32, device=device)
-        self.f32b = torch.empty(CHUNK, dtype=torch.float32, device=device)
-        self.i32 = torch.empty(CHUNK, dtype=torch.int32, device=device)
-        self.u8 = torch.empty(CHUNK, dtype=torch.uint8, device=device)
-        self.lanes = torch.empty(CHUNK // 4, dtype=torch.int64, device=device)  # 2*CHUNK bytes
-        self.window = torch.empty(_random.POOL_SIZE + CHUNK, dtype=torch.float32, device=device)
+    On the CPU a chunk is CHUNK elements (cache-resident); on accelerators one chunk covers the
+    whole bucket, since per-kernel launch cost, not cache size, is what matters there."""
+
+    def __init__(self, device: torch.device, chunk: int):
+        self.chunk = chunk
+        self.f32 = torch.empty(chunk, dtype=torch.float32, device=device)
+        self.f32b = torch.empty(chunk, dtype=torch.float32, device=device)
+        self.i32 = torch.empty(chunk, dtype=torch.int32, device=device)
+        self.u8 = torch.empty(chunk, dtype=torch.uint8, device=device)
+        self.lanes = torch.empty((chunk + 7) // 4, dtype=torch.int64, device=device)  # >= 2*chunk bytes
+        self.window = torch.empty(_random.POOL_SIZE + chunk, dtype=torch.float32, device=device)
 
 
 class UniformCodec(Codec):
@@ -77,10 +81,11 @@ class UniformCodec(Codec):
         meta = body[: 8 * nblocks].view(torch.float32).view(nblocks, 2)
         return meta, body[8 * nblocks:]
 
-    def _scratch_for(self, device: torch.device) -> _Scratch:
+    def _scratch_for(self, device: torch.device, numel: int) -> _Scratch:
+        chunk = CHUNK if device.type == "cpu" else max(CHUNK, (numel + 7) // 8 * 8)
         s = self._scratch.get(device)
-        if s is None:
-            s = self._scratch[device] = _Scratch(device)
+        if s is None or s.chunk < chunk:
+            s = self._scratch[device] = _Scratch(device, chunk)
         return s
 
     def _runs(self, layout: Layout, block_size) -> tuple[tuple[int, int, int], ...]:
@@ -139,8 +144,9 @@ class UniformCodec(Codec):
             return self._encode_blocks(x, meta, codes, Layout.flat(x.numel()), None, key, error_out, meta_done=True)
         inv = self.levels / span if span > 0 else 0.0
         scale = span / self.levels
-        s = self._scratch_for(x.device)
+        s = self._scratch_for(x.device, x.numel())
         bits, levels, n = self.bits, self.levels, x.numel()
+        chunk = s.chunk
         mag = max(abs(lo), abs(hi))
         # Fast path: ONE fused op per chunk, v = window + inv * x, where the window holds -lo*inv
         # plus the rounding term (0.5 for nearest, the dither for stochastic).  Its round-off is
@@ -150,16 +156,16 @@ class UniformCodec(Codec):
         bias = 0.0 if precise else -lo * inv
         if self.stochastic:
             span_w = min(n, _random.POOL_SIZE)
-            window = s.window[:span_w + min(CHUNK, n) if n > _random.POOL_SIZE else n]
+            window = s.window[:span_w + min(chunk, n) if n > _random.POOL_SIZE else n]
             _random.fill_dither(window, key)
             if bias:
                 window.add_(bias)
         else:
             span_w = None
-            window = s.window[:min(CHUNK, n)].fill_(bias + 0.5)
+            window = s.window[:min(chunk, n)].fill_(bias + 0.5)
         err_sq = inp_sq = 0.0
-        for a in range(0, n, CHUNK):
-            c = min(CHUNK, n - a)
+        for a in range(0, n, chunk):
+            c = min(chunk, n - a)
             xc = x[a:a + c]
             v = s.f32[:c]
             w0 = a % span_w if span_w else 0
@@ -255,12 +261,12 @@ class UniformCodec(Codec):
         return self._decode_blocks(parts, layout, out, divisor, torch.float32 if fp32 else torch.float64)
 
     def _decode_one_block(self, codes_list, scales, const, out):
-        s = self._scratch_for(out.device)
-        bits, n = self.bits, out.numel()
+        s = self._scratch_for(out.device, out.numel())
+        bits, n, chunk = self.bits, out.numel(), s.chunk
         direct = out.dtype == torch.float32
-        offset = s.f32b[:min(CHUNK, n)].fill_(const)
-        for a in range(0, n, CHUNK):
-            c = min(CHUNK, n - a)
+        offset = s.f32b[:min(chunk, n)].fill_(const)
+        for a in range(0, n, chunk):
+            c = min(chunk, n - a)
             acc = out[a:a + c] if direct else s.window[:c]
             for i, (codes, scale) in enumerate(zip(codes_list, scales)):
                 cu = unpack_view(codes[a * bits // 8: packed_nbytes(a + c, bits)], bits, c, s.lanes)
