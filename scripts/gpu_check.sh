@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-shot CUDA/NCCL check for a GPU machine: correctness of every codec on CUDA tensors, a DDP
+# training run over NCCL with the hook, the CPU unit tests under that machine's torch, and the
+# codec micro-benchmark on the GPU.  Usage: bash scripts/gpu_check.sh [OUTDIR]
+set -uo pipefail
+out=${1:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
+  echo "== CUDA / NCCL tests"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25
+  echo "== codec unit tests (CPU) under this torch"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_codecs.py 2>&1 | tail -3
+  echo "== micro-benchmark, GPU, 25 MiB bucket"
+  timeout 120 python3 -m ddp_qhooks.microbench --device cuda --repeat 20 --markdown
+  echo "== micro-benchmark, GPU, 256 MiB bucket"
+  timeout 120 python3 -m ddp_qhooks.microbench --device cuda --numel 67108864 --repeat 10 --codecs uniform stochastic fp16 none --markdown
+} 2>&1 | tee "$out/gpu_check.log"
