@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import _random
@@ -32,7 +33,7 @@ from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes, unpack
 _FP32_MAX = torch.finfo(torch.float32).max
 _MIN_NORMAL_STEP = 2.0 ** -100  # smaller steps lose bits in float32 products: use float64
 _BIG = 1e18  # beyond this, squared sums overflow float32: accumulate error statistics in float64
-CHUNK = 1 << 16  # elements per cache-resident chunk (multiple of 8)
+CHUNK = 1 << 17  # elements per cache-resident chunk on the CPU (multiple of 8)
 
 
 class _Scratch:
@@ -149,20 +150,25 @@ class UniformCodec(Codec):
         chunk = s.chunk
         mag = max(abs(lo), abs(hi))
         # Fast path: ONE fused op per chunk, v = window + inv * x, where the window holds -lo*inv
-        # plus the rounding term (0.5 for nearest, the dither for stochastic).  Its round-off is
-        # about mag*inv*2**-24 code units; when that is not negligible (values far from zero
-        # relative to their spread) subtract lo first, which is exact for nearby values.
-        precise = mag * inv * 2.0 ** -22 > 0.01
+        # plus the rounding term (0.5 for nearest, the dither for stochastic), then ONE truncating
+        # cast to uint8.  The round-off of v is below err code units; when values sit far from
+        # zero relative to their spread, subtract lo first (exact for nearby values) instead.
+        precise = mag * inv * 2.0 ** -22 > 1e-4
         bias = 0.0 if precise else -lo * inv
+        err = ((0.0 if precise else mag * inv) + levels + 2) * 2.0 ** -21
         if self.stochastic:
             span_w = min(n, _random.POOL_SIZE)
             window = s.window[:span_w + min(chunk, n) if n > _random.POOL_SIZE else n]
             _random.fill_dither(window, key)
             if bias:
                 window.add_(bias)
+            # keep v = y + u below L + 1 despite round-off, so truncation never gives L + 1: the
+            # few dither values within 2*err of 1 are lowered by < 2*err (bias < 4*err**2 steps)
+            window.clamp_max_(bias + 1.0 - 2 * err)
         else:
             span_w = None
-            window = s.window[:min(chunk, n)].fill_(bias + 0.5)
+            window = s.window[:min(chunk, n)].fill_(bias + 0.5)  # v <= L + 0.5 + err: no clamp
+        on_cpu = x.device.type == "cpu"
         err_sq = inp_sq = 0.0
         for a in range(0, n, chunk):
             c = min(chunk, n - a)
@@ -174,20 +180,19 @@ class UniformCodec(Codec):
                 torch.add(window[w0:w0 + c], v, alpha=inv, out=v)
             else:
                 torch.add(window[w0:w0 + c], xc, alpha=inv, out=v)
-            ci = s.i32[:c]
-            ci.copy_(v)  # truncation == floor here: v > -1 by construction
-            if self.stochastic:
-                ci.clamp_max_(levels)  # fp32 round-off at the top of the range only
-            if bits == 8:
-                codes[a:a + c].copy_(ci)
+            cu = codes[a:a + c] if bits == 8 else s.u8[:c]
+            if on_cpu:
+                # numpy's float32 -> uint8 cast is vectorised (torch's is not): truncation, and
+                # -1 < v < L + 1 by construction, so truncation == floor and no clamp is needed
+                np.copyto(cu.numpy(), v.numpy(), casting="unsafe")
             else:
-                cu = s.u8[:c]
-                cu.copy_(ci)
+                cu.copy_(v.clamp_(0, levels))
+            if bits != 8:
                 pack_codes(cu, bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.lanes)
             if error_out is not None:
                 ec = error_out[a:a + c]
                 d = s.f32b[:c]
-                d.copy_(ci)
+                d.copy_(cu)
                 torch.sub(xc, lo, out=ec)   # (x - lo) first: accurate for values near lo
                 ec.sub_(d, alpha=scale)
                 err_sq += _sq(ec, mag)
