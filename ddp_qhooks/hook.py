@@ -17,6 +17,7 @@ Usage (torch style, like ``powerSGD_hook``)::
 
 or simply ``state = ddp_qhooks.register(ddp, codec="stochastic", bits=4)``.
 """
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Set, Tuple
@@ -55,8 +56,9 @@ class QuantizedHookState:
             ``bf16``, ``none``).
         bits: bits per value for quantizing codecs, 1..8.
         error_feedback: keep per-parameter residuals and add them to the next step's gradient.
-        seed: seeds stochastic rounding; randomness is keyed by (seed, rank, step, parameter), so a
-            resumed run repeats the same random choices.
+        seed: seeds stochastic rounding; randomness is keyed by (seed, rank, step) and, with
+            ``block_size``, by parameter, so a resumed run repeats the same random choices (bitwise
+            with ``block_size``; with one range per bucket results also depend on DDP's bucketing).
         module: the wrapped model (``ddp.module``).  Gives parameters stable identities (their index
             in ``module.parameters()``) and names in ``state_dict``.  Without it, parameters are
             numbered in the order the first hook calls see them, which is the same in every run of
@@ -92,17 +94,30 @@ class QuantizedHookState:
         self._param_key: Dict[int, int] = {}
         self._param_names: Dict[int, str] = {}
         self._param_numels: Dict[int, int] = {}
+        self._needs_bind = False
         if module is not None:
-            for i, (name, p) in enumerate(module.named_parameters()):
-                self._param_key[id(p)] = i
-                self._param_names[i] = name
-                self._param_numels[i] = p.numel()
+            self.bind(module)
         self._buckets: Dict[Tuple[int, ...], _Bucket] = {}
         self._used_this_step: Set[Tuple[int, ...]] = set()
         self._agreed = False
         self._reset_stats()
 
     # -- identities ----------------------------------------------------------------------------
+    def bind(self, module: torch.nn.Module) -> "QuantizedHookState":
+        """Identify parameters by their index in ``module.parameters()`` (names for checkpoints).
+
+        Needed after unpickling a state that was built with a module: object identities do not
+        survive pickling, and guessing the order could attach residuals to the wrong parameters.
+        """
+        named = list(module.named_parameters())
+        if self._param_names and {i: n for i, (n, _) in enumerate(named)} != self._param_names:
+            raise ValueError("bind(): the module's parameters differ from the ones this state was built for")
+        self._param_key = {id(p): i for i, (_, p) in enumerate(named)}
+        self._param_names = {i: n for i, (n, _) in enumerate(named)}
+        self._param_numels = {i: p.numel() for i, (_, p) in enumerate(named)}
+        self._needs_bind = False
+        return self
+
     def _key_of(self, p: torch.Tensor) -> int:
         key = self._param_key.get(id(p))
         if key is None:
@@ -216,6 +231,7 @@ class QuantizedHookState:
         self.process_group = None
         self._buckets = {}
         self._param_key = {}
+        self._needs_bind = bool(self._param_names)
         self._agreed = False
         self.memory = ResidualMemory()
         self.memory.load(residuals)
@@ -255,6 +271,9 @@ class QuantizedHookState:
 
 def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Quantize the bucket, all-gather one packed payload per rank, return the decoded mean."""
+    if state._needs_bind:
+        raise RuntimeError("ddp_qhooks: this hook state was unpickled; call state.bind(ddp_model.module) before "
+                           "training so residuals are matched to the right parameters")
     group = state.process_group
     world = exchange.world_size(group)
     buf = bucket.buffer()
@@ -278,13 +297,8 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
             x[sl].zero_()  # an unused parameter's gradient is exactly zero: send zero
     key = splitmix64(state.seed, exchange.rank(group), state.step)
     body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
-    info = state.codec.encode(x, body, b.layout, key, error_out=residual if residual is not None else b.scratch)
-    for sl, saved in held:
-        residual[sl].copy_(saved)
+    info = state.codec.encode(x, body, b.layout, key)
     b.payload[3] = 0 if info.finite else FLAG_NONFINITE
-    if info.error_sq is not None:
-        state._step_err += info.error_sq
-        state._step_inp += info.input_sq
     state._totals["hook_calls"] += 1
     state._totals["payload_bytes"] += b.payload.numel()
     state._totals["wire_bytes_sent"] += (world - 1) * b.payload.numel()
@@ -304,9 +318,22 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
         else:
             flags = rows[:, 3].cpu().tolist()
         if any(f & FLAG_NONFINITE for f in flags):
+            # every rank yields NaN, so GradScaler skips the step everywhere; residuals are left
+            # as they were before the step on every rank (the step's gradient is dropped whole)
             state._step_nonfinite = True
-            buf.fill_(float("nan"))  # every rank sees a non-finite step; residuals were kept
+            buf.fill_(float("nan"))
         else:
+            # the new residual is committed only now that the step is known to be applied:
+            # e = g' - deq(own payload), before buf (which may alias g') receives the mean
+            err = residual if residual is not None else b.scratch
+            if err is not None:
+                state.codec.decode([body], b.layout, err)
+                torch.sub(x, err, out=err)
+                if state.measure_error:
+                    state._step_err += _sum_sq(err)
+                    state._step_inp += _sum_sq(x)
+                for sl, saved in held:
+                    err[sl].copy_(saved)
             bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + b.body_nbytes] for r in range(world)]
             state.codec.decode(bodies, b.layout, buf, divisor=world)
         if last:
@@ -314,6 +341,13 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
         return buf
 
     return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
+
+
+def _sum_sq(t: torch.Tensor) -> float:
+    total = float(torch.dot(t, t))
+    if not math.isfinite(total):  # |t| beyond ~1e19: redo in float64 rather than report inf
+        total = float(torch.dot(t.double(), t.double()))
+    return total
 
 
 def _param_slices(layout: Layout):

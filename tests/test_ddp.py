@@ -943,13 +943,6 @@ def test_nonfinite_gradient_on_one_rank(request, world, codec, bits, block_size,
         _assert_same_on_all_ranks([pr["steps"][step]["grads"] for pr in per_rank], f"step {step}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: hook.py quantized_allgather_hook passes the live residual as error_out to codec.encode BEFORE the "
-    "all-gather reveals that another rank's payload is non-finite; finish() then fills the bucket with NaN "
-    "('residuals were kept') but never restores the residuals of the FINITE ranks. On a step every rank "
-    "discards (GradScaler skip), those ranks' previous residual is thrown away with the skipped step and "
-    "replaced by the quantization error of a gradient that is never applied, breaking the error-feedback "
-    "invariant (sum of applied = sum of true gradients - residual)"))
 @pytest.mark.parametrize("codec,bits,block_size,bad", [c for c in NONFINITE_CONFIGS if c[0] != "none"])
 def test_nonfinite_step_keeps_residuals_on_finite_ranks(nonfinite_runs, codec, bits, block_size, bad):
     pr = _ok(nonfinite_runs[0][(codec, bits, block_size, bad)])  # rank 0: its own gradient was finite
@@ -1063,8 +1056,15 @@ def _torch_style(rank, ddp_kw):
     model3 = copy.deepcopy(model)
     opt3 = torch.optim.SGD(model3.parameters(), lr=0.1, momentum=0.9)
     opt3.load_state_dict(copy.deepcopy(opts["torch_style"].state_dict()))  # no shared momentum buffers
+    # an unpickled state refuses to run until bound to the model (identities do not survive pickling)
+    model4 = copy.deepcopy(model)
+    ddp4 = DDP(model4, **ddp_kw)
+    ddp4.register_comm_hook(st2, ddp_qhooks.quantized_allgather_hook)
+    unbound = _guard(_resume_train, ddp4, torch.optim.SGD(model4.parameters(), lr=0.1), rank, 3, 4)
+    out["unbound_error"] = None if unbound["ok"] else unbound["error"]
+    del ddp4, model4
     ddp3 = DDP(model3, **ddp_kw)
-    ddp3.register_comm_hook(st2, ddp_qhooks.quantized_allgather_hook)
+    ddp3.register_comm_hook(st2.bind(model3), ddp_qhooks.quantized_allgather_hook)
     _resume_train(ddp, opts["torch_style"], rank, 3, 5)
     cont = _guard(_resume_train, ddp3, opt3, rank, 3, 5)
     out["continued_original"] = _params(model)
@@ -1097,6 +1097,7 @@ def torch_style_runs():
 
 
 def _check_pickle_continuation(pr):
+    assert pr["unbound_error"] is not None and "bind" in pr["unbound_error"], pr["unbound_error"]
     cont = pr["continued_unpickled"]
     if isinstance(cont, dict):
         pytest.fail(f"training with the unpickled state failed: {cont['error']}")
@@ -1121,13 +1122,6 @@ def test_torch_style_registration_and_pickle(torch_style_runs):
     _assert_same_on_all_ranks([pr["continued_unpickled"] for pr in per_rank], "continued")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: QuantizedHookState.__getstate__/__setstate__ (hook.py) drop _param_key (id(param) -> index in "
-    "module.parameters()) but keep _param_names, _param_numels and the residuals keyed by those indices; "
-    "after unpickling, _key_of() renumbers parameters in the order the hook first sees them. When "
-    "DDP's first bucket does not list parameters in model order (find_unused_parameters=True or several "
-    "buckets), residuals are attached to the wrong parameters (size-mismatch RuntimeError, or silently "
-    "wrong when sizes agree) and state_dict() names residuals after the wrong parameters"))
 def test_pickled_state_with_find_unused_parameters(torch_style_runs):
     per_rank = [_ok(r["find_unused_small_buckets"]) for r in torch_style_runs]
     for pr in per_rank:
@@ -1231,14 +1225,6 @@ def race_runs():
     return _dist.results_clean(_w_race, 2, RACE_CONFIGS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: codecs/uniform.py keeps ONE _Scratch per device (UniformCodec._scratch_for, line ~84) that both "
-    "_encode_one_block (line ~147, called by the hook on the autograd thread for bucket k+1) and "
-    "_decode_one_block (line ~264, called from the all-gather future's .then(finish) callback in hook.py, "
-    "on a Gloo worker thread, for bucket k) use; torch ops release the GIL, so with 2+ buckets and the "
-    "default block_size=None they overwrite each other's s.f32/s.f32b/s.i32/s.lanes/s.window: decoded "
-    "gradients differ between ranks (replicas silently diverge) and residuals no longer equal input - sent. "
-    "A per-thread scratch (or waiting for the future) makes this test pass"))
 @pytest.mark.parametrize("codec,bits", RACE_CONFIGS)
 def test_several_buckets_one_range_per_bucket(race_runs, codec, bits):
     per_rank = [_ok(r[(codec, bits)]) for r in race_runs]

@@ -21,6 +21,7 @@ packing, so the float input is read from memory once for the min/max and once fo
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -49,7 +50,13 @@ class _Scratch:
         self.i32 = torch.empty(chunk, dtype=torch.int32, device=device)
         self.u8 = torch.empty(chunk, dtype=torch.uint8, device=device)
         self.lanes = torch.empty((chunk + 7) // 4, dtype=torch.int64, device=device)  # >= 2*chunk bytes
-        self.window = torch.empty(_random.POOL_SIZE + chunk, dtype=torch.float32, device=device)
+        self._window = None
+
+    @property
+    def window(self) -> torch.Tensor:
+        if self._window is None:  # only encoding threads need it
+            self._window = torch.empty(_random.POOL_SIZE + self.chunk, dtype=torch.float32, device=self.f32.device)
+        return self._window
 
 
 class UniformCodec(Codec):
@@ -67,7 +74,7 @@ class UniformCodec(Codec):
         super().__init__(bits)
         self.block_size = block_size
         self.levels = (1 << bits) - 1
-        self._scratch: dict[torch.device, _Scratch] = {}
+        self._scratch: dict[tuple, _Scratch] = {}
         self._run_cache: dict[tuple, tuple] = {}
 
     def config(self) -> dict:
@@ -83,10 +90,13 @@ class UniformCodec(Codec):
         return meta, body[8 * nblocks:]
 
     def _scratch_for(self, device: torch.device, numel: int) -> _Scratch:
+        # One set per thread: DDP encodes bucket k+1 on the autograd thread while the
+        # communication thread decodes bucket k, and torch releases the GIL inside ops.
         chunk = CHUNK if device.type == "cpu" else max(CHUNK, (numel + 7) // 8 * 8)
-        s = self._scratch.get(device)
+        key = (device, threading.get_ident())
+        s = self._scratch.get(key)
         if s is None or s.chunk < chunk:
-            s = self._scratch[device] = _Scratch(device, chunk)
+            s = self._scratch[key] = _Scratch(device, chunk)
         return s
 
     def _runs(self, layout: Layout, block_size) -> tuple[tuple[int, int, int], ...]:
