@@ -1,7 +1,6 @@
 """CUDA / NCCL checks.  Skipped where no GPU is present (as in CI); run on a GPU machine with
 ``python -m pytest -q tests/test_cuda.py``."""
 import datetime
-import os
 
 import pytest
 import torch

@@ -223,8 +223,8 @@ def _w_reference(rank, world, configs, stats_configs):
 
 @pytest.fixture(scope="module")
 def reference_runs():
-    return {2: _dist.results_clean(_w_reference, 2, REF_CONFIGS, STATS_CONFIGS),
-            3: _dist.results_clean(_w_reference, 3, REF_CONFIGS_W3, STATS_CONFIGS[:3])}
+    return {2: _dist.results(_w_reference, 2, REF_CONFIGS, STATS_CONFIGS),
+            3: _dist.results(_w_reference, 3, REF_CONFIGS_W3, STATS_CONFIGS[:3])}
 
 
 @pytest.mark.parametrize("world,bits,block_size",
@@ -327,7 +327,7 @@ def _w_none_vs_plain(rank, world):
 
 @pytest.fixture(scope="module")
 def none_runs():
-    return {w: _dist.results_clean(_w_none_vs_plain, w) for w in (2, 3)}
+    return {w: _dist.results(_w_none_vs_plain, w) for w in (2, 3)}
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["plain_steps", "no_sync_accumulation"])
@@ -427,7 +427,7 @@ def _w_ef(rank, world, configs):
 
 @pytest.fixture(scope="module")
 def ef_runs():
-    return _dist.results_clean(_w_ef, 2, EF_CONFIGS)
+    return _dist.results(_w_ef, 2, EF_CONFIGS)
 
 
 def _check_ef(per_rank, codec, bits, block_size, hold_unused=False):
@@ -554,7 +554,7 @@ def _w_convergence(rank, world, configs, steps):
 
 
 def test_convergence_close_to_fp32():
-    per_rank = _dist.results_clean(_w_convergence, 2, CONV_CONFIGS, CONV_STEPS)
+    per_rank = _dist.results(_w_convergence, 2, CONV_CONFIGS, CONV_STEPS)
     for name, _, _ in CONV_CONFIGS:
         _assert_same_on_all_ranks([pr[name]["params"] for pr in per_rank], name)
     loss = {name: sum(pr[name]["last"] for pr in per_rank) / 2 for name, _, _ in CONV_CONFIGS}
@@ -704,7 +704,7 @@ def _w_options(rank, world):
 
 @pytest.fixture(scope="module")
 def option_runs():
-    return _dist.results_clean(_w_options, 2)
+    return _dist.results(_w_options, 2)
 
 
 @pytest.mark.parametrize("case", ["bucket_view", "bucket_view_one_block", "static_graph", "static_graph_stochastic"])
@@ -832,8 +832,8 @@ def _w_bad_input(rank, world, mismatches):
 
 @pytest.fixture(scope="module")
 def bad_input_runs():
-    return {2: _dist.run_clean(_w_bad_input, 2, MISMATCHES, timeout_s=30),
-            3: _dist.run_clean(_w_bad_input, 3, {"bits": MISMATCHES["bits"]}, timeout_s=30)}
+    return {2: _dist.run(_w_bad_input, 2, MISMATCHES, timeout_s=30),
+            3: _dist.run(_w_bad_input, 3, {"bits": MISMATCHES["bits"]}, timeout_s=30)}
 
 
 @pytest.mark.parametrize("index", range(len(BAD_OPTIONS)))
@@ -910,12 +910,12 @@ NONFINITE_CONFIGS_W3 = [("uniform", 4, 8, "nan"), ("fp16", 8, None, "inf")]
 
 @pytest.fixture(scope="module")
 def nonfinite_runs():
-    return _dist.results_clean(_w_nonfinite, 2, NONFINITE_CONFIGS)
+    return _dist.results(_w_nonfinite, 2, NONFINITE_CONFIGS)
 
 
 @pytest.fixture(scope="module")
 def nonfinite_runs_w3():
-    return _dist.results_clean(_w_nonfinite, 3, NONFINITE_CONFIGS_W3)
+    return _dist.results(_w_nonfinite, 3, NONFINITE_CONFIGS_W3)
 
 
 @pytest.mark.parametrize("world,codec,bits,block_size,bad",
@@ -997,9 +997,9 @@ def _w_resume(rank, world, configs, phase, outdir):
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("ckpt"))
-    full = _dist.results_clean(_w_resume, 2, RESUME_CONFIGS, "full", outdir)
-    first = _dist.results_clean(_w_resume, 2, RESUME_CONFIGS, "first", outdir)
-    second = _dist.results_clean(_w_resume, 2, RESUME_CONFIGS, "second", outdir)
+    full = _dist.results(_w_resume, 2, RESUME_CONFIGS, "full", outdir)
+    first = _dist.results(_w_resume, 2, RESUME_CONFIGS, "first", outdir)
+    second = _dist.results(_w_resume, 2, RESUME_CONFIGS, "second", outdir)
     return full, first, second
 
 
@@ -1093,7 +1093,7 @@ def _w_torch_style(rank, world):
 
 @pytest.fixture(scope="module")
 def torch_style_runs():
-    return _dist.results_clean(_w_torch_style, 2)
+    return _dist.results(_w_torch_style, 2)
 
 
 def _check_pickle_continuation(pr):
@@ -1161,7 +1161,7 @@ def _w_offset(rank, world, cases):
 
 @pytest.fixture(scope="module")
 def offset_runs():
-    return _dist.results_clean(_w_offset, 2, OFFSET_CASES)
+    return _dist.results(_w_offset, 2, OFFSET_CASES)
 
 
 @pytest.mark.parametrize("case", OFFSET_CASES, ids=lambda c: f"{c[0]}-near-{c[1]:g}")
@@ -1222,7 +1222,7 @@ def _w_race(rank, world, configs):
 
 @pytest.fixture(scope="module")
 def race_runs():
-    return _dist.results_clean(_w_race, 2, RACE_CONFIGS)
+    return _dist.results(_w_race, 2, RACE_CONFIGS)
 
 
 @pytest.mark.parametrize("codec,bits", RACE_CONFIGS)
