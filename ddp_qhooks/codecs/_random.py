@@ -9,12 +9,18 @@ exactly uniform on that grid over the draw of the key, so stochastic rounding is
 Neighbouring elements take distinct pool entries; elements ``POOL_SIZE`` apart in one parameter
 share a dither value within one step (their rounding errors are correlated, their variances and
 unbiasedness are unaffected).  Keys are mixed with splitmix64 so consecutive steps are unrelated.
+
+The largest ``POOL_SIZE * CAP_MARGIN`` values are lowered to ``1 - CAP_MARGIN``: quantizers can then
+truncate ``y + u`` (y in [0, L], computed in float32 with a round-off below CAP_MARGIN / 2) without
+ever producing L + 1, and need no clamp.  That moves a 2**-10 fraction of the dither by less than
+2**-10, a bias below 2**-20 (1e-6) of a step.
 """
 from __future__ import annotations
 
 import torch
 
 POOL_SIZE = 1 << 20
+CAP_MARGIN = 2.0 ** -10
 _MASK64 = (1 << 64) - 1
 _pools: dict[torch.device, torch.Tensor] = {}
 
@@ -38,6 +44,7 @@ def dither_pool(device: torch.device) -> torch.Tensor:
     if pool is None:
         gen = torch.Generator().manual_seed(0x5EED)
         grid = (torch.randperm(POOL_SIZE, generator=gen).to(torch.float64) + 0.5) / POOL_SIZE
+        grid.clamp_(max=1.0 - CAP_MARGIN)
         pool = grid.to(torch.float32).repeat(2).to(device)
         _pools[device] = pool
     return pool
@@ -47,13 +54,16 @@ def offset(key: int) -> int:
     return key % POOL_SIZE
 
 
-def fill_dither(out: torch.Tensor, key: int) -> torch.Tensor:
-    """Write the dither sequence for ``key`` (position i gets pool[(offset + i) % POOL_SIZE])."""
+def fill_dither(out: torch.Tensor, key: int, add: float = 0.0) -> torch.Tensor:
+    """Write ``add`` + the dither sequence for ``key`` (position i gets pool[(offset + i) % POOL_SIZE])."""
     pool = dither_pool(out.device)
     start, n, pos = offset(key), out.numel(), 0
     while pos < n:
         take = min(n - pos, POOL_SIZE)
-        out[pos:pos + take].copy_(pool[start:start + take])
+        if add:
+            torch.add(pool[start:start + take], add, out=out[pos:pos + take])
+        else:
+            out[pos:pos + take].copy_(pool[start:start + take])
         pos += take
         start = (start + take) % POOL_SIZE
     return out

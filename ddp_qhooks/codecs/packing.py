@@ -15,6 +15,7 @@ tiny generic routine.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "VALID_BITS"]
@@ -99,6 +100,7 @@ def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None,
 # moves code j to bit s + b*j; all other partial products land on disjoint bit ranges (checked for
 # these three widths: no carries), so bits [s, s+8) of the product are the packed byte.  Overflow
 # past the lane width only discards bits above the byte.  The narrowing cast keeps that byte.
+_UNSIGNED = {torch.int16: np.uint16, torch.int32: np.uint32, torch.int64: np.uint64}
 _MUL_PACK = {
     1: (torch.int64, _i64(0x0102040810204080), 56),
     2: (torch.int32, (1 << 18) + (1 << 12) + (1 << 6) + 1, 18),
@@ -114,6 +116,13 @@ def _pack_groups(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch=None
         dtype, mul, shift = _MUL_PACK[bits]
         lanes = codes.view(dtype)
         tmp = _scratch_view(scratch, codes.numel(), dtype, codes.device)
+        if codes.device.type == "cpu":  # numpy's small-integer loops are ~3x faster than torch's here
+            u = _UNSIGNED[dtype]
+            t = tmp.numpy().view(u)
+            np.multiply(lanes.numpy().view(u), u(mul % (1 << (8 * t.itemsize))), out=t)
+            np.right_shift(t, u(shift), out=t)
+            np.copyto(out.numpy(), t, casting="unsafe")  # narrowing keeps the low byte of each lane
+            return
         torch.mul(lanes, mul, out=tmp)
         tmp.bitwise_right_shift_(shift)
         out.copy_(tmp)  # narrowing cast keeps the low byte of each lane
@@ -197,3 +206,4 @@ def _unpack_groups(packed: torch.Tensor, bits: int, numel: int, scratch) -> torc
         hi = torch.bitwise_right_shift(w, half_field) & mask
         w = lo | torch.bitwise_left_shift(hi, half_lane)
     return w.view(torch.uint8)
+
