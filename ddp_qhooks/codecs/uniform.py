@@ -176,7 +176,8 @@ class UniformCodec(Codec):
             window = s.window[:min(chunk, n)].fill_(bias + 0.5)  # v <= L + 0.5 + err: no clamp
         on_cpu = x.device.type == "cpu"
         err_sq = inp_sq = 0.0
-        for a in range(0, n, chunk):
+        # last chunk first: the min/max pass just streamed through x, so its tail is still cached
+        for a in reversed(range(0, n, chunk)):
             c = min(chunk, n - a)
             xc = x[a:a + c]
             v = s.f32[:c]
