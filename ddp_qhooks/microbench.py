@@ -32,7 +32,23 @@ def _timer(fn, sync):
     return timed
 
 
-def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu"):
+class _NaiveTorch:
+    """Reference point: the textbook torch version (allocating ops, float->uint8 cast) at 8 bits."""
+
+    name, bits = "naive-torch", 8
+
+    def encode(self, x, body, layout, key=0):
+        lo, hi = torch.aminmax(x)
+        scale = (hi - lo).clamp_min(1e-30) / 255
+        self._meta = (lo, scale)
+        body[: x.numel()].copy_(((x - lo) / scale).round_().to(torch.uint8))
+
+    def decode(self, bodies, layout, out):
+        lo, scale = self._meta
+        torch.add(bodies[0][: out.numel()].to(torch.float32) * scale, lo, out=out)
+
+
+def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu", naive=True):
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
     y = torch.empty_like(x)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
@@ -45,27 +61,37 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
     gbs = lambda t: 4 * numel / t / 1e9
     rows, all_clone, all_copy = [], [], []
     layout = Layout.flat(numel)
-    for name in codecs:
-        for bits in (bits_list if name in QUANTIZERS else [None]):
+    configs = [(name, bits) for name in codecs for bits in (bits_list if name in QUANTIZERS else [None])]
+    if naive:
+        configs.append(("naive-torch", 8))
+    for name, bits in configs:
+        if name == "naive-torch":
+            codec = _NaiveTorch()
+            body = torch.empty(numel, dtype=torch.uint8, device=device)
+        else:
             opts = {"block_size": block_size} if (block_size and name in QUANTIZERS) else {}
             codec = make_codec(name, bits=bits or 8, **opts)
             body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8, device=device)
-            out = torch.empty_like(x)
-            enc_t = _timer(lambda: codec.encode(x, body, layout, key=1), sync)
-            dec_t = _timer(lambda: codec.decode([body], layout, out), sync)
-            for _ in range(2):
-                enc_t(), dec_t()
-            # baselines interleaved with the codec, so drifting machine speed hits both alike
-            t = {"clone": [], "copy": [], "enc": [], "dec": []}
-            for _ in range(repeat):
-                for k, fn in (("clone", clone_t), ("enc", enc_t), ("copy", copy_t), ("dec", dec_t)):
-                    t[k].append(fn())
-            m = {k: statistics.median(v) for k, v in t.items()}
+        out = torch.empty_like(x)
+        enc_t = _timer(lambda: codec.encode(x, body, layout, key=1), sync)
+        dec_t = _timer(lambda: codec.decode([body], layout, out), sync)
+        for _ in range(2):
+            enc_t(), dec_t()
+        # baselines interleaved with the codec, so drifting machine speed hits both alike
+        t = {"clone": [], "copy": [], "enc": [], "dec": []}
+        for _ in range(repeat):
+            for k, fn in (("clone", clone_t), ("enc", enc_t), ("copy", copy_t), ("dec", dec_t)):
+                t[k].append(fn())
+        m = {k: statistics.median(v) for k, v in t.items()}
+        if name == "naive-torch":
+            # its own allocations push clone() onto fresh pages; compare with the codec rows' clone
+            m["clone"] = statistics.median(all_clone) if all_clone else m["clone"]
+        else:
             all_clone += t["clone"]
             all_copy += t["copy"]
-            rows.append({"codec": name, "bits": codec.bits, "encode_gbs": gbs(m["enc"]), "decode_gbs": gbs(m["dec"]),
-                         "encode_vs_clone": m["clone"] / m["enc"], "decode_vs_clone": m["clone"] / m["dec"],
-                         "encode_vs_copy": m["copy"] / m["enc"], "decode_vs_copy": m["copy"] / m["dec"]})
+        rows.append({"codec": name, "bits": codec.bits, "encode_gbs": gbs(m["enc"]), "decode_gbs": gbs(m["dec"]),
+                     "encode_vs_clone": m["clone"] / m["enc"], "decode_vs_clone": m["clone"] / m["dec"],
+                     "encode_vs_copy": m["copy"] / m["enc"], "decode_vs_copy": m["copy"] / m["dec"]})
     return {"clone_gbs": gbs(statistics.median(all_clone)), "copy_gbs": gbs(statistics.median(all_copy)), "rows": rows}
 
 
@@ -96,9 +122,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (target is stated for 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive-torch reference row")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    result = run(a.numel, a.codecs, a.bits, a.repeat, a.block_size, a.device)
+    result = run(a.numel, a.codecs, a.bits, a.repeat, a.block_size, a.device, naive=not a.no_naive)
     print(f"numel={a.numel} threads={a.threads} device={a.device} torch={torch.__version__}")
     print(format_table(result, a.markdown))
 
