@@ -48,7 +48,7 @@ class _NaiveTorch:
         torch.add(bodies[0][: out.numel()].to(torch.float32) * scale, lo, out=out)
 
 
-def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu", naive=True):
+def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu", naive=True, compiled=False):
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
     y = torch.empty_like(x)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
@@ -62,6 +62,8 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
     rows, all_clone, all_copy = [], [], []
     layout = Layout.flat(numel)
     configs = [(name, bits) for name in codecs for bits in (bits_list if name in QUANTIZERS else [None])]
+    if compiled:
+        configs += [(name + "+compile", bits) for name in codecs if name in QUANTIZERS for bits in bits_list]
     if naive:
         configs.append(("naive-torch", 8))
     for name, bits in configs:
@@ -69,8 +71,11 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
             codec = _NaiveTorch()
             body = torch.empty(numel, dtype=torch.uint8, device=device)
         else:
-            opts = {"block_size": block_size} if (block_size and name in QUANTIZERS) else {}
-            codec = make_codec(name, bits=bits or 8, **opts)
+            base = name.replace("+compile", "")
+            opts = {"block_size": block_size} if (block_size and base in QUANTIZERS) else {}
+            if name.endswith("+compile"):
+                opts["compile"] = True
+            codec = make_codec(base, bits=bits or 8, **opts)
             body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8, device=device)
         out = torch.empty_like(x)
         enc_t = _timer(lambda: codec.encode(x, body, layout, key=1), sync)
@@ -123,9 +128,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--no-naive", action="store_true", help="skip the naive-torch reference row")
+    p.add_argument("--compile", action="store_true", help="add rows for the quantizers with compile=True")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    result = run(a.numel, a.codecs, a.bits, a.repeat, a.block_size, a.device, naive=not a.no_naive)
+    result = run(a.numel, a.codecs, a.bits, a.repeat, a.block_size, a.device, naive=not a.no_naive, compiled=a.compile)
     print(f"numel={a.numel} threads={a.threads} device={a.device} torch={torch.__version__}")
     print(format_table(result, a.markdown))
 

@@ -27,12 +27,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import _random
+from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout
 from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes, unpack_view
 
 _FP32_MAX = torch.finfo(torch.float32).max
 _MIN_NORMAL_STEP = 2.0 ** -100  # smaller steps lose bits in float32 products: use float64
+_HALF = torch.tensor([0.5])  # round-to-nearest term of the compiled kernel
 _BIG = 1e18  # beyond this, squared sums overflow float32: accumulate error statistics in float64
 CHUNK = 1 << 19  # elements per chunk on the CPU (multiple of 8): few Python-level ops, data in L2/L3
 
@@ -58,6 +59,13 @@ class _Scratch:
             self._window = torch.empty(_random.POOL_SIZE + self.chunk, dtype=torch.float32, device=self.f32.device)
         return self._window
 
+    def whole(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket-sized uint8 codes + packing lanes (compiled path, which works on whole buckets)."""
+        if getattr(self, "_whole", None) is None or self._whole[0].numel() < numel:
+            self._whole = (torch.empty(numel, dtype=torch.uint8, device=self.f32.device),
+                           torch.empty((numel + 7) // 4, dtype=torch.int64, device=self.f32.device))
+        return self._whole[0][:numel], self._whole[1]
+
 
 class UniformCodec(Codec):
     """Deterministic min-max quantizer, ``bits`` in 1..8, optional per-parameter ``block_size``."""
@@ -66,13 +74,16 @@ class UniformCodec(Codec):
     codec_id = 1
     stochastic = False
 
-    def __init__(self, bits: int = 8, block_size: int | None = None):
+    def __init__(self, bits: int = 8, block_size: int | None = None, compile: bool = False):
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
             raise ValueError(f"{self.name}: bits must be an integer in 1..8 (one of {VALID_BITS}), got {bits!r}")
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
             raise ValueError(f"{self.name}: block_size must be a positive integer or None (one block per bucket), got {block_size!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
         super().__init__(bits)
         self.block_size = block_size
+        self.compile = compile  # a local speed choice: not part of config(), ranks may differ
         self.levels = (1 << bits) - 1
         self._scratch: dict[tuple, _Scratch] = {}
         self._run_cache: dict[tuple, tuple] = {}
@@ -166,36 +177,45 @@ class UniformCodec(Codec):
         fast_err = (mag * inv + levels + 2) * 2.0 ** -21   # bound on the round-off of v
         precise = 2 * fast_err > _random.CAP_MARGIN
         bias = 0.0 if precise else -lo * inv
-        if self.stochastic:
+        on_cpu = x.device.type == "cpu"
+        span_w = min(n, _random.POOL_SIZE) if self.stochastic else None
+        compiled = None
+        if self.compile and on_cpu:
+            compiled = self._encode_compiled(x, codes, key, bias, lo if precise else 0.0, inv, s)
+        if compiled is not None:
+            window = None
+        elif self.stochastic:
             # the pool's cap keeps v = y + u below L + 1 despite that round-off: no clamp needed
-            span_w = min(n, _random.POOL_SIZE)
             window = s.window[:span_w + min(chunk, n) if n > _random.POOL_SIZE else n]
             _random.fill_dither(window, key, add=bias)
         else:
-            span_w = None
             window = s.window[:min(chunk, n)].fill_(bias + 0.5)  # v <= L + 0.5 + err: no clamp
-        on_cpu = x.device.type == "cpu"
         err_sq = inp_sq = 0.0
         # last chunk first: the min/max pass just streamed through x, so its tail is still cached
         for a in reversed(range(0, n, chunk)):
             c = min(chunk, n - a)
             xc = x[a:a + c]
-            v = s.f32[:c]
             w0 = a % span_w if span_w else 0
-            if precise:
-                torch.sub(xc, lo, out=v)
-                torch.add(window[w0:w0 + c], v, alpha=inv, out=v)
+            if compiled is not None:
+                if error_out is None:
+                    break
+                cu = compiled[a:a + c]
             else:
-                torch.add(window[w0:w0 + c], xc, alpha=inv, out=v)
-            cu = codes[a:a + c] if bits == 8 else s.u8[:c]
-            if on_cpu:
-                # numpy's float32 -> uint8 cast is vectorised (torch's is not): truncation, and
-                # -1 < v < L + 1 by construction, so truncation == floor and no clamp is needed
-                np.copyto(cu.numpy(), v.numpy(), casting="unsafe")
-            else:
-                cu.copy_(v.clamp_(0, levels))
-            if bits != 8:
-                pack_codes(cu, bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.lanes)
+                cu = codes[a:a + c] if bits == 8 else s.u8[:c]
+                v = s.f32[:c]
+                if precise:
+                    torch.sub(xc, lo, out=v)
+                    torch.add(window[w0:w0 + c], v, alpha=inv, out=v)
+                else:
+                    torch.add(window[w0:w0 + c], xc, alpha=inv, out=v)
+                if on_cpu:
+                    # numpy's float32 -> uint8 cast is vectorised (torch's is not): truncation, and
+                    # -1 < v < L + 1 by construction, so truncation == floor and no clamp is needed
+                    np.copyto(cu.numpy(), v.numpy(), casting="unsafe")
+                else:
+                    cu.copy_(v.clamp_(0, levels))
+                if bits != 8:
+                    pack_codes(cu, bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.lanes)
             if error_out is not None:
                 ec = error_out[a:a + c]
                 d = s.f32b[:c]
@@ -207,6 +227,29 @@ class UniformCodec(Codec):
         if error_out is not None:
             return EncodeInfo(True, err_sq, inp_sq)
         return EncodeInfo()
+
+    def _encode_compiled(self, x, codes, key, bias, shift, inv, s):
+        """One compiled kernel over the whole bucket (its per-call overhead is ~0.1 ms, so no
+        chunks), reading the dither straight from the pool: it repeats every POOL_SIZE elements,
+        exactly as in the chunked path.  Returns the uint8 codes (before packing), or None if the
+        kernel is unavailable."""
+        n = x.numel()
+        cu = codes[:n] if self.bits == 8 else s.whole(n)[0]
+        if self.stochastic:
+            period = min(n, _random.POOL_SIZE)
+            start = _random.offset(key)
+            rounding = _random.dither_pool(x.device)[start:start + period]
+            full = n // period * period
+            ok = _fused.affine_to_codes(x[:full].view(-1, period), rounding, bias, shift, inv, cu[:full].view(-1, period))
+            if ok and full < n:
+                ok = _fused.affine_to_codes(x[full:].view(1, -1), rounding[:n - full], bias, shift, inv, cu[full:].view(1, -1))
+        else:
+            ok = _fused.affine_to_codes(x.view(1, n), _HALF.to(x.device), bias, shift, inv, cu.view(1, n))
+        if not ok:
+            return None
+        if self.bits != 8:
+            pack_codes(cu, self.bits, out=codes, scratch=s.whole(n)[1])
+        return cu
 
     def _param_dither(self, layout: Layout, key: int, device) -> torch.Tensor:
         # keyed by (key, parameter identity): independent of where the parameter sits in a bucket
