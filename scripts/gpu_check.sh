@@ -11,10 +11,10 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
   echo "== CUDA / NCCL tests"
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25
-  echo "== codec unit tests (CPU) under this torch"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_codecs.py 2>&1 | tail -3
+  echo "== CPU unit and multi-process DDP tests under this machine's torch"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_codecs.py tests/test_ddp.py 2>&1 | tail -4
   echo "== micro-benchmark, GPU, 25 MiB bucket"
   timeout 120 python3 -m ddp_qhooks.microbench --device cuda --repeat 20 --markdown
   echo "== micro-benchmark, GPU, 256 MiB bucket"
-  timeout 120 python3 -m ddp_qhooks.microbench --device cuda --numel 67108864 --repeat 10 --codecs uniform stochastic fp16 none --markdown
+  timeout 120 python3 -m ddp_qhooks.microbench --device cuda --numel 67108864 --repeat 10 --codecs uniform stochastic fp16 none --no-naive --markdown
 } 2>&1 | tee "$out/gpu_check.log"
