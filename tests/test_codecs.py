@@ -646,18 +646,9 @@ def test_none_decode_is_ordered_sum_of_quotients(W):
     np.testing.assert_array_equal(got.numpy(), acc)
 
 
-@pytest.mark.parametrize("name", ["uniform", "stochastic", "fp16", "bf16"])
+@pytest.mark.parametrize("name", ["uniform", "stochastic", "fp16", "bf16", "none"])
 def test_decode_leaves_bodies_unchanged(name):
     codec = _codec(name, 4, None)
-    layout = Layout.flat(50)
-    _, bodies = _payloads(codec, layout, 3, seed=1)
-    saved = [b.clone() for b in bodies]
-    decode(codec, bodies, layout, 50, divisor=3)
-    assert all(torch.equal(b, s) for b, s in zip(bodies, saved))
-
-
-def test_none_decode_leaves_bodies_unchanged():
-    codec = make_codec("none")
     layout = Layout.flat(50)
     _, bodies = _payloads(codec, layout, 3, seed=1)
     saved = [b.clone() for b in bodies]
