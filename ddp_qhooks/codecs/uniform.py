@@ -127,6 +127,15 @@ class UniformCodec(Codec):
             runs = self._run_cache[k] = tuple(runs)
         return runs
 
+    def _scalar_grid_ok_fp32(self, lo: float, span: float) -> bool:
+        """:meth:`_grid_ok_fp32` for one block, in plain Python (no tensor ops on the hot path)."""
+        scale = span / self.levels
+        if scale <= 0:
+            return abs(lo) < _FP32_MAX / 4
+        if lo != 0 and abs(lo) < _MIN_NORMAL_STEP:
+            return False
+        return scale < _FP32_MAX / 4 / self.levels and scale > _MIN_NORMAL_STEP and max(abs(lo), abs(lo + span)) < _FP32_MAX / 4
+
     def _grid_ok_fp32(self, lo: torch.Tensor, span: torch.Tensor) -> bool:
         """Can the grid (float64 ``lo``/``span`` per block) be applied in float32 without overflow,
         subnormal steps, or codes drowned in the round-off of large offsets?"""
@@ -162,7 +171,7 @@ class UniformCodec(Codec):
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return EncodeInfo(finite=False)
         span = hi - lo  # float64: cannot overflow
-        if not self._grid_ok_fp32(torch.tensor([lo], dtype=torch.float64), torch.tensor([span], dtype=torch.float64)):
+        if not self._scalar_grid_ok_fp32(lo, span):
             return self._encode_blocks(x, meta, codes, Layout.flat(x.numel()), None, key, error_out, meta_done=True)
         inv = self.levels / span if span > 0 else 0.0
         scale = span / self.levels
@@ -247,8 +256,11 @@ class UniformCodec(Codec):
             ok = _fused.affine_to_codes(x.view(1, n), _HALF.to(x.device), bias, shift, inv, cu.view(1, n))
         if not ok:
             return None
-        if self.bits != 8:
-            pack_codes(cu, self.bits, out=codes, scratch=s.whole(n)[1])
+        if self.bits != 8:  # in cache-sized pieces: ~2x faster than one pass over the bucket
+            step, lanes = CHUNK, s.whole(n)[1]
+            for a in range(0, n, step):
+                c = min(step, n - a)
+                pack_codes(cu[a:a + c], self.bits, out=codes[a * self.bits // 8: packed_nbytes(a + c, self.bits)], scratch=lanes)
         return cu
 
     def _param_dither(self, layout: Layout, key: int, device) -> torch.Tensor:
@@ -305,14 +317,19 @@ class UniformCodec(Codec):
         if layout.numel == 0 or not bodies:
             return out.zero_()
         parts = [self._split(b, layout) for b in bodies]
+        if self.block_size is None:  # scalars in plain Python: no tensor ops on the hot path
+            lohi = torch.stack([m[0] for m, _ in parts]).tolist()
+            spans = [hi - lo for lo, hi in lohi]
+            const = sum(lo for lo, _ in lohi) / divisor
+            if abs(const) < _FP32_MAX / 4 and all(self._scalar_grid_ok_fp32(lo / divisor, sp / divisor)
+                                                 for (lo, _), sp in zip(lohi, spans)):
+                scales = [sp / self.levels / divisor for sp in spans]
+                return self._decode_one_block([c for _, c in parts], scales, const, out)
+            return self._decode_blocks(parts, layout, out, divisor, torch.float64)
         metas = torch.stack([m for m, _ in parts]).double()  # (W, nblocks, 2)
         lo, span = metas[..., 0], metas[..., 1] - metas[..., 0]
         fp32 = self._grid_ok_fp32(lo.reshape(-1) / divisor, span.reshape(-1) / divisor) and \
             float(lo.abs().sum(0).max()) / divisor < _FP32_MAX / 4
-        if self.block_size is None and fp32:
-            scales = (span[:, 0] / self.levels / divisor).tolist()
-            const = float(lo[:, 0].sum() / divisor)
-            return self._decode_one_block([c for _, c in parts], scales, const, out)
         return self._decode_blocks(parts, layout, out, divisor, torch.float32 if fp32 else torch.float64)
 
     def _decode_one_block(self, codes_list, scales, const, out):
