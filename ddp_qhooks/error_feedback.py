@@ -9,6 +9,10 @@ keys it holds) gets one flat residual buffer aligned with the bucket buffer, for
 bucket appears, its buffer is assembled from wherever those parameters' residuals live (an older
 bucket's buffer or a loaded checkpoint), and buffers whose parameters have all moved are freed.
 A residual is therefore never lost and never applied to another parameter; sizes are checked.
+
+New residuals are written to a staging buffer and committed (a buffer swap, no copy) only once the
+whole step is known to be finite on every rank: a step that GradScaler skips leaves every residual
+as it was.  This costs one extra residual-sized buffer per bucket.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ class ResidualMemory:
         self._where: dict[int, tuple[tuple[int, ...], int, int]] = {}
         # residuals loaded from a checkpoint, not yet claimed by a bucket
         self._pending: dict[int, torch.Tensor] = {}
+        # bucket signature -> buffer holding the next residual until the step is committed
+        self._staging: dict[tuple[int, ...], torch.Tensor] = {}
 
     def bucket_residual(self, signature: tuple[int, ...], numels: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
         """The flat residual of the bucket holding parameters ``signature`` (sizes ``numels``)."""
@@ -54,7 +60,21 @@ class ResidualMemory:
         for sig in emptied:
             if not any(loc[0] == sig for loc in self._where.values()):
                 del self._buffers[sig]
+                self._staging.pop(sig, None)
         return buf
+
+    def staging(self, signature: tuple[int, ...]) -> torch.Tensor:
+        """Where the bucket's next residual is written before :meth:`commit`."""
+        st = self._staging.get(signature)
+        if st is None:
+            st = self._staging[signature] = torch.empty_like(self._buffers[signature])
+        return st
+
+    def commit(self, signatures) -> None:
+        """Make the staged residuals of these buckets current (the old buffers become staging)."""
+        for sig in signatures:
+            if sig in self._buffers and sig in self._staging:
+                self._buffers[sig], self._staging[sig] = self._staging[sig], self._buffers[sig]
 
     def residuals(self) -> dict[int, torch.Tensor]:
         """Every known residual by parameter key (views; copy before keeping)."""
@@ -67,6 +87,7 @@ class ResidualMemory:
         """Replace all residuals; they are placed into buckets as those buckets appear."""
         self._buffers.clear()
         self._where.clear()
+        self._staging.clear()
         self._pending = {int(k): v.detach().reshape(-1).clone() for k, v in residuals.items()}
 
     def clear(self) -> None:

@@ -16,8 +16,8 @@ from .codecs.wire import fingerprint
 __all__ = ["world_size", "rank", "allgather_async", "check_agreement", "ConfigMismatchError"]
 
 
-class ConfigMismatchError(RuntimeError):
-    """Ranks were configured differently; raised identically on every rank."""
+class ConfigMismatchError(ValueError):
+    """Ranks were configured differently (or some rank's options were invalid); raised on every rank."""
 
 
 def world_size(group=None) -> int:
@@ -46,22 +46,28 @@ def allgather_async(payload: torch.Tensor, out: torch.Tensor, group=None) -> tor
     return work.get_future()
 
 
-def check_agreement(config: dict, device, group=None) -> None:
-    """Blocking all-gather of a fixed-size fingerprint of ``config``; raise on every rank if any differ.
+def check_agreement(config, device, group=None, local_error: str | None = None) -> None:
+    """Blocking all-gather of a fixed-size (validity, fingerprint) pair; raise on every rank if any
+    rank failed to configure (``local_error``) or the configurations differ.
 
     Fixed size on purpose: gathering variable-sized objects from misconfigured ranks could itself
-    mismatch.  The full configurations are exchanged only when fingerprints differ, to name the
-    difference in the error.
+    mismatch.  Details are exchanged only when something differs, to name it in the error.
     """
     w = world_size(group)
-    mine = torch.tensor([fingerprint(config)], dtype=torch.int64, device=device)
-    everyone = torch.empty(w, dtype=torch.int64, device=device)
+    mine = torch.tensor([0 if local_error is None else 1, 0 if config is None else fingerprint(config)],
+                        dtype=torch.int64, device=device)
+    everyone = torch.empty(2 * w, dtype=torch.int64, device=device)
     _all_gather_single(everyone, mine, group=group)
-    prints = everyone.tolist()
-    if len(set(prints)) == 1:
+    rows = everyone.view(w, 2).tolist()
+    if not any(bad for bad, _ in rows) and len({fp for _, fp in rows}) == 1:
         return
-    configs: list = [None] * w
-    dist.all_gather_object(configs, config, group=group)
+    details: list = [None] * w
+    dist.all_gather_object(details, {"error": local_error, "config": config}, group=group)
+    failed = [(r, d["error"]) for r, d in enumerate(details) if d["error"] is not None]
+    if failed:
+        listed = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        raise ConfigMismatchError(f"ddp_qhooks: invalid options on rank(s) {', '.join(str(r) for r, _ in failed)}: {listed}")
+    configs = [d["config"] for d in details]
     keys = sorted({k for c in configs for k in c})
     differing = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
     table = "; ".join(f"rank {r}: " + ", ".join(f"{k}={c.get(k)!r}" for k in differing) for r, c in enumerate(configs))

@@ -18,6 +18,7 @@ Usage (torch style, like ``powerSGD_hook``)::
 or simply ``state = ddp_qhooks.register(ddp, codec="stochastic", bits=4)``.
 """
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Set, Tuple
@@ -78,7 +79,7 @@ class QuantizedHookState:
     def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
                  seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
                  hold_unused_residuals: bool = False, **codec_options):
-        self.codec = make_codec(codec, bits, **codec_options)
+        self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals"), **codec_options)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -99,6 +100,7 @@ class QuantizedHookState:
             self.bind(module)
         self._buckets: Dict[Tuple[int, ...], _Bucket] = {}
         self._used_this_step: Set[Tuple[int, ...]] = set()
+        self._lock = threading.Lock()
         self._agreed = False
         self._reset_stats()
 
@@ -131,10 +133,8 @@ class QuantizedHookState:
     # -- stats -----------------------------------------------------------------------------------
     def _reset_stats(self) -> None:
         self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0}
-        self._step_err = self._step_inp = 0.0
-        self._step_nonfinite = False
         self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0}
-        self._step_payload = self._step_buckets = 0
+        self._new_step()
 
     def stats(self) -> dict:
         """Cumulative traffic and quality figures of this rank.
@@ -181,6 +181,7 @@ class QuantizedHookState:
             "seed": self.seed,
             "step": self.step,
             "world_size": self._world_size(),
+            "rank": exchange.rank(self.process_group) if dist.is_initialized() else 0,
             "residuals": residuals,
             "totals": dict(self._totals),
         }
@@ -214,14 +215,21 @@ class QuantizedHookState:
         if saved_w and dist.is_initialized() and saved_w != self._world_size():
             warnings.warn(f"ddp_qhooks: hook state saved at world size {saved_w}, loaded at {self._world_size()}; "
                           "each rank keeps the residuals it loaded", stacklevel=2)
+        saved_rank = state_dict.get("rank")
+        if saved_rank is not None and dist.is_initialized() and saved_rank != exchange.rank(self.process_group):
+            warnings.warn(f"ddp_qhooks: rank {exchange.rank(self.process_group)} loads the hook state of rank {saved_rank}; "
+                          "residuals differ per rank, so each rank should save and load its own state_dict()",
+                          stacklevel=2)
+        if bool(state_dict["error_feedback"]) != self.error_feedback:
+            warnings.warn(f"ddp_qhooks: checkpoint was saved with error_feedback={state_dict['error_feedback']}; "
+                          f"keeping this state's error_feedback={self.error_feedback}", stacklevel=2)
         self.memory.load(residuals)
         self.step = int(state_dict["step"])
         self.seed = int(state_dict["seed"])
-        self.error_feedback = bool(state_dict["error_feedback"])
         self._totals.update({k: int(v) for k, v in state_dict.get("totals", {}).items() if k in self._totals})
 
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_buckets", "memory", "_param_key")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_buckets", "memory", "_param_key", "_lock")}
         state["_residuals"] = {k: v.detach().cpu().clone() for k, v in self.memory.residuals().items()}
         return state
 
@@ -229,6 +237,7 @@ class QuantizedHookState:
         residuals = state.pop("_residuals")
         self.__dict__.update(state)
         self.process_group = None
+        self._lock = threading.Lock()
         self._buckets = {}
         self._param_key = {}
         self._needs_bind = bool(self._param_names)
@@ -254,19 +263,28 @@ class QuantizedHookState:
         return b
 
     def _end_of_step(self) -> None:
-        self.step += 1
-        self._last = {"nmse": self._step_err / self._step_inp if self._step_inp > 0 else (0.0 if self._step_err == 0 else float("inf")),
-                      "payload_bytes": self._step_payload, "buckets": self._step_buckets}
-        if not (self.measure_error and not self._step_nonfinite):
-            self._last["nmse"] = float("nan")
+        """Called (under the lock) when every bucket of the step has been exchanged and decoded."""
         if self._step_nonfinite:
-            self._totals["nonfinite_steps"] += 1
-        self._step_err = self._step_inp = 0.0
-        self._step_payload = self._step_buckets = 0
-        self._step_nonfinite = False
+            self._totals["nonfinite_steps"] += 1  # GradScaler drops the step: keep old residuals
+        else:
+            self.memory.commit(self._staged)
+        self.step += 1
+        nmse = float("nan")
+        if self.measure_error and not self._step_nonfinite:
+            nmse = self._step_err / self._step_inp if self._step_inp > 0 else (0.0 if self._step_err == 0 else float("inf"))
+        self._last = {"nmse": nmse, "payload_bytes": self._step_payload, "buckets": self._step_buckets}
+        self._new_step()
         for sig in [s for s in self._buckets if s not in self._used_this_step]:
             del self._buckets[sig]  # layouts DDP no longer uses (e.g. before the bucket rebuild)
         self._used_this_step.clear()
+
+    def _new_step(self) -> None:
+        self._step_err = self._step_inp = 0.0
+        self._step_payload = self._step_buckets = 0
+        self._step_nonfinite = False
+        self._calls = self._done = 0
+        self._last_seen = False
+        self._staged = []
 
 
 def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -299,14 +317,16 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
     info = state.codec.encode(x, body, b.layout, key)
     b.payload[3] = 0 if info.finite else FLAG_NONFINITE
-    state._totals["hook_calls"] += 1
-    state._totals["payload_bytes"] += b.payload.numel()
-    state._totals["wire_bytes_sent"] += (world - 1) * b.payload.numel()
-    state._totals["fp32_bytes"] += 4 * b.layout.numel
-    state._step_payload += b.payload.numel()
-    state._step_buckets += 1
+    with state._lock:
+        state._totals["hook_calls"] += 1
+        state._totals["payload_bytes"] += b.payload.numel()
+        state._totals["wire_bytes_sent"] += (world - 1) * b.payload.numel()
+        state._totals["fp32_bytes"] += 4 * b.layout.numel
+        state._step_payload += b.payload.numel()
+        state._step_buckets += 1
+        state._calls += 1
+        state._last_seen = state._last_seen or bucket.is_last()
     validate = buf.device.type == "cpu" or state.step < 3
-    last = bucket.is_last()
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         fut.value()  # re-raises a failed collective
@@ -317,27 +337,34 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
             flags = headers[:, 3].tolist()
         else:
             flags = rows[:, 3].cpu().tolist()
-        if any(f & FLAG_NONFINITE for f in flags):
-            # every rank yields NaN, so GradScaler skips the step everywhere; residuals are left
-            # as they were before the step on every rank (the step's gradient is dropped whole)
-            state._step_nonfinite = True
+        nonfinite = any(f & FLAG_NONFINITE for f in flags)
+        err_sq = inp_sq = 0.0
+        if nonfinite:
+            # every rank yields NaN, so GradScaler skips the step everywhere; no residual of this
+            # step is committed on any rank (the step's gradient is dropped whole)
             buf.fill_(float("nan"))
         else:
-            # the new residual is committed only now that the step is known to be applied:
-            # e = g' - deq(own payload), before buf (which may alias g') receives the mean
-            err = residual if residual is not None else b.scratch
+            # e = g' - deq(own payload), staged until the whole step is known to be finite;
+            # computed before buf (which may alias g') receives the mean
+            err = state.memory.staging(signature) if residual is not None else b.scratch
             if err is not None:
                 state.codec.decode([body], b.layout, err)
                 torch.sub(x, err, out=err)
                 if state.measure_error:
-                    state._step_err += _sum_sq(err)
-                    state._step_inp += _sum_sq(x)
+                    err_sq, inp_sq = _sum_sq(err), _sum_sq(x)
                 for sl, saved in held:
                     err[sl].copy_(saved)
             bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + b.body_nbytes] for r in range(world)]
             state.codec.decode(bodies, b.layout, buf, divisor=world)
-        if last:
-            state._end_of_step()
+        with state._lock:  # Gloo runs callbacks on several threads, in any order
+            state._step_err += err_sq
+            state._step_inp += inp_sq
+            state._step_nonfinite = state._step_nonfinite or nonfinite
+            if residual is not None and not nonfinite:
+                state._staged.append(signature)
+            state._done += 1
+            if state._last_seen and state._done == state._calls:
+                state._end_of_step()
         return buf
 
     return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
@@ -379,11 +406,24 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
         raise TypeError(f"register() needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
     if getattr(ddp_model, "mixed_precision", None) is not None:
         raise ValueError("DDP's mixed_precision option installs its own comm hook; use codec='bf16'/'fp16' instead")
-    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error") if k in codec_options}
-    state_options["hold_unused_residuals"] = bool(getattr(ddp_model, "find_unused_parameters", False))
+    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error", "hold_unused_residuals") if k in codec_options}
+    state_options.setdefault("hold_unused_residuals", bool(getattr(ddp_model, "find_unused_parameters", False)))
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
-    state = QuantizedHookState(process_group=process_group, codec=codec, bits=bits, error_feedback=error_feedback,
-                               module=ddp_model.module, **state_options, **codec_options)
+    error = None
+    try:
+        state = QuantizedHookState(process_group=process_group, codec=codec, bits=bits, error_feedback=error_feedback,
+                                   module=ddp_model.module, **state_options, **codec_options)
+    except (ValueError, TypeError) as exc:
+        error = exc
+    # register() runs on every rank, like DDP's constructor: agree on validity and configuration
+    # here, so that one misconfigured rank raises the same error everywhere instead of a hang
+    device = next((p.device for p in ddp_model.module.parameters()), torch.device("cpu"))
+    if dist.is_initialized():
+        config = None if error else {**state.codec.config(), "error_feedback": state.error_feedback}
+        exchange.check_agreement(config, device, process_group, local_error=None if error is None else str(error))
+        state._agreed = True
+    elif error is not None:
+        raise error
     ddp_model.register_comm_hook(state, quantized_allgather_hook)
     return state

@@ -20,6 +20,7 @@ import os
 import pickle
 import time
 import traceback
+import warnings
 
 import numpy as np
 import pytest
@@ -796,6 +797,8 @@ MISMATCHES = {
     "codec": [{"codec": "uniform", "bits": 4}, {"codec": "stochastic", "bits": 4}],
     "block_size": [{"codec": "uniform", "bits": 4, "block_size": 8}, {"codec": "uniform", "bits": 4, "block_size": 16}],
     "error_feedback": [{"codec": "uniform", "error_feedback": True}, {"codec": "uniform", "error_feedback": False}],
+    # one rank's options are invalid, the other's fine: both must fail fast with the same error
+    "invalid_on_one_rank": [{"codec": "uniform", "bits": 9}, {"codec": "uniform", "bits": 4}],
 }
 
 
@@ -811,10 +814,11 @@ def _mismatch_one(rank, world, configs):
     model = _mlp(72)
     ddp = DDP(model)
     kw = dict(configs[min(rank, len(configs) - 1)] if world == 2 else configs[1 if rank == world - 1 else 0])
-    ddp_qhooks.register(ddp, kw.pop("codec"), **kw)
     x, y = _batch(rank, 0)
     t0 = time.monotonic()
     try:
+        # register() is collective: the mismatch is detected there, before any training step
+        ddp_qhooks.register(ddp, kw.pop("codec"), **kw)
         _loss(ddp(x), y).backward()
     except Exception as exc:  # noqa: BLE001
         return {"raised": True, "type": type(exc).__name__, "is_cme": isinstance(exc, ddp_qhooks.ConfigMismatchError),
@@ -843,9 +847,17 @@ def test_invalid_options_raise_value_error(bad_input_runs, index):
         assert r["ok"], r.get("error")
         res = r["result"]["register"][index]
         assert not res["ok"], f"register({kw}) did not raise"
-        assert res["type"] == "ValueError", res["error"]
+        assert res["type"] in ("ValueError", "ConfigMismatchError"), res["error"]  # the latter is a ValueError
         for w in words:
             assert w in res["error"], (w, res["error"])
+
+
+def test_invalid_options_on_one_rank_fail_everywhere(bad_input_runs):
+    got = [r["result"]["invalid_on_one_rank"] for r in bad_input_runs[2]]
+    for g in got:
+        assert g["raised"] and g["is_cme"] and g["elapsed"] < 15, g
+        assert "rank 0" in g["msg"] and "1..8" in g["msg"], g["msg"]
+    assert len({g["msg"] for g in got}) == 1, "ranks report different messages"
 
 
 @pytest.mark.parametrize("world,field", [(2, "bits"), (2, "codec"), (2, "block_size"), (2, "error_feedback"), (3, "bits")])
@@ -1232,3 +1244,89 @@ def test_several_buckets_one_range_per_bucket(race_runs, codec, bits):
     for pr in per_rank:
         assert max(pr["rank_diff"]) == 0.0, f"ranks hold different averaged gradients: {pr['rank_diff']}"
         assert max(pr["ident_err"]) < 1e-5, f"error-feedback identity violated: {pr['ident_err']}"
+
+
+# ================================================================================================
+# step accounting with several buckets in flight, partially non-finite steps, checkpoint metadata
+# ================================================================================================
+def _w_multibucket(rank, world):
+    torch.manual_seed(5)
+    model = nn.Sequential(*[nn.Linear(40, 40) for _ in range(6)])  # ~6 buckets after the rebuild
+    ddp = DDP(model, bucket_cap_mb=0.005)
+    state = ddp_qhooks.register(ddp, "uniform", bits=4, block_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = [n for n, _ in model.named_parameters()]
+    out = {"stats": [], "residuals_before": None, "residuals_after": None, "buckets": []}
+    poisoned_step = 5
+
+    def poison(g):
+        return torch.where(torch.arange(g.numel()).view_as(g) == 0, torch.full_like(g, float("nan")), g)
+
+    handle = None
+    for step in range(8):
+        if step == poisoned_step:
+            out["residuals_before"] = {k: v.clone() for k, v in state.state_dict()["residuals"].items()}
+            if rank == 1:  # only one parameter in one bucket of one rank
+                handle = dict(model.named_parameters())[names[-1]].register_hook(poison)
+        x = torch.randn(16, 40, generator=torch.Generator().manual_seed(100 * rank + step))
+        opt.zero_grad()
+        model_out = ddp(x)
+        model_out.square().mean().backward()
+        if step == poisoned_step:
+            out["residuals_after"] = {k: v.clone() for k, v in state.state_dict()["residuals"].items()}
+            out["grads_finite"] = [bool(torch.isfinite(p.grad).all()) for p in model.parameters()]
+            if handle is not None:
+                handle.remove()
+        else:
+            opt.step()
+        out["stats"].append(dict(state.stats()))
+    sd = state.state_dict()
+    out["rank_in_sd"] = sd["rank"]
+    # load_state_dict keeps this state's error_feedback choice (and says so)
+    other = ddp_qhooks.QuantizedHookState(codec="uniform", bits=4, block_size=16, error_feedback=False, module=model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other.load_state_dict(sd)
+    out["ef_after_load"] = other.error_feedback
+    out["ef_warning"] = any("error_feedback" in str(w.message) for w in caught)
+    sd_other_rank = dict(sd, rank=1 - rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state.load_state_dict(sd_other_rank)
+    out["rank_warning"] = any("own state_dict" in str(w.message) for w in caught)
+    out["pickle_bytes"] = len(pickle.dumps(state))
+    out["state_dict_bytes"] = sum(v.numel() * 4 for v in sd["residuals"].values())
+    return out
+
+
+@pytest.fixture(scope="module")
+def multibucket_runs():
+    return _dist.results(_w_multibucket, 2)
+
+
+def test_step_accounting_with_buckets_in_flight(multibucket_runs):
+    for out in multibucket_runs:
+        stats = out["stats"]
+        assert [s["steps"] for s in stats] == list(range(1, 9))
+        assert max(s["buckets_last_step"] for s in stats) >= 3
+        assert stats[5]["nonfinite_steps"] == 1 and stats[-1]["nonfinite_steps"] == 1, [s["nonfinite_steps"] for s in stats]
+        assert math.isnan(stats[5]["nmse"])
+        assert all(math.isfinite(s["nmse"]) for i, s in enumerate(stats) if i != 5), [s["nmse"] for s in stats]
+
+
+def test_partially_nonfinite_step_keeps_every_residual(multibucket_runs):
+    for out in multibucket_runs:
+        assert not all(out["grads_finite"])  # the poisoned bucket is NaN on every rank ...
+        assert any(out["grads_finite"])      # ... while other buckets were finite
+        before, after = out["residuals_before"], out["residuals_after"]
+        assert before.keys() == after.keys()
+        for k in before:  # ... yet no bucket committed a residual for the dropped step
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_checkpoint_metadata_and_pickle_size(multibucket_runs):
+    for rank, out in enumerate(multibucket_runs):
+        assert out["rank_in_sd"] == rank
+        assert out["ef_after_load"] is False and out["ef_warning"]
+        assert out["rank_warning"]
+        assert out["pickle_bytes"] < 4 * out["state_dict_bytes"] + 100_000  # no codec scratch buffers

@@ -30,11 +30,11 @@ def codec_options(name: str) -> tuple[str, ...]:
     return tuple(p for p in params if p not in ("self", "bits"))
 
 
-def make_codec(name: str, bits: int = 8, **options) -> Codec:
+def make_codec(name: str, bits: int = 8, _extra_valid: tuple = (), **options) -> Codec:
     """Build a codec by name, with a clear ValueError for unknown names or options."""
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(sorted(CODECS))}")
-    valid = codec_options(name)
+    valid = codec_options(name) + tuple(_extra_valid)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"codec {name!r} does not take option(s) {', '.join(unknown)}; "

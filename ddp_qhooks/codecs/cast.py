@@ -24,7 +24,12 @@ class CastCodec(Codec):
     dtype: torch.dtype = torch.float32
 
     def __init__(self, bits: int | None = None):
-        super().__init__(torch.finfo(self.dtype).bits)
+        native = torch.finfo(self.dtype).bits
+        # 8 is register()'s default for every codec; anything else must be this format's width
+        if bits is not None and (isinstance(bits, bool) or bits not in (8, native)):
+            raise ValueError(f"{self.name}: always sends {native}-bit values, so bits does not apply "
+                             f"(leave it at its default or pass {native}), got {bits!r}")
+        super().__init__(native)
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits}

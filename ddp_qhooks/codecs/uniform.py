@@ -21,6 +21,7 @@ packing, so the float input is read from memory once for the min/max and once fo
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from typing import Sequence
 
@@ -75,6 +76,8 @@ class UniformCodec(Codec):
     stochastic = False
 
     def __init__(self, bits: int = 8, block_size: int | None = None, compile: bool = False):
+        bits = _as_int(bits)
+        block_size = _as_int(block_size)
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
             raise ValueError(f"{self.name}: bits must be an integer in 1..8 (one of {VALID_BITS}), got {bits!r}")
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
@@ -90,6 +93,13 @@ class UniformCodec(Codec):
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size}
+
+    def __getstate__(self):  # buffers and caches are rebuilt on use; keep pickles small
+        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_run_cache")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._scratch, self._run_cache = {}, {}
 
     # -- sizes -------------------------------------------------------------------------------
     def body_nbytes(self, layout: Layout) -> int:
@@ -366,6 +376,16 @@ class UniformCodec(Codec):
         for start, nb, blen, bi in _indexed(runs):
             acc[start:start + nb * blen].view(nb, blen).add_(lo_sum[bi:bi + nb, None])
         return out.copy_(acc)
+
+
+def _as_int(value):
+    """Accept integer-like values (numpy integers) but not floats or bools."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value  # left for the caller's check to reject with its message
 
 
 def _indexed(runs):
