@@ -260,8 +260,12 @@ class UniformCodec(Codec):
             rounding = _random.dither_pool(x.device)[start:start + period]
             full = n // period * period
             ok = _fused.affine_to_codes(x[:full].view(-1, period), rounding, bias, shift, inv, cu[:full].view(-1, period))
-            if ok and full < n:
-                ok = _fused.affine_to_codes(x[full:].view(1, -1), rounding[:n - full], bias, shift, inv, cu[full:].view(1, -1))
+            if ok and full < n:  # the tail (< one period) in eager ops: a 2nd compiled call costs more
+                v = s.f32[:n - full] if n - full <= s.chunk else torch.empty(n - full, dtype=torch.float32)
+                torch.add(rounding[:n - full], bias, out=v)
+                xt = x[full:] if not shift else x[full:] - shift
+                torch.add(v, xt, alpha=inv, out=v)
+                np.copyto(cu[full:].numpy(), v.numpy(), casting="unsafe")
         else:
             ok = _fused.affine_to_codes(x.view(1, n), _HALF.to(x.device), bias, shift, inv, cu.view(1, n))
         if not ok:
