@@ -70,8 +70,8 @@ def _nccl_train(rank, world, codec, steps):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).cuda()
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
-    options = {"block_size": 128} if codec in ("uniform", "stochastic") else {}
-    state = ddp_qhooks.register(ddp, codec, bits=4, **options) if codec != "plain" else None
+    options = {"bits": 4, "block_size": 128} if codec in ("uniform", "stochastic") else {}
+    state = ddp_qhooks.register(ddp, codec, **options) if codec != "plain" else None
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(rank)
     for _ in range(steps):
