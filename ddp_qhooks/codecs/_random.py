@@ -6,9 +6,12 @@ pool of ``POOL_SIZE`` stratified values ``(k + 0.5) / POOL_SIZE`` in shuffled or
 offset drawn from a 64-bit key (seed, rank, step, parameter).  For every element the dither is then
 exactly uniform on that grid over the draw of the key, so stochastic rounding is unbiased up to
 ``1 / (2 * POOL_SIZE)`` of a quantization step (< 5e-7 steps, below fp32 round-off of the codes).
-Neighbouring elements take distinct pool entries; elements ``POOL_SIZE`` apart in one parameter
-share a dither value within one step (their rounding errors are correlated, their variances and
-unbiasedness are unaffected).  Keys are mixed with splitmix64 so consecutive steps are unrelated.
+Neighbouring elements take distinct pool entries.  Within one step, the one-range-per-bucket fast
+path applies one stretch of ``PERIOD`` dither values to every ``PERIOD``-long row of the bucket, so
+that the stretch stays in cache: elements ``PERIOD`` apart share a dither value in that step
+(their rounding errors are correlated; their variances and unbiasedness are unaffected, and the
+stretch moves every step).  Per-parameter (``block_size``) dither uses consecutive pool values for
+the whole parameter.  Keys are mixed with splitmix64 so consecutive steps are unrelated.
 
 The largest ``POOL_SIZE * CAP_MARGIN`` values are lowered to ``1 - CAP_MARGIN``: quantizers can then
 truncate ``y + u`` (y in [0, L], computed in float32 with a round-off below CAP_MARGIN / 2) without
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 
 POOL_SIZE = 1 << 20
+PERIOD = 1 << 16  # dither values per row in the one-range-per-bucket path (see above)
 CAP_MARGIN = 2.0 ** -10
 _MASK64 = (1 << 64) - 1
 _pools: dict[torch.device, torch.Tensor] = {}

@@ -112,6 +112,9 @@ def _pack_groups(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch=None
     """Pack a multiple of 8 codes."""
     if codes.storage_offset() % 8 or not codes.is_contiguous():
         codes = codes.clone()  # wide views need alignment
+    if bits == 1 and codes.device.type == "cpu":  # numpy's packbits is the fastest 1-bit packer here
+        out.numpy()[:] = np.packbits(codes.numpy(), bitorder="little")
+        return
     if bits in _MUL_PACK:
         dtype, mul, shift = _MUL_PACK[bits]
         lanes = codes.view(dtype)

@@ -36,7 +36,7 @@ _FP32_MAX = torch.finfo(torch.float32).max
 _MIN_NORMAL_STEP = 2.0 ** -100  # smaller steps lose bits in float32 products: use float64
 _HALF = torch.tensor([0.5])  # round-to-nearest term of the compiled kernel
 _BIG = 1e18  # beyond this, squared sums overflow float32: accumulate error statistics in float64
-CHUNK = 1 << 19  # elements per chunk on the CPU (multiple of 8): few Python-level ops, data in L2/L3
+CHUNK = 1 << 19  # elements per chunk on the CPU (a multiple of the dither period): few Python-level ops
 
 
 class _Scratch:
@@ -197,16 +197,17 @@ class UniformCodec(Codec):
         precise = 2 * fast_err > _random.CAP_MARGIN
         bias = 0.0 if precise else -lo * inv
         on_cpu = x.device.type == "cpu"
-        span_w = min(n, _random.POOL_SIZE) if self.stochastic else None
+        period = min(n, _random.PERIOD) if self.stochastic else None
         compiled = None
         if self.compile and on_cpu:
             compiled = self._encode_compiled(x, codes, key, bias, lo if precise else 0.0, inv, s)
         if compiled is not None:
             window = None
         elif self.stochastic:
-            # the pool's cap keeps v = y + u below L + 1 despite that round-off: no clamp needed
-            window = s.window[:span_w + min(chunk, n) if n > _random.POOL_SIZE else n]
-            _random.fill_dither(window, key, add=bias)
+            # one period of dither (+ offset), small enough to stay in cache while it is applied
+            # to every period-long row of the chunk; the pool's cap keeps v = y + u below L + 1
+            # despite round-off, so no clamp is needed
+            window = _random.fill_dither(s.window[:period], key, add=bias)
         else:
             window = s.window[:min(chunk, n)].fill_(bias + 0.5)  # v <= L + 0.5 + err: no clamp
         err_sq = inp_sq = 0.0
@@ -214,7 +215,6 @@ class UniformCodec(Codec):
         for a in reversed(range(0, n, chunk)):
             c = min(chunk, n - a)
             xc = x[a:a + c]
-            w0 = a % span_w if span_w else 0
             if compiled is not None:
                 if error_out is None:
                     break
@@ -222,11 +222,16 @@ class UniformCodec(Codec):
             else:
                 cu = codes[a:a + c] if bits == 8 else s.u8[:c]
                 v = s.f32[:c]
+                src = xc
                 if precise:
-                    torch.sub(xc, lo, out=v)
-                    torch.add(window[w0:w0 + c], v, alpha=inv, out=v)
-                else:
-                    torch.add(window[w0:w0 + c], xc, alpha=inv, out=v)
+                    src = torch.sub(xc, lo, out=v)
+                if period is None:
+                    torch.add(window[:c], src, alpha=inv, out=v)
+                else:  # chunks start at multiples of the period: rows line up with the window
+                    full = c // period * period
+                    torch.add(window, src[:full].view(-1, period), alpha=inv, out=v[:full].view(-1, period))
+                    if full < c:
+                        torch.add(window[:c - full], src[full:], alpha=inv, out=v[full:])
                 if on_cpu:
                     # numpy's float32 -> uint8 cast is vectorised (torch's is not): truncation, and
                     # -1 < v < L + 1 by construction, so truncation == floor and no clamp is needed
@@ -249,13 +254,12 @@ class UniformCodec(Codec):
 
     def _encode_compiled(self, x, codes, key, bias, shift, inv, s):
         """One compiled kernel over the whole bucket (its per-call overhead is ~0.1 ms, so no
-        chunks), reading the dither straight from the pool: it repeats every POOL_SIZE elements,
-        exactly as in the chunked path.  Returns the uint8 codes (before packing), or None if the
+        chunks), reading one period of dither straight from the pool, exactly as the chunked path.  Returns the uint8 codes (before packing), or None if the
         kernel is unavailable."""
         n = x.numel()
         cu = codes[:n] if self.bits == 8 else s.whole(n)[0]
         if self.stochastic:
-            period = min(n, _random.POOL_SIZE)
+            period = min(n, _random.PERIOD)
             start = _random.offset(key)
             rounding = _random.dither_pool(x.device)[start:start + period]
             full = n // period * period
