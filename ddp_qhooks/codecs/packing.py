@@ -121,9 +121,13 @@ def _pack_groups(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch=None
         tmp = _scratch_view(scratch, codes.numel(), dtype, codes.device)
         if codes.device.type == "cpu":  # numpy's small-integer loops are ~3x faster than torch's here
             u = _UNSIGNED[dtype]
-            t = tmp.numpy().view(u)
-            np.multiply(lanes.numpy().view(u), u(mul % (1 << (8 * t.itemsize))), out=t)
-            np.right_shift(t, u(shift), out=t)
+            t, src = tmp.numpy().view(u), lanes.numpy().view(u)
+            if bits == 4:  # (c0 | c1 << 8) | that >> 4 has c0 | c1 << 4 in its low byte: no multiply
+                np.right_shift(src, u(4), out=t)
+                np.bitwise_or(t, src, out=t)
+            else:
+                np.multiply(src, u(mul % (1 << (8 * t.itemsize))), out=t)
+                np.right_shift(t, u(shift), out=t)
             np.copyto(out.numpy(), t, casting="unsafe")  # narrowing keeps the low byte of each lane
             return
         torch.mul(lanes, mul, out=tmp)
