@@ -80,8 +80,8 @@ class Codec:
     ``encode(x, body, layout, key, error_out)`` writes the body bytes for the flat float tensor
     ``x``; when ``error_out`` is given it also writes ``x - decode(body)`` there (the error-feedback
     residual, computed while the data is hot).  ``key`` is an integer that seeds stochastic codecs;
-    deterministic codecs ignore it.  ``decode(bodies, layout, out, weight)`` writes
-    ``weight * sum(decode(b) for b in bodies)`` into ``out`` (averaging W payloads in one pass).
+    deterministic codecs ignore it.  ``decode(bodies, layout, out, divisor)`` writes
+    ``sum(decode(b) for b in bodies) / divisor`` into ``out`` (averaging W payloads in one pass).
 
     A non-finite input must not raise: ``encode`` returns ``EncodeInfo(finite=False)`` and leaves
     ``error_out`` untouched, and the hook marks the payload so every rank yields a non-finite result.
@@ -105,13 +105,10 @@ class Codec:
                error_out: torch.Tensor | None = None) -> EncodeInfo:
         raise NotImplementedError
 
-    def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "codec")
         return f"{type(self).__name__}({opts})"
 
-
-def _finite_error_stats(x: torch.Tensor, err: torch.Tensor) -> tuple[float, float]:
-    return float(torch.dot(err, err)), float(torch.dot(x, x))

@@ -49,7 +49,6 @@ class _Scratch:
         self.chunk = chunk
         self.f32 = torch.empty(chunk, dtype=torch.float32, device=device)
         self.f32b = torch.empty(chunk, dtype=torch.float32, device=device)
-        self.i32 = torch.empty(chunk, dtype=torch.int32, device=device)
         self.u8 = torch.empty(chunk, dtype=torch.uint8, device=device)
         self.lanes = torch.empty((chunk + 7) // 4, dtype=torch.int64, device=device)  # >= 2*chunk bytes
         self._window = None
