@@ -15,8 +15,9 @@ into its own blocks of ``B`` elements (the last block of a parameter may be shor
 straddle two parameters and results do not depend on DDP's bucketing.
 
 Speed (one block per bucket): the data is processed in cache-sized chunks; per chunk one fused
-``dither + inv * x`` op, one float->int32 truncation, one int32->uint8 narrowing and the integer
-packing, so the float input is read from memory once for the min/max and once for the codes.
+``window + inv * x`` op (the window holds the offset and the rounding term or dither), one
+truncating float->uint8 cast and the integer packing, so the float input is read from memory once
+for the min/max and once for the codes.  ``compile=True`` fuses the affine op and the cast.
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ class _Scratch:
 
     @property
     def window(self) -> torch.Tensor:
-        if self._window is None:  # only encoding threads need it
-            self._window = torch.empty(_random.POOL_SIZE + self.chunk, dtype=torch.float32, device=self.f32.device)
+        """Rounding/dither window of the encoder (one dither period <= chunk), or the accumulator
+        of a decoder writing a non-float32 output."""
+        if self._window is None:
+            self._window = torch.empty(self.chunk, dtype=torch.float32, device=self.f32.device)
         return self._window
 
     def whole(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,28 +139,31 @@ class UniformCodec(Codec):
             runs = self._run_cache[k] = tuple(runs)
         return runs
 
-    def _scalar_grid_ok_fp32(self, lo: float, span: float) -> bool:
-        """:meth:`_grid_ok_fp32` for one block, in plain Python (no tensor ops on the hot path)."""
-        scale = span / self.levels
-        if scale <= 0:
-            return abs(lo) < _FP32_MAX / 4
-        if lo != 0 and abs(lo) < _MIN_NORMAL_STEP:
+    def _fits_fp32(self, step_min: float, step_max: float, offset_min: float, value_max: float) -> bool:
+        """Can a grid be applied in float32 without overflow, subnormal steps, or codes drowned in
+        the round-off of large offsets?  Arguments are extremes over the blocks: the smallest and
+        largest non-zero step (``step_max <= 0``: all blocks constant), the smallest non-zero
+        ``|lo|`` and the largest ``max(|lo|, |hi|)``."""
+        if step_max <= 0:
+            return value_max < _FP32_MAX / 4
+        if offset_min < _MIN_NORMAL_STEP:
             return False
-        return scale < _FP32_MAX / 4 / self.levels and scale > _MIN_NORMAL_STEP and max(abs(lo), abs(lo + span)) < _FP32_MAX / 4
+        return step_max < _FP32_MAX / 4 / self.levels and step_min > _MIN_NORMAL_STEP and value_max < _FP32_MAX / 4
+
+    def _scalar_grid_ok_fp32(self, lo: float, span: float) -> bool:
+        """:meth:`_fits_fp32` for one block, in plain Python (no tensor ops on the hot path)."""
+        step = span / self.levels
+        return self._fits_fp32(step, step, abs(lo) if lo != 0 else math.inf, max(abs(lo), abs(lo + span)))
 
     def _grid_ok_fp32(self, lo: torch.Tensor, span: torch.Tensor) -> bool:
-        """Can the grid (float64 ``lo``/``span`` per block) be applied in float32 without overflow,
-        subnormal steps, or codes drowned in the round-off of large offsets?"""
+        """:meth:`_fits_fp32` for float64 per-block ``lo`` / ``span`` tensors."""
         scale = span / self.levels
         nonzero = scale[scale > 0]
-        if nonzero.numel() == 0:
-            return bool((lo.abs() < _FP32_MAX / 4).all())
-        tiny = lo.abs()[lo != 0]
-        if tiny.numel() and float(tiny.min()) < _MIN_NORMAL_STEP:
-            return False
-        mag = torch.maximum(lo.abs(), (lo + span).abs())
-        return bool((nonzero.max() < _FP32_MAX / 4 / self.levels) & (nonzero.min() > _MIN_NORMAL_STEP)
-                    & (mag.max() < _FP32_MAX / 4))
+        offsets = lo.abs()[lo != 0]
+        return self._fits_fp32(float(nonzero.min()) if nonzero.numel() else 0.0,
+                               float(nonzero.max()) if nonzero.numel() else 0.0,
+                               float(offsets.min()) if offsets.numel() else math.inf,
+                               float(torch.maximum(lo.abs(), (lo + span).abs()).max()) if lo.numel() else 0.0)
 
     # -- encode ------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
@@ -253,8 +259,8 @@ class UniformCodec(Codec):
 
     def _encode_compiled(self, x, codes, key, bias, shift, inv, s):
         """One compiled kernel over the whole bucket (its per-call overhead is ~0.1 ms, so no
-        chunks), reading one period of dither straight from the pool, exactly as the chunked path.  Returns the uint8 codes (before packing), or None if the
-        kernel is unavailable."""
+        chunks), reading one period of dither straight from the pool, exactly as the chunked path.
+        Returns the uint8 codes (before packing), or None if the kernel is unavailable."""
         n = x.numel()
         cu = codes[:n] if self.bits == 8 else s.whole(n)[0]
         if self.stochastic:
