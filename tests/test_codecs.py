@@ -35,21 +35,53 @@ CASTS = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ------------------------------------------------------------------------------------------------
 # independent reference implementations
 # ------------------------------------------------------------------------------------------------
-def ref_pack(codes: np.ndarray, bits: int) -> np.ndarray:
+REF_STRIPE = 1 << 19  # codes per planar stripe, as documented in packing.py
+
+
+def _ref_stream_pack(codes, bits):
     """LSB-first bit stream: bit j of code i is bit i*bits + j of the little-endian byte string."""
+    stream = ((codes[:, None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(stream.reshape(-1), bitorder="little")
+
+
+def _ref_planar_pack(codes, bits):
+    """Planar stripes: in a stripe of r codes, byte j = sum_p code[j + p*m] << (p*bits), m = ceil(r*bits/8)."""
+    k, out = 8 // bits, []
+    for a in range(0, codes.size, REF_STRIPE):
+        stripe = codes[a:a + REF_STRIPE].astype(np.int64)
+        m = -(-stripe.size // k)
+        padded = np.zeros(k * m, dtype=np.int64)
+        padded[:stripe.size] = stripe
+        out.append((padded.reshape(k, m) << (np.arange(k)[:, None] * bits)).sum(0).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def ref_pack(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.asarray(codes, dtype=np.uint8)
     if codes.size == 0:
         return np.zeros(0, dtype=np.uint8)
-    stream = ((codes[:, None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(stream.reshape(-1), bitorder="little")
+    if bits == 8:
+        return codes.copy()
+    return _ref_planar_pack(codes, bits) if bits in (1, 2, 4) else _ref_stream_pack(codes, bits)
 
 
 def ref_unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     packed = np.asarray(packed, dtype=np.uint8)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    stream = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
-    return stream @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+    if bits == 8:
+        return packed[:n].astype(np.int64)
+    if bits not in (1, 2, 4):
+        stream = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
+        return stream @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+    k, out, pos = 8 // bits, [], 0
+    for a in range(0, n, REF_STRIPE):
+        r = min(REF_STRIPE, n - a)
+        m = -(-r // k)
+        stripe = packed[pos:pos + m].astype(np.int64)
+        pos += m
+        out.append(((stripe[None, :] >> (np.arange(k)[:, None] * bits)) & ((1 << bits) - 1)).reshape(-1)[:r])
+    return np.concatenate(out)
 
 
 def ref_block_lengths(param_numels, block_size):
@@ -199,11 +231,11 @@ LAYOUTS = {
 # ------------------------------------------------------------------------------------------------
 # 1. packing
 # ------------------------------------------------------------------------------------------------
-PACK_LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 1001, 100003]
+PACK_LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 1001, 100003, REF_STRIPE, 2 * REF_STRIPE + 13]
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_pack_matches_reference_bit_stream(bits):
+def test_pack_matches_reference_layout(bits):
     rng = np.random.default_rng(1000 + bits)
     for n in PACK_LENGTHS:
         codes = rng.integers(0, 1 << bits, size=n, dtype=np.uint8)
@@ -241,6 +273,18 @@ def test_unpack_reference_stream_and_into_buffers(bits):
         out = torch.full((n,), 0xEE, dtype=torch.uint8)
         unpack_codes(src[3:3 + ref.size], bits, n, out=out)
         np.testing.assert_array_equal(out.numpy(), codes)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 4))
+def test_planar_torch_packer_matches_reference(bits):
+    """The torch-ops packer (used on accelerators) against the reference, here on CPU tensors."""
+    from ddp_qhooks.codecs.packing import _pack_planar_torch
+    rng = np.random.default_rng(3000 + bits)
+    for n in (1, 9, 1001, REF_STRIPE + 77):
+        codes = rng.integers(0, 1 << bits, size=n, dtype=np.uint8)
+        out = torch.full((packed_nbytes(n, bits),), 0xAA, dtype=torch.uint8)
+        _pack_planar_torch(torch.from_numpy(codes), bits, out)
+        np.testing.assert_array_equal(out.numpy(), ref_pack(codes, bits), err_msg=f"n={n}")
 
 
 def test_pack_rejects_bad_bits_and_sizes():
@@ -906,8 +950,9 @@ def test_cast_body_nbytes(name, per_value):
 @pytest.mark.parametrize("name", QUANTIZERS)
 def test_compiled_kernel_matches_eager(name):
     g = torch.Generator().manual_seed(11)
-    for bits in (8, 3, 1):
-        for n in (1, 1001, (1 << 20) + 4099):  # one call, and several dither periods plus a tail
+    for bits, with_error in ((8, True), (4, False), (3, True), (2, True), (1, False)):
+        # one call, several dither periods plus a tail, and two full packing stripes plus a tail
+        for n in (1, 1001, (1 << 20) + 4099):
             x = torch.randn(n, generator=g) * 2 + 0.3
             layout = Layout.flat(n)
             eager, fused = make_codec(name, bits=bits), make_codec(name, bits=bits, compile=True)
@@ -915,7 +960,9 @@ def test_compiled_kernel_matches_eager(name):
             for codec in (eager, fused):
                 body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
                 err = torch.empty(n)
-                codec.encode(x, body, layout, key=5, error_out=err)
+                codec.encode(x, body, layout, key=5, error_out=err if with_error else None)
+                if not with_error:
+                    err = x - decode(codec, [body], layout, n)
                 bodies.append((body, err))
             out_e, out_f = torch.empty(n), torch.empty(n)
             eager.decode([bodies[0][0]], layout, out_e)

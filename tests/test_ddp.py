@@ -246,6 +246,45 @@ def test_grads_equal_mean_of_dequantized_payloads(reference_runs, world, bits, b
     assert all(pr["stats_steps"] == REF_STEPS for pr in per_rank)
 
 
+# buckets larger than one packing stripe (2**19 codes), eager and with the compiled kernels
+BIG_CONFIGS = [(2, False), (2, True), (4, True)]
+
+
+def _big_one(rank, config):
+    bits, compiled = config
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(700, 1024), nn.Tanh(), nn.Linear(1024, 2))  # ~720k values, one bucket
+    ref = copy.deepcopy(model)
+    ddp = DDP(model, bucket_cap_mb=64)
+    state = _register(ddp, "uniform", bits=bits, error_feedback=False, compile=compiled)
+    x, y = _batch(rank, 0, din=700, dout=2, salt=11)
+    local = _local_grads(ref, model, x, y)
+    _loss(ddp(x), y).backward()
+    return {"local": local, "avg": _grads(model), "numels": [p.numel() for p in model.parameters()],
+            "steps": state.stats()["steps"]}
+
+
+def _w_big(rank, world):
+    return {c: _guard(_big_one, rank, c) for c in BIG_CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def big_runs():
+    return _dist.results(_w_big, 2, timeout_s=240)
+
+
+@pytest.mark.parametrize("bits,compiled", BIG_CONFIGS)
+def test_multi_stripe_bucket_equals_mean_of_dequantized_payloads(big_runs, bits, compiled):
+    per_rank = [_ok(r[(bits, compiled)]) for r in big_runs]
+    numels = per_rank[0]["numels"]
+    assert sum(numels) > 1 << 19
+    avgs = [pr["avg"] for pr in per_rank]
+    _assert_same_on_all_ranks(avgs, "big bucket")
+    _check_mean_of_dequantized(_flat(avgs[0]), [_flat(pr["local"]) for pr in per_rank], numels, bits, None,
+                               f"bits={bits} compile={compiled}")
+    assert all(pr["steps"] == 1 for pr in per_rank)
+
+
 def _expected_payload(codec, bits, bs, numels):
     n = sum(numels)
     if codec in ("uniform", "stochastic"):

@@ -1,9 +1,11 @@
-"""Optional fused kernel for the quantizers' hot loop (``compile=True``), built by torch.compile.
+"""Optional fused kernels for the quantizers' hot loop (``compile=True``), built by torch.compile.
 
-Eager torch/numpy needs two passes per chunk (the affine op, then the float->uint8 cast); one
-compiled kernel does ``codes = trunc(window + (x - shift) * inv)`` in a single vectorised loop,
-~35% less encode time on one CPU core.  Opt-in because the first call compiles (seconds, needs a
-C++ compiler); any failure warns once and falls back to the eager path for good.
+Eager torch/numpy needs separate passes per chunk (the affine op, the float->uint8 cast, the
+packing); one compiled kernel does ``codes = trunc(window + (x - shift) * inv)`` in a single
+vectorised loop, and for the planar widths (1, 2, 4 bits, see packing.py) it also ORs the ``8/b``
+planes of a stripe into packed bytes, so the float input is read once and only packed bytes are
+written.  Opt-in because the first call compiles (seconds, needs a C++ compiler); any failure warns
+once and falls back to the eager path for good.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import warnings
 import torch
 
 _lock = threading.Lock()
-_kernel = None
+_kernels: dict = {}
 _broken = False
 
 
@@ -21,23 +23,50 @@ def _affine_to_codes(xc, rounding, bias, shift, inv, out):
     out.copy_(((rounding + bias) + (xc - shift) * inv).to(torch.int32))
 
 
-def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
-                    out: torch.Tensor) -> bool:
-    """``out = trunc(rounding + bias + (xc - shift) * inv)`` as uint8 (``rounding`` broadcasts over
-    the last dimension); False when the compiled kernel is unavailable."""
-    global _kernel, _broken
+def _planar_kernel(bits: int):
+    k = 8 // bits
+
+    def affine_to_planar(xs, rounding, bias, shift, inv, out):
+        # xs: (stripes, k, ...) planes; out: (stripes, ...) packed bytes.  Codes are formed per
+        # plane (not once for all of xs and then sliced): that keeps them out of memory, in one loop.
+        def code(plane):
+            return ((rounding + bias) + (plane - shift) * inv).to(torch.int32)
+        acc = code(xs[:, 0])
+        for p in range(1, k):
+            acc = acc | (code(xs[:, p]) << (p * bits))
+        out.copy_(acc)
+    return affine_to_planar
+
+
+def _run(name, make, *args) -> bool:
+    global _broken
     if _broken:
         return False
     try:
         with _lock:  # compilation (and dynamo's caches) are not meant for concurrent first calls
-            if _kernel is None:
-                _kernel = torch.compile(_affine_to_codes, dynamic=True, fullgraph=True)
-            kernel = _kernel
+            kernel = _kernels.get(name)
+            if kernel is None:
+                kernel = _kernels[name] = torch.compile(make(), dynamic=True, fullgraph=True)
+        tensors, (bias, shift, inv), out = args[:2], args[2:5], args[5]
         # scalars travel as 0-d tensors so that new ranges do not trigger recompiles
-        kernel(xc, rounding, *(torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv)), out)
+        kernel(*tensors, *(torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv)), out)
         return True
     except Exception as exc:  # no compiler, unsupported platform, ...: stay correct, just slower
         _broken = True
         warnings.warn(f"ddp_qhooks: compile=True unavailable ({type(exc).__name__}: {exc}); using the eager path",
                       RuntimeWarning, stacklevel=3)
         return False
+
+
+def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
+                    out: torch.Tensor) -> bool:
+    """``out = trunc(rounding + bias + (xc - shift) * inv)`` as uint8 (``rounding`` broadcasts over
+    the last dimension); False when the compiled kernel is unavailable."""
+    return _run("codes", lambda: _affine_to_codes, xc, rounding, bias, shift, inv, out)
+
+
+def affine_to_planar(xs: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
+                     out: torch.Tensor, bits: int) -> bool:
+    """Codes as in :func:`affine_to_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into
+    ``out`` of shape ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``."""
+    return _run(("planar", bits), lambda: _planar_kernel(bits), xs, rounding, bias, shift, inv, out)

@@ -1,26 +1,36 @@
 """Packing of b-bit integer codes (1 <= b <= 8) into bytes, with no wasted bits.
 
-Wire layout: an LSB-first bit stream. Code ``i`` occupies bits ``[i*b, (i+1)*b)`` of the
-little-endian byte string, so ``n`` codes take exactly ``ceil(n*b/8)`` bytes; the unused high
-bits of the last byte are zero.
+Wire layout (``n`` codes always take exactly ``ceil(n*b/8)`` bytes):
 
-Why it is fast in plain torch: codes arrive one per byte.  For b in {1, 2, 4} the 8/b codes of
-one output byte sit in one int64 / int32 / int16 lane, and a single multiplication by a constant
-gathers them (see ``_MUL_PACK``), followed by a shift and a narrowing cast.  Other widths merge the
-8 codes of an int64 word pairwise in 3 shift/or levels (8 -> 16 -> 32 -> 64 bit lanes) and keep the
-low ``b`` bytes.  Unpacking spreads bits back with shifts/masks (or a multiply for b=1).  All ops are
-vectorised integer ops over at most as many bytes as there are codes; callers in hot loops pass a
-``scratch`` buffer so nothing is allocated per call.  A tail of fewer than 8 codes is handled by a
-tiny generic routine.
+* ``b = 8``: one byte per code.
+* ``b in {1, 2, 4}`` (``k = 8/b`` codes per byte): *planar stripes*.  The codes are cut into stripes
+  of ``STRIPE`` codes (the last one may be shorter).  A stripe of ``r`` codes takes
+  ``m = ceil(r/k)`` bytes, and its byte ``j`` holds the codes ``j, j+m, ..., j+(k-1)m`` of the
+  stripe at bit offsets ``0, b, ..., (k-1)b`` (positions past ``r`` count as code 0).  Why not a
+  plain bit stream: with planes, packing is ``k-1`` shift-or steps between *contiguous* slices,
+  which numpy/torch vectorise fully and a compiled kernel fuses into the quantizer (one pass
+  from float input to packed bytes); an interleaved stream needs strided gathers instead.  The
+  stripe keeps every plane of a stripe cache-resident while it is packed.
+* ``b in {3, 5, 6, 7}``: an LSB-first bit stream: code ``i`` occupies bits ``[i*b, (i+1)*b)`` of the
+  little-endian byte string; the unused high bits of the last byte are zero.  The 8 codes of an
+  int64 word are merged pairwise in 3 shift/or levels (8 -> 16 -> 32 -> 64 bit lanes) and the low
+  ``b`` bytes kept; a tail of fewer than 8 codes is handled by a tiny generic routine.
+
+Codecs that only need ``code * weight`` sums (the quantizers' decoders) use :func:`planes`
+directly: masking a byte with ``mask << shift`` yields ``code * 2**shift`` without any shift.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
-__all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "VALID_BITS"]
+__all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "planes", "VALID_BITS", "PLANAR_BITS", "STRIPE"]
 
 VALID_BITS = tuple(range(1, 9))
+PLANAR_BITS = (1, 2, 4)
+STRIPE = 1 << 19  # codes per planar stripe; a multiple of 64 so every stripe is whole bytes and words
 
 
 def _i64(value: int) -> int:
@@ -34,8 +44,6 @@ def _lane_mask(lane_bits: int, field_bits: int) -> int:
     return _i64(sum(one << s for s in range(0, 64, lane_bits)))
 
 
-
-
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes needed for ``numel`` codes of ``bits`` bits each (no padding beyond the last byte)."""
     return (numel * bits + 7) // 8
@@ -44,6 +52,93 @@ def packed_nbytes(numel: int, bits: int) -> int:
 def _check_bits(bits: int) -> None:
     if bits not in VALID_BITS:
         raise ValueError(f"bits must be one of {VALID_BITS}, got {bits!r}")
+
+
+def planes(elements: torch.Tensor, packed: torch.Tensor, bits: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The planar layout as views: ``(element_view, byte_view, shift)`` triples of equal shapes,
+    meaning ``byte_view`` holds ``code(element_view) << shift`` in its bits ``[shift, shift+bits)``.
+
+    ``elements``: any 1-D tensor with one entry per code (the codes, the float values they encode,
+    or the output they decode into); ``packed``: its ``packed_nbytes`` bytes; ``bits`` in
+    PLANAR_BITS.  Full stripes come as one batch of 2-D views per plane, so the number of
+    triples does not grow with the bucket size (few kernel launches on accelerators).  Shift 0 comes
+    first for every byte range, so a packer can copy it and OR the rest.
+    """
+    k = 8 // bits
+    n = elements.numel()
+    full = n // STRIPE
+    out = []
+    if full:
+        m = STRIPE // k
+        el = elements[: full * STRIPE].view(full, k, m)
+        by = packed[: full * m].view(full, m)
+        out += [(el[:, p], by, p * bits) for p in range(k)]
+    r = n - full * STRIPE
+    if r:
+        m = -(-r // k)
+        base = full * STRIPE
+        by = packed[full * (STRIPE // k):]
+        for p in range(k):
+            length = min(m, r - p * m)
+            if length <= 0:
+                break
+            out.append((elements[base + p * m: base + p * m + length], by[:length], p * bits))
+    return out
+
+
+def _scratch_u8(scratch, shape, device) -> torch.Tensor:
+    size = math.prod(shape)
+    if scratch is None or scratch.numel() * scratch.element_size() < size:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    return scratch.view(torch.uint8)[:size].view(shape)
+
+
+def _pack_planar(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch) -> None:
+    if codes.device.type == "cpu":
+        _pack_planar_numpy(codes.numpy(), bits, out.numpy(), _scratch_u8(scratch, (codes.numel(),), codes.device).numpy())
+    else:
+        _pack_planar_torch(codes, bits, out)
+
+
+def _pack_planar_torch(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    for el, by, shift in planes(codes, out, bits):
+        dst = by[: el.shape[-1]] if el.dim() == 1 else by
+        if shift == 0:
+            dst.copy_(el)
+        else:
+            dst.bitwise_or_(torch.bitwise_left_shift(el, shift))
+
+
+def _pack_planar_numpy(codes: np.ndarray, bits: int, out: np.ndarray, tmp: np.ndarray) -> None:
+    # numpy's uint8 multiply/or are vectorised and cost ~1 us per call (torch: shifts ~2x slower,
+    # and several us of overhead per op); a multiply by 2**shift is the shift (codes < 2**bits)
+    k, n = 8 // bits, codes.size
+    full = n // STRIPE
+    groups = []
+    if full:
+        m = STRIPE // k
+        groups.append((codes[: full * STRIPE].reshape(full, k, m), out[: full * m].reshape(full, m), m))
+    r = n - full * STRIPE
+    if r:
+        m = -(-r // k)
+        tail = np.zeros(k * m, dtype=np.uint8) if k * m != r else codes[full * STRIPE:]
+        if k * m != r:
+            tail[:r] = codes[full * STRIPE:]
+        groups.append((tail.reshape(1, k, m), out[full * (STRIPE // k):].reshape(1, m), m))
+    for planes3, dst, m in groups:
+        t = tmp[: dst.size].reshape(dst.shape)
+        np.copyto(dst, planes3[:, 0])
+        for p in range(1, k):
+            np.multiply(planes3[:, p], np.uint8(1 << (p * bits)), out=t)
+            np.bitwise_or(dst, t, out=dst)
+
+
+def _unpack_planar(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    mask = (1 << bits) - 1
+    for el, by, shift in planes(out, packed, bits):
+        src = by[: el.shape[-1]] if el.dim() == 1 else by
+        torch.bitwise_right_shift(src, shift, out=el)
+        el.bitwise_and_(mask)
 
 
 def _pack_tail(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
@@ -61,19 +156,13 @@ def _unpack_tail(packed: torch.Tensor, bits: int, numel: int, out: torch.Tensor)
     out.copy_((word >> shifts) & ((1 << bits) - 1))
 
 
-def _scratch_view(scratch, nbytes: int, dtype: torch.dtype, device) -> torch.Tensor:
-    if scratch is None or scratch.numel() * scratch.element_size() < nbytes:
-        return torch.empty(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
-    return scratch.view(torch.uint8)[:nbytes].view(dtype)
-
-
 def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None,
                scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Pack a 1-D uint8 tensor of codes (each < 2**bits) into ``packed_nbytes`` bytes.
 
     Codes must already be in range: high bits are not masked (they would corrupt neighbours); the
-    quantizers guarantee it and the tests check it.  ``scratch``: optional 8-byte aligned buffer
-    of at least ``numel`` bytes, to avoid allocating.
+    quantizers guarantee it and the tests check it.  ``scratch``: optional buffer of at least
+    ``numel`` bytes, to avoid allocating.
     """
     _check_bits(bits)
     if codes.dtype != torch.uint8 or codes.dim() != 1:
@@ -82,58 +171,25 @@ def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None,
     nbytes = packed_nbytes(n, bits)
     if out is None:
         out = torch.empty(nbytes, dtype=torch.uint8, device=codes.device)
-    elif out.numel() != nbytes or out.dtype != torch.uint8:
-        raise ValueError(f"out must be a uint8 tensor of {nbytes} bytes")
+    elif out.numel() != nbytes or out.dtype != torch.uint8 or out.dim() != 1:
+        raise ValueError(f"out must be a 1-D uint8 tensor of {nbytes} bytes")
     if bits == 8:
         out.copy_(codes)
-        return out
-    main = n - n % 8
-    if main:
-        _pack_groups(codes[:main], bits, out[: main * bits // 8], scratch)
-    if n % 8:
-        _pack_tail(codes[main:], bits, out[main * bits // 8:])
+    elif bits in PLANAR_BITS:
+        _pack_planar(codes, bits, out, scratch)
+    else:
+        main = n - n % 8
+        if main:
+            _pack_stream_groups(codes[:main], bits, out[: main * bits // 8])
+        if n % 8:
+            _pack_tail(codes[main:], bits, out[main * bits // 8:])
     return out
 
 
-# b in {1, 2, 4}: the k = 8/b codes of one output byte sit in the k bytes of one lane
-# (int64 / int32 / int16).  Multiplying the lane by M = sum_j 2**(s - (8-b)*j), s = (8-b)*(k-1),
-# moves code j to bit s + b*j; all other partial products land on disjoint bit ranges (checked for
-# these three widths: no carries), so bits [s, s+8) of the product are the packed byte.  Overflow
-# past the lane width only discards bits above the byte.  The narrowing cast keeps that byte.
-_UNSIGNED = {torch.int16: np.uint16, torch.int32: np.uint32, torch.int64: np.uint64}
-_MUL_PACK = {
-    1: (torch.int64, _i64(0x0102040810204080), 56),
-    2: (torch.int32, (1 << 18) + (1 << 12) + (1 << 6) + 1, 18),
-    4: (torch.int16, 17, 4),
-}
-
-
-def _pack_groups(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch=None) -> None:
-    """Pack a multiple of 8 codes."""
+def _pack_stream_groups(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Bit-stream packing of a multiple of 8 codes (b in 3, 5, 6, 7)."""
     if codes.storage_offset() % 8 or not codes.is_contiguous():
         codes = codes.clone()  # wide views need alignment
-    if bits == 1 and codes.device.type == "cpu":  # numpy's packbits is the fastest 1-bit packer here
-        out.numpy()[:] = np.packbits(codes.numpy(), bitorder="little")
-        return
-    if bits in _MUL_PACK:
-        dtype, mul, shift = _MUL_PACK[bits]
-        lanes = codes.view(dtype)
-        tmp = _scratch_view(scratch, codes.numel(), dtype, codes.device)
-        if codes.device.type == "cpu":  # numpy's small-integer loops are ~3x faster than torch's here
-            u = _UNSIGNED[dtype]
-            t, src = tmp.numpy().view(u), lanes.numpy().view(u)
-            if bits == 4:  # (c0 | c1 << 8) | that >> 4 has c0 | c1 << 4 in its low byte: no multiply
-                np.right_shift(src, u(4), out=t)
-                np.bitwise_or(t, src, out=t)
-            else:
-                np.multiply(src, u(mul % (1 << (8 * t.itemsize))), out=t)
-                np.right_shift(t, u(shift), out=t)
-            np.copyto(out.numpy(), t, casting="unsafe")  # narrowing keeps the low byte of each lane
-            return
-        torch.mul(lanes, mul, out=tmp)
-        tmp.bitwise_right_shift_(shift)
-        out.copy_(tmp)  # narrowing cast keeps the low byte of each lane
-        return
     w = codes.view(torch.int64)
     lane, field = 8, bits
     while True:
@@ -156,46 +212,24 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int, out: torch.Tensor 
         raise ValueError(f"packed must be a 1-D uint8 tensor of {nbytes} bytes for {numel} {bits}-bit codes")
     if out is None:
         out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
-    elif out.numel() != numel or out.dtype != torch.uint8:
-        raise ValueError(f"out must be a uint8 tensor of {numel} elements")
-    out.copy_(unpack_view(packed, bits, numel))
+    elif out.numel() != numel or out.dtype != torch.uint8 or out.dim() != 1:
+        raise ValueError(f"out must be a 1-D uint8 tensor of {numel} elements")
+    if bits == 8:
+        out.copy_(packed)
+    elif bits in PLANAR_BITS:
+        _unpack_planar(packed, bits, out)
+    else:
+        main = numel - numel % 8
+        nb = main * bits // 8
+        if main:
+            out[:main].copy_(_unpack_stream_groups(packed[:nb], bits))
+        if numel % 8:
+            _unpack_tail(packed[nb:], bits, numel - main, out[main:])
     return out
 
 
-def unpack_view(packed: torch.Tensor, bits: int, numel: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Unpacked codes as a uint8 tensor that may live in ``scratch`` (>= 2*numel bytes, 8-aligned)
-    or alias ``packed`` (bits=8).  No validation: internal fast path for the codecs."""
-    if bits == 8:
-        return packed
-    main = numel - numel % 8
-    nb = main * bits // 8
-    if numel % 8:  # rare (last chunk of a bucket): simple path with a fresh buffer
-        out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
-        if main:
-            out[:main].copy_(_unpack_groups(packed[:nb], bits, main, None))
-        _unpack_tail(packed[nb:], bits, numel - main, out[main:])
-        return out
-    return _unpack_groups(packed, bits, main, scratch)
-
-
-def _unpack_groups(packed: torch.Tensor, bits: int, numel: int, scratch) -> torch.Tensor:
-    device = packed.device
-    if bits == 1:
-        # 8 copies of the byte, one per output byte; keep bit j in byte j, then map 2**j -> 1
-        w = _scratch_view(scratch, numel, torch.int64, device)
-        w.copy_(packed)
-        w.mul_(0x0101010101010101).bitwise_and_(_i64(0x8040201008040201))
-        return w.view(torch.uint8).clamp_max_(1)
-    if bits in (2, 4):
-        dtype, steps = (torch.int16, ((4, 0x0F0F),)) if bits == 4 else (torch.int32, ((12, 0x000F000F), (6, 0x03030303)))
-        w = _scratch_view(scratch, 2 * numel, dtype, device)
-        w, tmp = w[: w.numel() // 2], w[w.numel() // 2:]
-        w.copy_(packed)
-        for shift, mask in steps:
-            torch.bitwise_left_shift(w, shift, out=tmp)
-            w.bitwise_or_(tmp).bitwise_and_(mask)
-        return w.view(torch.uint8)
-    # other widths: replay the packing levels backwards, splitting every lane into two half lanes
+def _unpack_stream_groups(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    # replay the packing levels backwards, splitting every lane into two half lanes
     lane, field = 8, bits
     plan = []
     while True:
@@ -203,7 +237,7 @@ def _unpack_groups(packed: torch.Tensor, bits: int, numel: int, scratch) -> torc
         lane, field = lane * 2, field * 2
         if lane == 64 or (lane == 32 and field == 24):
             nb = field // 8
-            words = torch.zeros(packed.numel() // nb, lane // 8, dtype=torch.uint8, device=device)
+            words = torch.zeros(packed.numel() // nb, lane // 8, dtype=torch.uint8, device=packed.device)
             words[:, :nb] = packed.view(-1, nb)
             w = words.view(-1).view(torch.int64)
             break
@@ -213,4 +247,3 @@ def _unpack_groups(packed: torch.Tensor, bits: int, numel: int, scratch) -> torc
         hi = torch.bitwise_right_shift(w, half_field) & mask
         w = lo | torch.bitwise_left_shift(hi, half_lane)
     return w.view(torch.uint8)
-

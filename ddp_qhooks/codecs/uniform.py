@@ -31,13 +31,13 @@ import torch
 
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout
-from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes, unpack_view
+from .packing import PLANAR_BITS, STRIPE, VALID_BITS, pack_codes, packed_nbytes, planes, unpack_codes
 
 _FP32_MAX = torch.finfo(torch.float32).max
 _MIN_NORMAL_STEP = 2.0 ** -100  # smaller steps lose bits in float32 products: use float64
 _HALF = torch.tensor([0.5])  # round-to-nearest term of the compiled kernel
 _BIG = 1e18  # beyond this, squared sums overflow float32: accumulate error statistics in float64
-CHUNK = 1 << 19  # elements per chunk on the CPU (a multiple of the dither period): few Python-level ops
+CHUNK = STRIPE  # elements per chunk on the CPU: one packing stripe, a multiple of the dither period
 
 
 class _Scratch:
@@ -92,16 +92,17 @@ class UniformCodec(Codec):
         self.levels = (1 << bits) - 1
         self._scratch: dict[tuple, _Scratch] = {}
         self._run_cache: dict[tuple, tuple] = {}
+        self._masks: dict[torch.device, torch.Tensor] = {}  # per-plane byte masks of the planar decoder
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size}
 
     def __getstate__(self):  # buffers and caches are rebuilt on use; keep pickles small
-        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_run_cache")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_run_cache", "_masks")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._scratch, self._run_cache = {}, {}
+        self._scratch, self._run_cache, self._masks = {}, {}, {}
 
     # -- sizes -------------------------------------------------------------------------------
     def body_nbytes(self, layout: Layout) -> int:
@@ -203,10 +204,10 @@ class UniformCodec(Codec):
         bias = 0.0 if precise else -lo * inv
         on_cpu = x.device.type == "cpu"
         period = min(n, _random.PERIOD) if self.stochastic else None
-        compiled = None
+        done, compiled_codes = 0, None
         if self.compile and on_cpu:
-            compiled = self._encode_compiled(x, codes, key, bias, lo if precise else 0.0, inv, s)
-        if compiled is not None:
+            done, compiled_codes = self._encode_compiled(x, codes, key, bias, lo if precise else 0.0, inv, s)
+        if done == n:
             window = None
         elif self.stochastic:
             # one period of dither (+ offset), small enough to stay in cache while it is applied
@@ -220,10 +221,13 @@ class UniformCodec(Codec):
         for a in reversed(range(0, n, chunk)):
             c = min(chunk, n - a)
             xc = x[a:a + c]
-            if compiled is not None:
+            if a < done:  # the compiled kernel wrote these codes
                 if error_out is None:
                     break
-                cu = compiled[a:a + c]
+                if compiled_codes is not None:
+                    cu = compiled_codes[a:a + c]
+                else:
+                    cu = unpack_codes(codes[a * bits // 8: packed_nbytes(a + c, bits)], bits, c, out=s.u8[:c])
             else:
                 cu = codes[a:a + c] if bits == 8 else s.u8[:c]
                 v = s.f32[:c]
@@ -258,15 +262,30 @@ class UniformCodec(Codec):
         return EncodeInfo()
 
     def _encode_compiled(self, x, codes, key, bias, shift, inv, s):
-        """One compiled kernel over the whole bucket (its per-call overhead is ~0.1 ms, so no
-        chunks), reading one period of dither straight from the pool, exactly as the chunked path.
-        Returns the uint8 codes (before packing), or None if the kernel is unavailable."""
-        n = x.numel()
-        cu = codes[:n] if self.bits == 8 else s.whole(n)[0]
+        """Compiled kernels over whole buckets (their per-call overhead is ~0.1 ms, so no chunks),
+        reading one period of dither straight from the pool, exactly as the chunked path.
+
+        Returns ``(done, codes)``: elements ``[0, done)`` are encoded into ``codes`` (``done`` is 0
+        when the kernel is unavailable, and stops at the last full stripe for the planar widths,
+        whose kernel writes packed bytes directly), and their uint8 codes when they exist
+        unpacked (else None)."""
+        n, bits = x.numel(), self.bits
+        rounding = _HALF.to(x.device)
         if self.stochastic:
-            period = min(n, _random.PERIOD)
             start = _random.offset(key)
-            rounding = _random.dither_pool(x.device)[start:start + period]
+            rounding = _random.dither_pool(x.device)[start:start + min(n, _random.PERIOD)]
+        rows = (lambda t: t.view(*t.shape[:-1], -1, _random.PERIOD)) if self.stochastic else (lambda t: t)
+        if bits in PLANAR_BITS:
+            k, stripes = 8 // bits, n // STRIPE
+            if not stripes:
+                return 0, None
+            m = STRIPE // k
+            ok = _fused.affine_to_planar(rows(x[:stripes * STRIPE].view(stripes, k, m)), rounding, bias, shift, inv,
+                                         rows(codes[:stripes * m].view(stripes, m)), bits)
+            return (stripes * STRIPE, None) if ok else (0, None)
+        cu = codes[:n] if bits == 8 else s.whole(n)[0]
+        if self.stochastic:
+            period = rounding.numel()
             full = n // period * period
             ok = _fused.affine_to_codes(x[:full].view(-1, period), rounding, bias, shift, inv, cu[:full].view(-1, period))
             if ok and full < n:  # the tail (< one period) in eager ops: a 2nd compiled call costs more
@@ -276,15 +295,14 @@ class UniformCodec(Codec):
                 torch.add(v, xt, alpha=inv, out=v)
                 np.copyto(cu[full:].numpy(), v.numpy(), casting="unsafe")
         else:
-            ok = _fused.affine_to_codes(x.view(1, n), _HALF.to(x.device), bias, shift, inv, cu.view(1, n))
+            ok = _fused.affine_to_codes(x.view(1, n), rounding, bias, shift, inv, cu.view(1, n))
         if not ok:
-            return None
-        if self.bits != 8:  # in cache-sized pieces: ~2x faster than one pass over the bucket
-            step, lanes = CHUNK, s.whole(n)[1]
-            for a in range(0, n, step):
-                c = min(step, n - a)
-                pack_codes(cu[a:a + c], self.bits, out=codes[a * self.bits // 8: packed_nbytes(a + c, self.bits)], scratch=lanes)
-        return cu
+            return 0, None
+        if bits != 8:  # in cache-sized pieces: ~2x faster than one pass over the bucket
+            for a in range(0, n, CHUNK):
+                c = min(CHUNK, n - a)
+                pack_codes(cu[a:a + c], bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.whole(n)[1])
+        return n, cu
 
     def _param_dither(self, layout: Layout, key: int, device) -> torch.Tensor:
         # keyed by (key, parameter identity): independent of where the parameter sits in a bucket
@@ -360,20 +378,60 @@ class UniformCodec(Codec):
         bits, n, chunk = self.bits, out.numel(), s.chunk
         direct = out.dtype == torch.float32
         offset = s.f32b[:min(chunk, n)].fill_(const)
+        planar = bits in PLANAR_BITS
+        if planar:
+            k = 8 // bits
+            masks = self._plane_masks(out.device)
+            # byte & (mask << shift) == code << shift: instead of unpacking, weight plane p by
+            # scale / 2**(p*bits) (exact: a power-of-two rescaling of a normal float32)
+            weights = torch.tensor([[scale / (1 << (p * bits)) for p in range(k)] for scale in scales],
+                                   dtype=torch.float32).to(out.device).view(len(scales), 1, k, 1)
         for a in range(0, n, chunk):
             c = min(chunk, n - a)
             acc = out[a:a + c] if direct else s.window[:c]
+            stripes = c // STRIPE if planar else 0
+            e = stripes * STRIPE
+            if stripes:
+                m = STRIPE // k
+                shape = (stripes, k, m)
+                buf, f, a3 = s.u8[:e].view(shape), s.f32[:e].view(shape), acc[:e].view(shape)
             for i, (codes, scale) in enumerate(zip(codes_list, scales)):
-                cu = unpack_view(codes[a * bits // 8: packed_nbytes(a + c, bits)], bits, c, s.lanes)
-                f = s.f32[:c]
-                f.copy_(cu)
-                if i == 0:
-                    torch.add(offset[:c], f, alpha=scale, out=acc)
-                else:
-                    acc.add_(f, alpha=scale)
+                packed = codes[a * bits // 8: packed_nbytes(a + c, bits)]
+                if not planar:
+                    f1 = s.f32[:c]
+                    f1.copy_(packed if bits == 8 else unpack_codes(packed, bits, c, out=s.u8[:c]))
+                    if i == 0:
+                        torch.add(offset[:c], f1, alpha=scale, out=acc)
+                    else:
+                        acc.add_(f1, alpha=scale)
+                    continue
+                if stripes:  # all full stripes at once: one AND, one conversion, one multiply-add
+                    torch.bitwise_and(packed[:stripes * m].view(stripes, 1, m), masks, out=buf)
+                    f.copy_(buf)
+                    if i == 0:
+                        torch.addcmul(offset[:e].view(shape), f, weights[i], out=a3)
+                    else:
+                        a3.addcmul_(f, weights[i])
+                if e < c:  # a short last stripe, plane by plane
+                    for el, by, shift in planes(acc[e:], packed[e * bits // 8:], bits):
+                        size = el.numel()
+                        f1 = s.f32[:size]
+                        f1.copy_(torch.bitwise_and(by[:size], self.levels << shift, out=s.u8[:size]))
+                        if i == 0:
+                            torch.add(offset[e:e + size], f1, alpha=scale / (1 << shift), out=el)
+                        else:
+                            el.add_(f1, alpha=scale / (1 << shift))
             if not direct:
                 out[a:a + c].copy_(acc)
         return out
+
+    def _plane_masks(self, device):
+        masks = self._masks.get(device)
+        if masks is None:
+            k = 8 // self.bits
+            masks = torch.tensor([self.levels << (p * self.bits) for p in range(k)], dtype=torch.uint8, device=device)
+            self._masks[device] = masks = masks.view(1, k, 1)
+        return masks
 
     def _decode_blocks(self, parts, layout, out, divisor, work):
         runs = self._runs(layout, self.block_size)

@@ -24,7 +24,7 @@ import zlib
 import torch
 
 HEADER_BYTES = 16
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: planar stripes for 1, 2 and 4 bits (packing.py)
 FLAG_NONFINITE = 1
 
 
