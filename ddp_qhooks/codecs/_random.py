@@ -71,3 +71,12 @@ def fill_dither(out: torch.Tensor, key: int, add: float = 0.0) -> torch.Tensor:
         pos += take
         start = (start + take) % POOL_SIZE
     return out
+
+
+def param_dither(layout, key: int, device) -> torch.Tensor:
+    """Dither for a whole bucket, keyed by (key, parameter identity) for each parameter, so that a
+    parameter gets the same values wherever it sits in a bucket (layout-independent results)."""
+    d = torch.empty(layout.numel, dtype=torch.float32, device=device)
+    for off, n, pkey in zip(layout.param_offsets(), layout.param_numels, layout.param_keys):
+        fill_dither(d[off:off + n], splitmix64(key, pkey))
+    return d

@@ -28,17 +28,20 @@ class Layout:
         if len(self.param_keys) != len(self.param_numels):
             raise ValueError("param_keys and param_numels differ in length")
         self.numel = sum(self.param_numels)
-        self._blocks: dict[int | None, tuple[int, ...]] = {}
+        self._blocks: dict[int | str | None, tuple[int, ...]] = {}
 
     @classmethod
     def flat(cls, numel: int) -> "Layout":
         return cls([numel], [0])
 
-    def block_lengths(self, block_size: int | None) -> tuple[int, ...]:
-        """Lengths of the quantization blocks: one per bucket, or ``block_size`` per parameter."""
+    def block_lengths(self, block_size: int | str | None) -> tuple[int, ...]:
+        """Lengths of the quantization blocks: one per bucket (None), one per non-empty parameter
+        ("layer"), or each parameter cut into blocks of ``block_size`` (see codecs/blocks.py)."""
         if block_size not in self._blocks:
             if block_size is None:
                 lengths = (self.numel,) if self.numel else ()
+            elif block_size == "layer":
+                lengths = tuple(n for n in self.param_numels if n)
             else:
                 lengths = []
                 for n in self.param_numels:
@@ -60,6 +63,16 @@ class Layout:
 
     def __hash__(self) -> int:
         return hash((self.param_numels, self.param_keys))
+
+    def _error_via_decode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout,
+                          error_out: torch.Tensor) -> EncodeInfo:
+        """Generic ``error_out = x - decode(body)`` with the squared sums, for codecs that have no
+        cheaper way to form the residual while encoding."""
+        self.decode([body], layout, error_out)
+        xf = x.float()
+        torch.sub(xf, error_out, out=error_out)
+        e, v = error_out.double(), xf.double()
+        return EncodeInfo(True, float(torch.dot(e, e)), float(torch.dot(v, v)))
 
     def __repr__(self) -> str:
         return f"Layout(numel={self.numel}, params={len(self.param_numels)})"
@@ -90,6 +103,10 @@ class Codec:
     name: ClassVar[str] = ""
     codec_id: ClassVar[int] = -1
     stochastic: ClassVar[bool] = False
+    #: body size in bytes as a formula of n (values), blocks (see blocks.py), b (bits) ..., for available()
+    body_formula: ClassVar[str] = ""
+    #: one-line description for available() and the README table
+    summary: ClassVar[str] = ""
 
     def __init__(self, bits: int = 8, **options):
         self.bits = bits
@@ -107,6 +124,16 @@ class Codec:
 
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
         raise NotImplementedError
+
+    def _error_via_decode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout,
+                          error_out: torch.Tensor) -> EncodeInfo:
+        """Generic ``error_out = x - decode(body)`` with the squared sums, for codecs that have no
+        cheaper way to form the residual while encoding."""
+        self.decode([body], layout, error_out)
+        xf = x.float()
+        torch.sub(xf, error_out, out=error_out)
+        e, v = error_out.double(), xf.double()
+        return EncodeInfo(True, float(torch.dot(e, e)), float(torch.dot(v, v)))
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "codec")

@@ -10,7 +10,8 @@ Body layout (little-endian)::
     nblocks x (lo: float32, hi: float32)      block metadata, in block order
     packed codes                               ceil(numel * bits / 8) bytes, see packing.py
 
-Blocks: by default one block per bucket.  With ``block_size=B`` every parameter of the bucket is cut
+Blocks (see blocks.py): by default one block per bucket; ``block_size="layer"`` gives one block per
+parameter.  With ``block_size=B`` every parameter of the bucket is cut
 into its own blocks of ``B`` elements (the last block of a parameter may be shorter), so blocks never
 straddle two parameters and results do not depend on DDP's bucketing.
 
@@ -31,6 +32,7 @@ import torch
 
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout
+from .blocks import blocks_for, check_block_size
 from .packing import PLANAR_BITS, STRIPE, VALID_BITS, pack_codes, packed_nbytes, planes, unpack_codes
 
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -77,13 +79,11 @@ class UniformCodec(Codec):
     codec_id = 1
     stochastic = False
 
-    def __init__(self, bits: int = 8, block_size: int | None = None, compile: bool = False):
+    def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
         bits = _as_int(bits)
-        block_size = _as_int(block_size)
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
             raise ValueError(f"{self.name}: bits must be an integer in 1..8 (one of {VALID_BITS}), got {bits!r}")
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
-            raise ValueError(f"{self.name}: block_size must be a positive integer or None (one block per bucket), got {block_size!r}")
+        block_size = check_block_size(self.name, block_size)
         if not isinstance(compile, bool):
             raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
         super().__init__(bits)
@@ -91,18 +91,17 @@ class UniformCodec(Codec):
         self.compile = compile  # a local speed choice: not part of config(), ranks may differ
         self.levels = (1 << bits) - 1
         self._scratch: dict[tuple, _Scratch] = {}
-        self._run_cache: dict[tuple, tuple] = {}
         self._masks: dict[torch.device, torch.Tensor] = {}  # per-plane byte masks of the planar decoder
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size}
 
     def __getstate__(self):  # buffers and caches are rebuilt on use; keep pickles small
-        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_run_cache", "_masks")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_masks")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._scratch, self._run_cache, self._masks = {}, {}, {}
+        self._scratch, self._masks = {}, {}
 
     # -- sizes -------------------------------------------------------------------------------
     def body_nbytes(self, layout: Layout) -> int:
@@ -122,23 +121,6 @@ class UniformCodec(Codec):
         if s is None or s.chunk < chunk:
             s = self._scratch[key] = _Scratch(device, chunk)
         return s
-
-    def _runs(self, layout: Layout, block_size) -> tuple[tuple[int, int, int], ...]:
-        """Blocks grouped into runs ``(start, nblocks, block_len)`` of equal, contiguous blocks, so
-        each run is one ``(nblocks, block_len)`` view and per-block scalars broadcast over it."""
-        k = (layout, block_size)
-        runs = self._run_cache.get(k)
-        if runs is None:
-            runs, start = [], 0
-            for blen in layout.block_lengths(block_size):
-                if runs and runs[-1][2] == blen:
-                    s0, nb, bl = runs[-1]
-                    runs[-1] = (s0, nb + 1, bl)
-                else:
-                    runs.append((start, 1, blen))
-                start += blen
-            runs = self._run_cache[k] = tuple(runs)
-        return runs
 
     def _fits_fp32(self, step_min: float, step_max: float, offset_min: float, value_max: float) -> bool:
         """Can a grid be applied in float32 without overflow, subnormal steps, or codes drowned in
@@ -304,18 +286,11 @@ class UniformCodec(Codec):
                 pack_codes(cu[a:a + c], bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.whole(n)[1])
         return n, cu
 
-    def _param_dither(self, layout: Layout, key: int, device) -> torch.Tensor:
-        # keyed by (key, parameter identity): independent of where the parameter sits in a bucket
-        d = torch.empty(layout.numel, dtype=torch.float32, device=device)
-        for off, n, pkey in zip(layout.param_offsets(), layout.param_numels, layout.param_keys):
-            _random.fill_dither(d[off:off + n], _random.splitmix64(key, pkey))
-        return d
-
     def _encode_blocks(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
-        runs = self._runs(layout, block_size)
+        runs = blocks_for(layout, block_size).runs
         nblocks = meta.shape[0]
         if not meta_done:
-            for start, nb, blen, bi in _indexed(runs):
+            for start, nb, blen, bi in runs:
                 view = x[start:start + nb * blen].view(nb, blen)
                 torch.amin(view, 1, out=meta[bi:bi + nb, 0]) if view.dtype == torch.float32 else meta[bi:bi + nb, 0].copy_(view.amin(1))
                 torch.amax(view, 1, out=meta[bi:bi + nb, 1]) if view.dtype == torch.float32 else meta[bi:bi + nb, 1].copy_(view.amax(1))
@@ -328,10 +303,10 @@ class UniformCodec(Codec):
         scale = (span / self.levels).to(work)
         lo_w = lo.to(work)
         xw = x.to(work)
-        dither = self._param_dither(layout, key, x.device) if self.stochastic else None
+        dither = _random.param_dither(layout, key, x.device) if self.stochastic else None
         ci = torch.empty(layout.numel, dtype=torch.uint8, device=x.device)
         err = torch.empty(layout.numel, dtype=work, device=x.device) if error_out is not None else None
-        for start, nb, blen, bi in _indexed(runs):
+        for start, nb, blen, bi in runs:
             sl = slice(start, start + nb * blen)
             xv = xw[sl].view(nb, blen)
             lo_c, inv_c, scale_c = lo_w[bi:bi + nb, None], inv[bi:bi + nb, None], scale[bi:bi + nb, None]
@@ -434,17 +409,17 @@ class UniformCodec(Codec):
         return masks
 
     def _decode_blocks(self, parts, layout, out, divisor, work):
-        runs = self._runs(layout, self.block_size)
+        runs = blocks_for(layout, self.block_size).runs
         acc = torch.zeros(layout.numel, dtype=work, device=out.device)
         # offsets summed over ranks in float64 first and added once (exact for constant blocks)
         lo_sum = (sum(meta[:, 0].to(torch.float64) for meta, _ in parts) / divisor).to(work)
         for meta, codes in parts:
             scale = ((meta[:, 1].to(torch.float64) - meta[:, 0].to(torch.float64)) / self.levels / divisor).to(work)
             ci = unpack_codes(codes, self.bits, layout.numel).to(work)
-            for start, nb, blen, bi in _indexed(runs):
+            for start, nb, blen, bi in runs:
                 sl = slice(start, start + nb * blen)
                 acc[sl].view(nb, blen).add_(ci[sl].view(nb, blen).mul_(scale[bi:bi + nb, None]))
-        for start, nb, blen, bi in _indexed(runs):
+        for start, nb, blen, bi in runs:
             acc[start:start + nb * blen].view(nb, blen).add_(lo_sum[bi:bi + nb, None])
         return out.copy_(acc)
 
@@ -457,14 +432,6 @@ def _as_int(value):
         return operator.index(value)
     except TypeError:
         return value  # left for the caller's check to reject with its message
-
-
-def _indexed(runs):
-    """Runs with the index of their first block."""
-    bi = 0
-    for start, nb, blen in runs:
-        yield start, nb, blen, bi
-        bi += nb
 
 
 def _sq(t: torch.Tensor, magnitude: float) -> float:
