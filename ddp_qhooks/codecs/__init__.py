@@ -10,6 +10,7 @@ import inspect
 from .base import Codec, EncodeInfo, Layout
 from .cast import Bf16Codec, Fp16Codec, NoneCodec
 from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
+from .qsgd import QsgdCodec
 from .uniform import StochasticCodec, UniformCodec
 
 CODECS: dict[str, type[Codec]] = {
@@ -18,6 +19,7 @@ CODECS: dict[str, type[Codec]] = {
     "none": NoneCodec,
     "fp16": Fp16Codec,
     "bf16": Bf16Codec,
+    "qsgd": QsgdCodec,
 }
 
 CODECS_BY_ID = {cls.codec_id: cls for cls in CODECS.values()}
@@ -44,4 +46,4 @@ def make_codec(name: str, bits: int = 8, _extra_valid: tuple = (), **options) ->
 
 __all__ = ["Codec", "EncodeInfo", "Layout", "CODECS", "make_codec", "codec_options", "pack_codes",
            "unpack_codes", "packed_nbytes", "VALID_BITS", "UniformCodec", "StochasticCodec",
-           "NoneCodec", "Fp16Codec", "Bf16Codec"]
+           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec"]

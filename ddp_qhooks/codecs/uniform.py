@@ -81,17 +81,37 @@ class UniformCodec(Codec):
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
         bits = _as_int(bits)
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
-            raise ValueError(f"{self.name}: bits must be an integer in 1..8 (one of {VALID_BITS}), got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.valid_bits:
+            raise ValueError(f"{self.name}: bits must be an integer in {self.valid_bits[0]}..{self.valid_bits[-1]}, "
+                             f"got {bits!r}")
         block_size = check_block_size(self.name, block_size)
         if not isinstance(compile, bool):
             raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
         super().__init__(bits)
         self.block_size = block_size
         self.compile = compile  # a local speed choice: not part of config(), ranks may differ
-        self.levels = (1 << bits) - 1
+        self.levels = self._levels_for(bits)  # the grid has levels + 1 points, codes 0..levels
         self._scratch: dict[tuple, _Scratch] = {}
         self._masks: dict[torch.device, torch.Tensor] = {}  # per-plane byte masks of the planar decoder
+
+    valid_bits = VALID_BITS
+
+    @staticmethod
+    def _levels_for(bits: int) -> int:
+        return (1 << bits) - 1
+
+    def _range_one(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) of the grid for one block: its min and max."""
+        return torch.aminmax(x)
+
+    def _range_run(self, view: torch.Tensor, lo_out: torch.Tensor, hi_out: torch.Tensor) -> None:
+        """Per-row (lo, hi) of a (blocks, block_len) view, written into float32 metadata."""
+        if view.dtype == torch.float32:
+            torch.amin(view, 1, out=lo_out)
+            torch.amax(view, 1, out=hi_out)
+        else:
+            lo_out.copy_(view.amin(1))
+            hi_out.copy_(view.amax(1))
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size}
@@ -162,7 +182,7 @@ class UniformCodec(Codec):
     def _encode_one_block(self, x, meta, codes, key, error_out):
         if x.dtype != torch.float32:
             x = x.float()  # half-precision buckets: compute (and form residuals) in float32
-        lo_t, hi_t = torch.aminmax(x)
+        lo_t, hi_t = self._range_one(x)
         meta[0, 0] = lo_t
         meta[0, 1] = hi_t
         lo, hi = meta[0].tolist()
@@ -292,8 +312,7 @@ class UniformCodec(Codec):
         if not meta_done:
             for start, nb, blen, bi in runs:
                 view = x[start:start + nb * blen].view(nb, blen)
-                torch.amin(view, 1, out=meta[bi:bi + nb, 0]) if view.dtype == torch.float32 else meta[bi:bi + nb, 0].copy_(view.amin(1))
-                torch.amax(view, 1, out=meta[bi:bi + nb, 1]) if view.dtype == torch.float32 else meta[bi:bi + nb, 1].copy_(view.amax(1))
+                self._range_run(view, meta[bi:bi + nb, 0], meta[bi:bi + nb, 1])
             if not bool(torch.isfinite(meta).all()):
                 return EncodeInfo(finite=False)
         lo = meta[:, 0].double()
@@ -391,7 +410,7 @@ class UniformCodec(Codec):
                     for el, by, shift in planes(acc[e:], packed[e * bits // 8:], bits):
                         size = el.numel()
                         f1 = s.f32[:size]
-                        f1.copy_(torch.bitwise_and(by[:size], self.levels << shift, out=s.u8[:size]))
+                        f1.copy_(torch.bitwise_and(by[:size], ((1 << bits) - 1) << shift, out=s.u8[:size]))
                         if i == 0:
                             torch.add(offset[e:e + size], f1, alpha=scale / (1 << shift), out=el)
                         else:
@@ -404,7 +423,7 @@ class UniformCodec(Codec):
         masks = self._masks.get(device)
         if masks is None:
             k = 8 // self.bits
-            masks = torch.tensor([self.levels << (p * self.bits) for p in range(k)], dtype=torch.uint8, device=device)
+            masks = torch.tensor([((1 << self.bits) - 1) << (p * self.bits) for p in range(k)], dtype=torch.uint8, device=device)
             self._masks[device] = masks = masks.view(1, k, 1)
         return masks
 
