@@ -53,9 +53,10 @@ class QuantizedHookState:
 
     Args:
         process_group: the group to communicate in (``None``: the default group).
-        codec: codec name, see ``ddp_qhooks.codecs.CODECS`` (``uniform``, ``stochastic``, ``fp16``,
+        codec: codec name, see ``ddp_qhooks.codecs.available()`` (``stochastic``, ``uniform``, ``qsgd``,
+            ``log``, ``mulaw``, ``kmeans``, ``ternary``, ``sign``, ``adaptive``, ``topk``, ``fp16``,
             ``bf16``, ``none``).
-        bits: bits per value for quantizing codecs, 1..8.
+        bits: bits per value for quantizing codecs, 1..8 (the valid range depends on the codec).
         error_feedback: keep per-parameter residuals and add them to the next step's gradient.
         seed: seeds stochastic rounding; randomness is keyed by (seed, rank, step) and, with
             ``block_size``, by parameter, so a resumed run repeats the same random choices (bitwise
@@ -82,6 +83,9 @@ class QuantizedHookState:
         self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals"), **codec_options)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if getattr(self.codec, "needs_error_feedback", False) and not error_feedback:
+            raise ValueError(f"codec {codec!r} clips values to its range and relies on error feedback to carry the "
+                             "clipped part into the next step; use error_feedback=True")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.process_group = process_group
@@ -184,6 +188,8 @@ class QuantizedHookState:
             "rank": exchange.rank(self.process_group) if dist.is_initialized() else 0,
             "residuals": residuals,
             "totals": dict(self._totals),
+            # per-rank running state of stateful codecs (k-means codebooks, adaptive ranges)
+            "codec_state": self.codec.state_dict() if hasattr(self.codec, "state_dict") else {},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -224,6 +230,12 @@ class QuantizedHookState:
             warnings.warn(f"ddp_qhooks: checkpoint was saved with error_feedback={state_dict['error_feedback']}; "
                           f"keeping this state's error_feedback={self.error_feedback}", stacklevel=2)
         self.memory.load(residuals)
+        if state_dict.get("codec_state") and hasattr(self.codec, "load_state_dict"):
+            if dict(state_dict["codec"]) == self.codec.config():
+                self.codec.load_state_dict(state_dict["codec_state"])
+            else:
+                warnings.warn("ddp_qhooks: the codec's running state (codebooks / ranges) is not loaded: it was saved "
+                              "for another codec configuration", stacklevel=2)
         self.step = int(state_dict["step"])
         self.seed = int(state_dict["seed"])
         self._totals.update({k: int(v) for k, v in state_dict.get("totals", {}).items() if k in self._totals})

@@ -32,17 +32,21 @@ def ref_block_lengths(param_numels, block_size):
     return _int_block_lengths(param_numels, block_size)
 
 
-def ref_decode_qsgd(body: np.ndarray, param_numels, bits, block_size=None, **_):
-    """float64 decode from the body bytes: per block (lo, hi) float32, then b-bit codes;
-    value = lo + c * (hi - lo) / (2s), s = 2**(b-1) - 1."""
+def ref_decode_minmax_family(body: np.ndarray, param_numels, bits, block_size=None, codec="uniform", **_):
+    """float64 decode from the body bytes of uniform / stochastic / qsgd: per block (lo, hi) float32,
+    then b-bit codes; value = lo + c * (hi - lo) / L with L = 2**b - 1 (qsgd: L = 2s = 2**b - 2)."""
     lengths = ref_block_lengths(param_numels, block_size)
     n = sum(param_numels)
     meta = np.frombuffer(np.asarray(body[:8 * len(lengths)], dtype=np.uint8).tobytes(), dtype="<f4")
     meta = meta.astype(np.float64).reshape(-1, 2)
     codes = ref_unpack(np.asarray(body[8 * len(lengths):], dtype=np.uint8), bits, n)
-    two_s = (1 << bits) - 2
+    steps = (1 << bits) - (2 if codec == "qsgd" else 1)
     lo, hi = np.repeat(meta[:, 0], lengths), np.repeat(meta[:, 1], lengths)
-    return lo + codes * ((hi - lo) / two_s)
+    return lo + codes * ((hi - lo) / steps)
+
+
+def ref_decode_qsgd(body: np.ndarray, param_numels, bits, block_size=None, **_):
+    return ref_decode_minmax_family(body, param_numels, bits, block_size, codec="qsgd")
 
 
 def _encode(codec, x, layout, key=0):

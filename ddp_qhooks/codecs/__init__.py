@@ -44,6 +44,66 @@ def make_codec(name: str, bits: int = 8, _extra_valid: tuple = (), **options) ->
     return CODECS[name](bits=bits, **options)
 
 
-__all__ = ["Codec", "EncodeInfo", "Layout", "CODECS", "make_codec", "codec_options", "pack_codes",
+def _valid_bits(name: str) -> tuple[int, ...]:
+    ok = []
+    for b in range(1, 9):
+        try:
+            make_codec(name, bits=b)
+        except ValueError:
+            continue
+        ok.append(b)
+    return tuple(ok)
+
+
+def payload_nbytes(codec: str, param_numels, bits: int = 8, **options) -> int:
+    """Exact bytes of one rank's payload for a bucket of parameters with these sizes (header and
+    padding included), e.g. ``payload_nbytes("stochastic", [1_000_000], bits=4)``."""
+    from .wire import payload_nbytes as _with_header
+    numels = [param_numels] if isinstance(param_numels, int) else list(param_numels)
+    return _with_header(make_codec(codec, bits=bits, **options).body_nbytes(Layout(numels)))
+
+
+def available() -> list[dict]:
+    """Every registered codec: ``name``, ``summary``, accepted ``bits``, ``options`` with their
+    defaults, ``body_bytes`` (formula in n = values, b = bits, blocks = blocks of the block_size
+    option, k = kept values...) and ``bits_per_value_1M`` (exact payload bits per value for one
+    1,000,000-value bucket at the codec's largest and smallest accepted bits, default options;
+    the payload adds a 16-byte header and pads to 4 bytes)."""
+    rows = []
+    for name, cls in CODECS.items():
+        params = inspect.signature(cls.__init__).parameters
+        valid = _valid_bits(name)
+        per_value = {}
+        for b in sorted({valid[0], valid[-1]}, reverse=True):
+            codec = make_codec(name, bits=b)
+            per_value[codec.bits] = 8 * payload_nbytes(name, [1_000_000], bits=b) / 1_000_000
+        rows.append({
+            "name": name,
+            "summary": cls.summary,
+            # codecs with a fixed width (casts, ternary, sign) accept the hook's default 8 and report their own
+            "bits": tuple(sorted({make_codec(name, bits=b).bits for b in valid})),
+            "options": {p: params[p].default for p in params if p not in ("self", "bits")},
+            "body_bytes": cls.body_formula,
+            "bits_per_value_1M": per_value,
+        })
+    return rows
+
+
+def available_markdown() -> str:
+    """:func:`available` as the Markdown table of the README."""
+    lines = ["| codec | what it sends | bits | options (defaults) | body bytes | bits/value (1M values) |",
+             "|---|---|---|---|---|---|"]
+    for r in available():
+        bits = r["bits"]
+        bits_txt = f"{bits[0]}..{bits[-1]}" if len(bits) > 1 and bits == tuple(range(bits[0], bits[-1] + 1)) else \
+            ", ".join(map(str, bits))
+        opts = ", ".join(f"`{k}={v!r}`" for k, v in r["options"].items()) or "–"
+        bpv = ", ".join(f"{v:.4f} @{b}b" for b, v in r["bits_per_value_1M"].items())
+        lines.append(f"| `{r['name']}` | {r['summary']} | {bits_txt} | {opts} | `{r['body_bytes']}` | {bpv} |")
+    return "\n".join(lines)
+
+
+__all__ = ["Codec", "EncodeInfo", "Layout", "CODECS", "make_codec", "codec_options", "available",
+           "available_markdown", "payload_nbytes", "pack_codes",
            "unpack_codes", "packed_nbytes", "VALID_BITS", "UniformCodec", "StochasticCodec",
            "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec"]

@@ -76,15 +76,21 @@ class NoneCodec(CastCodec):
     name = "none"
     codec_id = 3
     dtype = torch.float32
+    body_formula = "4*n"
+    summary = "fp32 through the same all-gather path (reference; = DDP's allreduce)"
 
 
 class Fp16Codec(CastCodec):
     name = "fp16"
     codec_id = 4
     dtype = torch.float16
+    body_formula = "2*n"
+    summary = "cast to fp16 (overflows above 65504 are reported non-finite)"
 
 
 class Bf16Codec(CastCodec):
     name = "bf16"
     codec_id = 5
     dtype = torch.bfloat16
+    body_formula = "2*n"
+    summary = "cast to bf16"

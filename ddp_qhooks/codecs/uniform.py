@@ -78,6 +78,8 @@ class UniformCodec(Codec):
     name = "uniform"
     codec_id = 1
     stochastic = False
+    body_formula = "8*blocks + ceil(n*b/8)"
+    summary = "round-to-nearest on a min-max grid of 2^b levels (error <= half a step)"
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
         bits = _as_int(bits)
@@ -470,3 +472,4 @@ class StochasticCodec(UniformCodec):
     name = "stochastic"
     codec_id = 2
     stochastic = True
+    summary = "unbiased stochastic rounding on a min-max grid of 2^b levels"
