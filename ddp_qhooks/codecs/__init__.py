@@ -11,6 +11,7 @@ from .base import Codec, EncodeInfo, Layout
 from .cast import Bf16Codec, Fp16Codec, NoneCodec
 from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
 from .qsgd import QsgdCodec
+from .topk import TopKCodec
 from .uniform import StochasticCodec, UniformCodec
 
 CODECS: dict[str, type[Codec]] = {
@@ -20,6 +21,7 @@ CODECS: dict[str, type[Codec]] = {
     "fp16": Fp16Codec,
     "bf16": Bf16Codec,
     "qsgd": QsgdCodec,
+    "topk": TopKCodec,
 }
 
 CODECS_BY_ID = {cls.codec_id: cls for cls in CODECS.values()}
@@ -106,4 +108,4 @@ def available_markdown() -> str:
 __all__ = ["Codec", "EncodeInfo", "Layout", "CODECS", "make_codec", "codec_options", "available",
            "available_markdown", "payload_nbytes", "pack_codes",
            "unpack_codes", "packed_nbytes", "VALID_BITS", "UniformCodec", "StochasticCodec",
-           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec"]
+           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec", "TopKCodec"]
