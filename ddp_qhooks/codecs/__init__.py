@@ -10,6 +10,8 @@ import inspect
 from .base import Codec, EncodeInfo, Layout
 from .cast import Bf16Codec, Fp16Codec, NoneCodec
 from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
+from .adaptive import AdaptiveCodec
+from .kmeans import KMeansCodec
 from .qsgd import QsgdCodec
 from .topk import TopKCodec
 from .uniform import StochasticCodec, UniformCodec
@@ -22,6 +24,8 @@ CODECS: dict[str, type[Codec]] = {
     "bf16": Bf16Codec,
     "qsgd": QsgdCodec,
     "topk": TopKCodec,
+    "kmeans": KMeansCodec,
+    "adaptive": AdaptiveCodec,
 }
 
 CODECS_BY_ID = {cls.codec_id: cls for cls in CODECS.values()}
@@ -108,4 +112,4 @@ def available_markdown() -> str:
 __all__ = ["Codec", "EncodeInfo", "Layout", "CODECS", "make_codec", "codec_options", "available",
            "available_markdown", "payload_nbytes", "pack_codes",
            "unpack_codes", "packed_nbytes", "VALID_BITS", "UniformCodec", "StochasticCodec",
-           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec", "TopKCodec"]
+           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec", "TopKCodec", "KMeansCodec", "AdaptiveCodec"]

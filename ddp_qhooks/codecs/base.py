@@ -64,16 +64,6 @@ class Layout:
     def __hash__(self) -> int:
         return hash((self.param_numels, self.param_keys))
 
-    def _error_via_decode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout,
-                          error_out: torch.Tensor) -> EncodeInfo:
-        """Generic ``error_out = x - decode(body)`` with the squared sums, for codecs that have no
-        cheaper way to form the residual while encoding."""
-        self.decode([body], layout, error_out)
-        xf = x.float()
-        torch.sub(xf, error_out, out=error_out)
-        e, v = error_out.double(), xf.double()
-        return EncodeInfo(True, float(torch.dot(e, e)), float(torch.dot(v, v)))
-
     def __repr__(self) -> str:
         return f"Layout(numel={self.numel}, params={len(self.param_numels)})"
 

@@ -1,0 +1,246 @@
+"""Uniform quantization on a range from running per-block statistics: codec ``adaptive``.
+
+Algorithm
+    Each block (see blocks.py; default ``block_size="layer"``, one block per parameter) keeps a
+    running range, updated by every encode *before* it is used, so a step quantizes with the
+    statistics including its own observation and the first step uses exactly the observed range:
+
+    * ``stat="minmax"``: running ``lo`` and ``hi`` from the block's observed min and max;
+    * ``stat="percentile"``: a running ``c`` from the ``percentile``-th percentile of ``|x|``; the
+      range is ``[-c, c]``.  The observation is the nearest-rank percentile of an evenly strided
+      subsample of S = min(sample, block length) values at the indices ``floor(j * length / S)``:
+      the k-th smallest ``|x|`` of the subsample with ``k = max(1, ceil(percentile * S / 100))``
+      (evaluated in float64), found with ``torch.kthvalue``.  ``percentile=100`` takes the exact
+      ``max|x|`` of the whole block instead.
+
+    Update of each running bound ``r`` from the observation ``o`` (in float64; the first
+    observation of a block initialises ``r = o``):
+
+    * ``decay=None``: exponential moving average ``r = momentum * r + (1 - momentum) * o``;
+    * ``decay=d``: time-decaying bound ``r = max(o, d * r)`` for ``hi`` and ``c``, and
+      ``r = min(o, d * r)`` for ``lo``: the range widens at once to cover a new extreme and
+      otherwise shrinks geometrically towards zero (``momentum`` is then unused).  A decaying
+      range always contains the block's current values (never clips); for a block of one sign
+      the bound nearer zero drifts to zero, i.e. the range then covers zero too.
+
+    The range sent and used is ``(lo, hi)`` rounded to float32.  Values are clipped to it, then
+    quantized on ``L = 2**bits - 1`` equal steps: code ``floor((x - lo) / step + u)`` with
+    ``step = (hi - lo) / L``, ``u = 1/2`` for ``grid="uniform"`` (nearest level) or ``u`` the keyed
+    dither of ``_random.param_dither`` for ``grid="stochastic"`` (unbiased within the range:
+    ``E[decode] = clip(x)``).  A constant range (``lo == hi``) sends code 0.
+
+Clipping and error feedback
+    An EMA range lags behind the data and a percentile range cuts the tails on purpose, so values
+    outside the range are clipped.  The clipped part is not lost: the hook's error feedback adds
+    ``x - decode(body)`` (clipped part plus rounding error) to the next step's gradient.  Without
+    error feedback it would be a biased, silently dropped part of the gradient, so the codec sets
+    ``needs_error_feedback = True`` and the hook refuses to run it without.
+
+Body layout (native byte order, little-endian on every supported platform)::
+
+    nblocks x (lo: float32, hi: float32)     the range each block was quantized on, block order
+    packed codes                              ceil(numel * bits / 8) bytes, see packing.py; code c
+                                              of block j decodes to lo_j + c * (hi_j - lo_j) / L
+
+    body bytes = 8 * blocks + ceil(n * b / 8)
+
+Every payload carries its own ranges, so ranks keep their own statistics and need not agree on
+them; decoding uses no state.
+
+Running state
+    Per rank, in the codec instance: float64 ``(lo, hi)`` (minmax) or ``c`` (percentile) per block
+    and an update counter, keyed by (parameter key from ``layout.param_keys``, block index within
+    that parameter) for ``block_size="layer"`` or an integer, so it survives DDP's bucket rebuild;
+    by the whole layout for ``block_size=None`` (a rebuilt bucket starts afresh).  A parameter
+    whose size no longer matches its state starts afresh.  :meth:`AdaptiveCodec.state_dict` /
+    :meth:`load_state_dict` checkpoint it (tensors and plain Python values); the codec pickles
+    with its state.  A non-finite input returns ``EncodeInfo(finite=False)`` before any update.
+
+Edge cases
+    * all-zero or constant block whose range collapsed to that value: ``lo == hi``, exact.
+    * huge values (up to float32 max): a range or step beyond float32 comfort (any bound above
+      float32 max / 4) switches the per-element arithmetic to float64, in encode and decode; the
+      decoder divides each body's range by ``divisor`` before summing, so averages cannot overflow.
+    * tiny values: steps below 2**-100 (float32 products would lose bits near the subnormal range)
+      are handled in float64 as well; the float32 range itself is exact down to subnormals.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import _random
+from .base import Codec, EncodeInfo, Layout
+from .blocks import blocks_for, check_block_size
+from .kmeans import BlockState, check_bits, check_choice, check_int, check_real, read_meta, sample_index, write_meta
+from .packing import pack_codes, packed_nbytes, unpack_codes
+
+STATE_FORMAT = 1
+STATS = ("minmax", "percentile")
+GRIDS = ("stochastic", "uniform")
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+_MIN_STEP = 2.0 ** -100   # smaller steps lose bits in float32 products
+
+__all__ = ["AdaptiveCodec"]
+
+
+class AdaptiveCodec(Codec):
+    """Uniform ``bits``-bit grid on a running min-max or percentile range per block; clips."""
+
+    name = "adaptive"
+    codec_id = 12
+    stochastic = True   # the default grid; set per instance from ``grid``
+    needs_error_feedback = True
+    body_formula = "8*blocks + ceil(n*b/8)"
+    summary = "uniform grid on a running (EMA or decaying) min-max or percentile range per block; clips, needs error feedback"
+
+    def __init__(self, bits: int = 8, block_size: int | str | None = "layer", stat: str = "minmax",
+                 percentile: float = 99.9, momentum: float = 0.9, decay: float | None = None,
+                 grid: str = "stochastic", sample: int = 65536):
+        bits = check_bits(self.name, bits)
+        super().__init__(bits)
+        self.block_size = check_block_size(self.name, block_size)
+        self.stat = check_choice(self.name, "stat", stat, STATS)
+        self.percentile = check_real(self.name, "percentile", percentile, lambda v: 0 < v <= 100,
+                                     "a number in (0, 100]")
+        self.momentum = check_real(self.name, "momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if decay is not None:
+            decay = check_real(self.name, "decay", decay, lambda v: 0 < v < 1,
+                               "None (moving average) or a number in (0, 1) (decaying bounds)")
+        self.decay = decay
+        self.grid = check_choice(self.name, "grid", grid, GRIDS)
+        self.sample = check_int(self.name, "sample", sample, 1, "a positive integer (values per percentile)")
+        self.stochastic = self.grid == "stochastic"
+        self.levels = (1 << bits) - 1
+        self._state = BlockState(self.block_size, 2 if self.stat == "minmax" else 1, torch.float64)
+
+    def config(self) -> dict:
+        # decoding needs only bits and block_size; the statistics options are included so that
+        # ranks (and checkpoints) quantizing on differently computed ranges are reported
+        return {"codec": self.name, "bits": self.bits, "block_size": self.block_size, "stat": self.stat,
+                "percentile": self.percentile, "momentum": self.momentum, "decay": self.decay,
+                "grid": self.grid, "sample": self.sample}
+
+    def body_nbytes(self, layout: Layout) -> int:
+        return 8 * len(layout.block_lengths(self.block_size)) + packed_nbytes(layout.numel, self.bits)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "codec": self.config(), "entries": self._state.to_list("bounds")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(f"{self.name}: unsupported state format {state_dict.get('format')!r} (expected {STATE_FORMAT})")
+        saved = dict(state_dict["codec"])
+        for k in ("codec", "block_size", "stat"):
+            if saved.get(k) != self.config()[k]:
+                raise ValueError(f"{self.name}: state saved with {k}={saved.get(k)!r}, this codec has {self.config()[k]!r}")
+        self._state.from_list(state_dict["entries"], "bounds", self.name)
+
+    # -- statistics ----------------------------------------------------------------------------
+    def _observe(self, xf: torch.Tensor, blocks) -> torch.Tensor | None:
+        """Per-block observation, (blocks, 2) min/max or (blocks, 1) percentile; None if non-finite."""
+        if self.stat == "minmax":
+            obs = torch.stack([blocks.reduce(xf, "amin"), blocks.reduce(xf, "amax")], 1)
+            return obs if bool(torch.isfinite(obs).all()) else None
+        amax = blocks.reduce(xf, "absmax")   # also the finiteness check the subsample cannot give
+        if not bool(torch.isfinite(amax).all()):
+            return None
+        if self.percentile == 100:
+            return amax[:, None]
+        obs = torch.empty(blocks.count, 1, dtype=torch.float32, device=xf.device)
+        for view, sl in blocks.views(xf):
+            idx = sample_index(view.shape[1], self.sample, xf.device)
+            smp = (view if idx is None else view[:, idx]).abs()
+            S = smp.shape[1]
+            k = max(1, math.ceil(self.percentile * S / 100))
+            obs[sl, 0] = torch.kthvalue(smp, min(k, S), dim=1).values
+        return obs
+
+    def _update(self, prev: torch.Tensor, have: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        if self.decay is None:
+            upd = prev * self.momentum + obs * (1 - self.momentum)
+        elif self.stat == "minmax":
+            upd = torch.stack([torch.minimum(obs[:, 0], prev[:, 0] * self.decay),
+                               torch.maximum(obs[:, 1], prev[:, 1] * self.decay)], 1)
+        else:
+            upd = torch.maximum(obs, prev * self.decay)
+        return torch.where(have[:, None], upd, obs)
+
+    # -- encode --------------------------------------------------------------------------------
+    def encode(self, x, body, layout, key=0, error_out=None):
+        if x.numel() != layout.numel:
+            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        n = layout.numel
+        if n == 0:
+            return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
+        xf = x if x.dtype == torch.float32 else x.float()
+        blocks = blocks_for(layout, self.block_size)
+        obs = self._observe(xf, blocks)
+        if obs is None:
+            return EncodeInfo(finite=False)
+        slots, prev, have, _, prior = self._state.read(layout, x.device)
+        running = self._update(prev, have.to(x.device), obs.double())
+        lohi = running if self.stat == "minmax" else torch.cat([-running, running], 1)
+        meta = lohi.to(torch.float32)
+        span = meta[:, 1].double() - meta[:, 0].double()   # float64: cannot overflow
+        work = torch.float32 if _fits_fp32(meta, span / self.levels) else torch.float64
+        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
+        lo_w, hi_w = meta[:, 0].to(work), meta[:, 1].to(work)
+        xw = xf.to(work)
+        dither = _random.param_dither(layout, key, x.device) if self.stochastic else None
+        codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+        for start, nb, blen, bi in blocks.runs:
+            sl = slice(start, start + nb * blen)
+            lo_c, hi_c, inv_c = lo_w[bi:bi + nb, None], hi_w[bi:bi + nb, None], inv[bi:bi + nb, None]
+            v = torch.clamp(xw[sl].view(nb, blen), lo_c, hi_c).sub_(lo_c).mul_(inv_c)
+            if dither is None:
+                v.add_(0.5)
+            else:
+                v.add_(dither[sl].view(nb, blen))
+            codes[sl].view(nb, blen).copy_(v.floor_().clamp_(0, self.levels))  # clamp: round-off at hi
+        write_meta(body, meta)
+        pack_codes(codes, self.bits, out=body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)])
+        self._state.write(slots, running, prior)
+        if error_out is not None:
+            return self._error_via_decode(x, body, layout, error_out)
+        return EncodeInfo()
+
+    # -- decode --------------------------------------------------------------------------------
+    def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
+        if out.numel() != layout.numel:
+            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        n = layout.numel
+        if n == 0 or not bodies:
+            return out.zero_()
+        blocks = blocks_for(layout, self.block_size)
+        meta_bytes = 8 * blocks.count
+        metas = [read_meta(b, meta_bytes, (blocks.count, 2)) for b in bodies]
+        steps = [(m[:, 1].double() - m[:, 0].double()) / self.levels for m in metas]
+        work = torch.float32 if all(_fits_fp32(m, s) for m, s in zip(metas, steps)) else torch.float64
+        acc = out if out.dtype == work else torch.empty(n, dtype=work, device=out.device)
+        acc.zero_()
+        for body, meta, step in zip(bodies, metas, steps):
+            # each share divided before summing: W shares near float32 max cannot overflow
+            lo = (meta[:, 0].double() / divisor).to(work)
+            step = (step / divisor).to(work)
+            codes = unpack_codes(body[meta_bytes:meta_bytes + packed_nbytes(n, self.bits)], self.bits, n).to(work)
+            for start, nb, blen, bi in blocks.runs:
+                sl = slice(start, start + nb * blen)
+                acc[sl].view(nb, blen).add_(torch.addcmul(lo[bi:bi + nb, None], codes[sl].view(nb, blen),
+                                                          step[bi:bi + nb, None]))
+        if acc is not out:
+            out.copy_(acc)
+        return out
+
+
+def _fits_fp32(meta: torch.Tensor, step: torch.Tensor) -> bool:
+    """Can the grids ``meta`` (float32 lo, hi per block) with float64 ``step`` be applied in
+    float32 without overflow or steps too small for float32 products?"""
+    if meta.numel() == 0:
+        return True
+    small = torch.where(step > 0, step, torch.full_like(step, math.inf)).min()
+    mag, small = torch.stack([meta.abs().max().double(), small]).tolist()
+    return mag < _FP32_MAX / 4 and small >= _MIN_STEP
