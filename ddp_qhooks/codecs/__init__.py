@@ -12,6 +12,8 @@ from .cast import Bf16Codec, Fp16Codec, NoneCodec
 from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
 from .adaptive import AdaptiveCodec
 from .kmeans import KMeansCodec
+from .log import LogCodec
+from .mulaw import MuLawCodec
 from .qsgd import QsgdCodec
 from .topk import TopKCodec
 from .uniform import StochasticCodec, UniformCodec
@@ -26,6 +28,8 @@ CODECS: dict[str, type[Codec]] = {
     "topk": TopKCodec,
     "kmeans": KMeansCodec,
     "adaptive": AdaptiveCodec,
+    "log": LogCodec,
+    "mulaw": MuLawCodec,
 }
 
 CODECS_BY_ID = {cls.codec_id: cls for cls in CODECS.values()}
@@ -112,4 +116,4 @@ def available_markdown() -> str:
 __all__ = ["Codec", "EncodeInfo", "Layout", "CODECS", "make_codec", "codec_options", "available",
            "available_markdown", "payload_nbytes", "pack_codes",
            "unpack_codes", "packed_nbytes", "VALID_BITS", "UniformCodec", "StochasticCodec",
-           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec", "TopKCodec", "KMeansCodec", "AdaptiveCodec"]
+           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec", "TopKCodec", "KMeansCodec", "AdaptiveCodec", "LogCodec", "MuLawCodec"]

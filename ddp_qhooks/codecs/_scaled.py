@@ -1,0 +1,206 @@
+"""Shared machinery of the codecs that send one float32 scale (max |x|) per block and b-bit codes
+that index a fixed table of levels in units of that scale (``log``, ``mulaw``): block scales,
+chunked encoding, packing, table-lookup decoding with float64 fallback against overflow."""
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Sequence
+
+import torch
+
+from . import _random
+from .base import Codec, EncodeInfo, Layout
+from .blocks import blocks_for, check_block_size
+from .packing import pack_codes, packed_nbytes, unpack_codes
+
+
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+_ROUNDINGS = ("nearest", "stochastic")
+CHUNK = 1 << 18   # values per elementwise pass on the CPU: temporaries stay in cache, per-op overhead amortised
+_SQ_SAFE = (1e-18, 1e18)  # block maxima in this range: float32 sums of squares neither overflow nor underflow
+
+
+def _check_bits(codec: str, bits):
+    if not isinstance(bits, bool):
+        try:
+            bits = operator.index(bits)  # numpy integers too, but not floats
+        except TypeError:
+            pass
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{codec}: bits must be an integer in 2..8, got {bits!r}")
+    return bits
+
+
+def _check_rounding(codec: str, rounding):
+    if not isinstance(rounding, str) or rounding not in _ROUNDINGS:
+        raise ValueError(f"{codec}: rounding must be one of {', '.join(repr(r) for r in _ROUNDINGS)}, got {rounding!r}")
+    return rounding
+
+
+class _Scratch:
+    """Buffers reused across calls: fresh bucket-sized tensors cost page faults on every call,
+    more than the arithmetic.  One set per (device, thread), since DDP encodes one bucket on the
+    autograd thread while the communication thread decodes another."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel]
+
+
+class _ScaledTableCodec(Codec):
+    """One float32 scale ``m = max|x|`` per block, then b-bit codes that decode to ``table[code] * m``.
+
+    Subclasses provide ``_table64()`` (float64, ``2**bits`` relative values in [-1, 1]) and
+    ``_codes(rel, rnd, out, s)`` (the codes of ``rel = x / m`` for one chunk)."""
+
+    def __init__(self, bits: int, block_size, rounding: str):
+        bits = _check_bits(self.name, bits)
+        block_size = check_block_size(self.name, block_size)
+        rounding = _check_rounding(self.name, rounding)
+        super().__init__(bits)
+        self.block_size = block_size
+        self.rounding = rounding
+        self.stochastic = rounding == "stochastic"
+        self._tables: dict[tuple, torch.Tensor] = {}
+        self._scratch: dict[tuple, _Scratch] = {}
+
+    def config(self) -> dict:
+        return {"codec": self.name, "bits": self.bits, "block_size": self.block_size, "rounding": self.rounding}
+
+    def __getstate__(self):  # tables and buffers may live on a device: rebuild them on use
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_scratch")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tables, self._scratch = {}, {}
+
+    def _table(self, device, dtype) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = self._table64().to(dtype).to(device)
+        return t
+
+    def _scratch_for(self, device) -> _Scratch:
+        key = (torch.device(device), threading.get_ident())
+        s = self._scratch.get(key)
+        if s is None:
+            s = self._scratch[key] = _Scratch(torch.device(device))
+        return s
+
+    @staticmethod
+    def _chunk(device: torch.device, numel: int) -> int:
+        # accelerators: one pass over the bucket (launch overhead, not cache size, matters there)
+        return CHUNK if device.type == "cpu" else max(numel, 1)
+
+    # -- sizes -------------------------------------------------------------------------------
+    def body_nbytes(self, layout: Layout) -> int:
+        return 4 * blocks_for(layout, self.block_size).count + packed_nbytes(layout.numel, self.bits)
+
+    def _split(self, body: torch.Tensor, layout: Layout):
+        nbytes = self.body_nbytes(layout)
+        if body.dtype != torch.uint8 or body.dim() != 1 or body.numel() != nbytes:
+            raise ValueError(f"{self.name}: body must be a 1-D uint8 tensor of {nbytes} bytes for {layout}")
+        nb = blocks_for(layout, self.block_size).count
+        return body[:4 * nb], body[4 * nb:]
+
+    # -- encode ------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout, key: int = 0,
+               error_out: torch.Tensor | None = None) -> EncodeInfo:
+        if x.numel() != layout.numel:
+            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        meta, packed = self._split(body, layout)
+        n = layout.numel
+        if n == 0:
+            return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
+        xf = x.reshape(-1).float()
+        blocks = blocks_for(layout, self.block_size)
+        scales = blocks.reduce(xf, "absmax")  # NaN and Inf propagate into the block max
+        if not bool(torch.isfinite(scales).all()):
+            return EncodeInfo(finite=False)
+        # byte copy: the body slice may sit at any offset, a float32 view of it would need alignment
+        meta.copy_(scales.view(torch.uint8))
+        s = self._scratch_for(xf.device)
+        # divide, never multiply by 1/m: the reciprocal of a subnormal max overflows, and x * (1/m)
+        # may exceed 1 in magnitude
+        denom = torch.where(scales > 0, scales, torch.ones_like(scales))
+        rel = s.get("rel", n, torch.float32)
+        for (view, sl), (dst, _) in zip(blocks.views(xf), blocks.views(rel)):
+            torch.div(view, denom[sl, None], out=dst)
+        dither = _random.param_dither(layout, key, xf.device) if self.stochastic else None
+        codes = packed if self.bits == 8 else s.get("codes", n, torch.uint8)
+        chunk = self._chunk(xf.device, n)
+        for a in range(0, n, chunk):
+            c = min(chunk, n - a)
+            self._codes(rel[a:a + c], 0.5 if dither is None else dither[a:a + c], codes[a:a + c], s)
+        if self.bits != 8:
+            pack_codes(codes, self.bits, out=packed)
+        if error_out is None:
+            return EncodeInfo()
+        self.decode([body], layout, error_out)
+        torch.sub(xf, error_out, out=error_out)
+        mag = float(scales.max())
+        return EncodeInfo(True, _sq(error_out, mag), _sq(xf, mag))
+
+    def _codes(self, rel: torch.Tensor, rnd, out: torch.Tensor, s: _Scratch) -> None:
+        """Write the uint8 codes of ``rel = x / m`` (float32 in [-1, 1]; may be overwritten) into
+        ``out``; ``rnd`` is 0.5 (nearest) or the chunk's dither; ``s`` lends chunk temporaries."""
+        raise NotImplementedError
+
+    def _table64(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- decode ------------------------------------------------------------------------------
+    def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
+        if out.numel() != layout.numel:
+            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        n = layout.numel
+        if n == 0 or not bodies:
+            return out.zero_()
+        blocks = blocks_for(layout, self.block_size)
+        parts = []
+        for body in bodies:
+            meta, packed = self._split(body, layout)
+            parts.append((meta.clone().view(torch.float32), packed))  # clone: an aligned float32 view
+        # |partial sums| <= the summed block maxima: float32 unless that could overflow
+        bound = float(torch.stack([m.abs().max() for m, _ in parts]).double().sum())
+        work = torch.float32 if bound < _FP32_MAX / 2 else torch.float64
+        table = self._table(out.device, work)
+        s = self._scratch_for(out.device)
+        direct = out.dtype == work and out.is_contiguous()
+        acc = out.view(-1) if direct else s.get("acc", n, work)
+        vals = s.get("vals", n, work) if len(parts) > 1 else None
+        chunk = self._chunk(out.device, n)
+        index = s.get("index", min(chunk, n), torch.int32)
+        for i, (scales, packed) in enumerate(parts):
+            target = acc if i == 0 else vals
+            codes = packed if self.bits == 8 else unpack_codes(packed, self.bits, n, out=s.get("dcodes", n, torch.uint8))
+            for a in range(0, n, chunk):
+                c = min(chunk, n - a)
+                idx = index[:c]
+                idx.copy_(codes[a:a + c])
+                torch.index_select(table, 0, idx, out=target[a:a + c])
+            scales = scales.to(work)
+            for view, sl in blocks.views(target):
+                view.mul_(scales[sl, None])
+            if i:
+                acc.add_(vals)
+        if divisor != 1:
+            acc.div_(divisor)
+        if not direct:
+            out.copy_(acc.view(out.shape))
+        return out
+
+
+def _sq(t: torch.Tensor, magnitude: float) -> float:
+    """Sum of squares; in float64 where float32 squares could overflow or underflow."""
+    if not _SQ_SAFE[0] <= magnitude <= _SQ_SAFE[1] or t.dtype != torch.float32:
+        t = t.double()
+    return float(torch.dot(t, t))
