@@ -29,7 +29,15 @@ import torch.distributed as dist
 from . import exchange
 from .codecs import Layout, make_codec
 from .codecs._random import splitmix64
-from .codecs.wire import FLAG_NONFINITE, HEADER_BYTES, WIRE_VERSION, fingerprint, header_bytes, parse_header, payload_nbytes
+from .codecs.wire import (
+    FLAG_NONFINITE,
+    HEADER_BYTES,
+    WIRE_VERSION,
+    fingerprint,
+    header_bytes,
+    parse_header,
+    payload_nbytes,
+)
 from .error_feedback import ResidualMemory
 
 __all__ = ["QuantizedHookState", "quantized_allgather_hook", "register"]
@@ -83,6 +91,10 @@ class QuantizedHookState:
         self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals"), **codec_options)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if getattr(self.codec, "error_feedback_diverges", False) and error_feedback:
+            raise ValueError(f"codec {codec!r} with {self.codec.config()} is unbiased but its error can exceed the value "
+                             "(up to 2x the block's max), so error-feedback residuals grow without bound; use "
+                             "error_feedback=False with it, or sign's mode='scaled' (EF-signSGD) with error feedback")
         if getattr(self.codec, "needs_error_feedback", False) and not error_feedback:
             raise ValueError(f"codec {codec!r} clips values to its range and relies on error feedback to carry the "
                              "clipped part into the next step; use error_feedback=True")

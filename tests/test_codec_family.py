@@ -28,7 +28,6 @@ FAMILY = [
     ("topk", 8, {"ratio": 0.1}), ("topk", 4, {"k": 3, "block_size": "layer", "values": "stochastic"}),
     ("fp16", 8, {}), ("bf16", 8, {}), ("none", 8, {}),
 ]
-FAMILY = [c for c in FAMILY if c[0] in CODECS]
 IDS = [f"{c}-{b}-" + "-".join(f"{k}={v}" for k, v in sorted(o.items())) for c, b, o in FAMILY]
 LAYOUTS = [[0], [1], [7], [1001], [5, 0, 64, 1, 300]]
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import inspect
 
+from .adaptive import AdaptiveCodec
 from .base import Codec, EncodeInfo, Layout
 from .cast import Bf16Codec, Fp16Codec, NoneCodec
-from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
-from .adaptive import AdaptiveCodec
 from .kmeans import KMeansCodec
 from .log import LogCodec
 from .mulaw import MuLawCodec
+from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
 from .qsgd import QsgdCodec
+from .sign import SignCodec
+from .ternary import TernaryCodec
 from .topk import TopKCodec
 from .uniform import StochasticCodec, UniformCodec
 
@@ -30,6 +32,8 @@ CODECS: dict[str, type[Codec]] = {
     "adaptive": AdaptiveCodec,
     "log": LogCodec,
     "mulaw": MuLawCodec,
+    "ternary": TernaryCodec,
+    "sign": SignCodec,
 }
 
 CODECS_BY_ID = {cls.codec_id: cls for cls in CODECS.values()}
@@ -116,4 +120,4 @@ def available_markdown() -> str:
 __all__ = ["Codec", "EncodeInfo", "Layout", "CODECS", "make_codec", "codec_options", "available",
            "available_markdown", "payload_nbytes", "pack_codes",
            "unpack_codes", "packed_nbytes", "VALID_BITS", "UniformCodec", "StochasticCodec",
-           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec", "TopKCodec", "KMeansCodec", "AdaptiveCodec", "LogCodec", "MuLawCodec"]
+           "NoneCodec", "Fp16Codec", "Bf16Codec", "QsgdCodec", "TopKCodec", "KMeansCodec", "AdaptiveCodec", "LogCodec", "MuLawCodec", "TernaryCodec", "SignCodec"]

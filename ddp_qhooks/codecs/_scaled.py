@@ -14,7 +14,6 @@ from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
-
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _ROUNDINGS = ("nearest", "stochastic")
 CHUNK = 1 << 18   # values per elementwise pass on the CPU: temporaries stay in cache, per-op overhead amortised

@@ -74,7 +74,16 @@ import torch
 from . import _random
 from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
-from .kmeans import BlockState, check_bits, check_choice, check_int, check_real, read_meta, sample_index, write_meta
+from .kmeans import (
+    BlockState,
+    check_bits,
+    check_choice,
+    check_int,
+    check_real,
+    read_meta,
+    sample_index,
+    write_meta,
+)
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 STATE_FORMAT = 1

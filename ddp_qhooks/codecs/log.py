@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import torch
 
-from ._scaled import _Scratch, _ScaledTableCodec
+from ._scaled import _ScaledTableCodec, _Scratch
 
 __all__ = ["LogCodec"]
 

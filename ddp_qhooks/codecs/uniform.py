@@ -33,7 +33,15 @@ import torch
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
-from .packing import PLANAR_BITS, STRIPE, VALID_BITS, pack_codes, packed_nbytes, planes, unpack_codes
+from .packing import (
+    PLANAR_BITS,
+    STRIPE,
+    VALID_BITS,
+    pack_codes,
+    packed_nbytes,
+    planes,
+    unpack_codes,
+)
 
 _FP32_MAX = torch.finfo(torch.float32).max
 _MIN_NORMAL_STEP = 2.0 ** -100  # smaller steps lose bits in float32 products: use float64
