@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_qhooks.codecs import CODECS, Layout, available, available_markdown, make_codec, payload_nbytes
+from ddp_qhooks.codecs import (
+    CODECS,
+    Layout,
+    available,
+    available_markdown,
+    make_codec,
+    payload_nbytes,
+)
 
 # one or two representative configurations per codec: (codec, bits, options)
 FAMILY = [

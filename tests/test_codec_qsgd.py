@@ -11,9 +11,10 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from test_codecs import ref_block_lengths as _int_block_lengths
+from test_codecs import ref_unpack
 
 from ddp_qhooks.codecs import Layout, make_codec
-from test_codecs import ref_block_lengths as _int_block_lengths, ref_unpack
 
 BITS = (2, 3, 4, 8)
 

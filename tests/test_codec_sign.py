@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_qhooks.codecs import _blockscaled as ternary  # CHUNK, NUMPY_ON_CPU live in the shared base
+from ddp_qhooks.codecs import (
+    _blockscaled as ternary,  # CHUNK, NUMPY_ON_CPU live in the shared base
+)
 from ddp_qhooks.codecs.base import Layout
 from ddp_qhooks.codecs.sign import SignCodec
 from ddp_qhooks.codecs.ternary import BlockScaledCodec

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_qhooks.codecs import _blockscaled as ternary  # CHUNK, NUMPY_ON_CPU live in the shared base
+from ddp_qhooks.codecs import (
+    _blockscaled as ternary,  # CHUNK, NUMPY_ON_CPU live in the shared base
+)
 from ddp_qhooks.codecs.base import Layout
+from ddp_qhooks.codecs.packing import pack_trits, trit_nbytes, unpack_trits
 from ddp_qhooks.codecs.ternary import BlockScaledCodec, TernaryCodec
-from ddp_qhooks.codecs.trits import pack_trits, trit_nbytes, unpack_trits
 
 EPS32 = 2.0 ** -23
 TINY32 = 2.0 ** -149        # smallest float32 subnormal

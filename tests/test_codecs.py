@@ -23,7 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_qhooks.codecs import CODECS, Layout, make_codec, pack_codes, packed_nbytes, unpack_codes
+from ddp_qhooks.codecs import (
+    CODECS,
+    Layout,
+    make_codec,
+    pack_codes,
+    packed_nbytes,
+    unpack_codes,
+)
 
 EPS32 = 2.0 ** -23          # float32 machine epsilon
 TINY32 = 2.0 ** -149        # smallest positive float32 subnormal

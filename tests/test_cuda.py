@@ -2,11 +2,11 @@
 ``python -m pytest -q tests/test_cuda.py``."""
 import datetime
 
+import _dist
 import pytest
 import torch
 import torch.distributed as dist
 
-import _dist
 import ddp_qhooks
 from ddp_qhooks.codecs import Layout, make_codec, pack_codes, unpack_codes
 

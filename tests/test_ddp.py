@@ -22,6 +22,7 @@ import time
 import traceback
 import warnings
 
+import _dist  # tests/conftest.py puts tests/ and the repository root on sys.path
 import numpy as np
 import pytest
 import torch
@@ -29,7 +30,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import _dist  # tests/conftest.py puts tests/ and the repository root on sys.path
 import ddp_qhooks
 
 pytestmark = pytest.mark.slow

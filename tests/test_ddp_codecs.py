@@ -14,13 +14,22 @@ from __future__ import annotations
 
 import importlib
 
+import _dist
 import numpy as np
 import pytest
 import torch
+from test_ddp import (
+    _assert_same_on_all_ranks,
+    _batch,
+    _flat,
+    _grads,
+    _guard,
+    _loss,
+    _mlp,
+    _ok,
+    _register,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import _dist
-from test_ddp import _assert_same_on_all_ranks, _batch, _flat, _grads, _guard, _loss, _mlp, _ok, _register
 
 pytestmark = pytest.mark.slow
 

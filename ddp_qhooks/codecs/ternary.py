@@ -63,8 +63,14 @@ import torch
 from . import _random
 from ._blockscaled import BlockScaledCodec, _gt, _mask, _negative, check_choice
 from .blocks import blocks_for
-from .packing import pack_codes, packed_nbytes, unpack_codes
-from .trits import pack_trits, trit_nbytes, unpack_trits
+from .packing import (
+    pack_codes,
+    pack_trits,
+    packed_nbytes,
+    trit_nbytes,
+    unpack_codes,
+    unpack_trits,
+)
 
 ROUNDINGS = ("stochastic", "threshold")
 PACKINGS = ("2bit", "base3")
