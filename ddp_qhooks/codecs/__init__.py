@@ -21,19 +21,19 @@ from .topk import TopKCodec
 from .uniform import StochasticCodec, UniformCodec
 
 CODECS: dict[str, type[Codec]] = {
-    "uniform": UniformCodec,
     "stochastic": StochasticCodec,
-    "none": NoneCodec,
-    "fp16": Fp16Codec,
-    "bf16": Bf16Codec,
+    "uniform": UniformCodec,
     "qsgd": QsgdCodec,
-    "topk": TopKCodec,
-    "kmeans": KMeansCodec,
-    "adaptive": AdaptiveCodec,
     "log": LogCodec,
     "mulaw": MuLawCodec,
+    "kmeans": KMeansCodec,
     "ternary": TernaryCodec,
     "sign": SignCodec,
+    "adaptive": AdaptiveCodec,
+    "topk": TopKCodec,
+    "fp16": Fp16Codec,
+    "bf16": Bf16Codec,
+    "none": NoneCodec,
 }
 
 CODECS_BY_ID = {cls.codec_id: cls for cls in CODECS.values()}
@@ -113,7 +113,8 @@ def available_markdown() -> str:
             ", ".join(map(str, bits))
         opts = ", ".join(f"`{k}={v!r}`" for k, v in r["options"].items()) or "–"
         bpv = ", ".join(f"{v:.4f} @{b}b" for b, v in r["bits_per_value_1M"].items())
-        lines.append(f"| `{r['name']}` | {r['summary']} | {bits_txt} | {opts} | `{r['body_bytes']}` | {bpv} |")
+        cells = [f"`{r['name']}`", r["summary"], bits_txt, opts, f"`{r['body_bytes']}`", bpv]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
