@@ -22,9 +22,18 @@ import time
 
 import torch
 
-from .codecs import CODECS, Layout, _fused, make_codec
+from .codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
 
-QUANTIZERS = ("uniform", "stochastic")
+QUANTIZERS = ("uniform", "stochastic")  # the codecs with a compile=True option
+DEFAULT_CODECS = ("uniform", "stochastic", "fp16", "bf16", "none")
+
+
+def _bits_for(name: str, bits_list) -> list:
+    """The requested widths this codec accepts; [None] (its default) for fixed-width codecs."""
+    valid = _valid_bits(name)
+    if len({make_codec(name, bits=b).bits for b in valid}) == 1:
+        return [None]
+    return [b for b in bits_list if b in valid]
 
 
 def _timer(fn, sync):
@@ -65,7 +74,7 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
     gbs = lambda t: 4 * numel / t / 1e9
     rows, all_clone, all_copy = [], [], []
     layout = Layout.flat(numel)
-    configs = [(name, bits) for name in codecs for bits in (bits_list if name in QUANTIZERS else [None])]
+    configs = [(name, bits) for name in codecs for bits in _bits_for(name, bits_list)]
     if compiled and str(device) == "cpu":  # the fused kernels are CPU-only
         configs += [(name + "+compile", bits) for name in codecs if name in QUANTIZERS for bits in bits_list]
     if naive:
@@ -76,7 +85,7 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
             body = torch.empty(numel, dtype=torch.uint8, device=device)
         else:
             base = name.replace("+compile", "")
-            opts = {"block_size": block_size} if (block_size and base in QUANTIZERS) else {}
+            opts = {"block_size": block_size} if (block_size and "block_size" in codec_options(base)) else {}
             if name.endswith("+compile"):
                 opts["compile"] = True
             codec = make_codec(base, bits=bits or 8, **opts)
@@ -130,7 +139,8 @@ def format_table(result, markdown: bool) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--numel", type=int, default=25 * 2**20 // 4, help="values per bucket (default: 25 MiB of fp32)")
-    p.add_argument("--codecs", nargs="+", default=list(CODECS), choices=sorted(CODECS))
+    p.add_argument("--codecs", nargs="+", default=list(DEFAULT_CODECS), choices=sorted(CODECS),
+                   help="default: " + " ".join(DEFAULT_CODECS) + " (every registered codec can be named)")
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2, 1])
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--repeat", type=int, default=9)

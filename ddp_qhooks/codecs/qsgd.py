@@ -56,7 +56,8 @@ class QsgdCodec(StochasticCodec):
         return self.levels // 2
 
     def _range_one(self, x):
-        m = torch.linalg.vector_norm(x, ord=float("inf"))
+        lo, hi = torch.aminmax(x)  # max |x| (vector_norm's inf-norm is ~20x slower on a CPU core)
+        m = torch.maximum(-lo, hi)
         mf = float(m)
         if _SAFE_LO < mf < _SAFE_HI and x.numel() < 2 ** 40:
             norm = torch.linalg.vector_norm(x)
@@ -68,7 +69,7 @@ class QsgdCodec(StochasticCodec):
         return -hi, hi
 
     def _range_run(self, view, lo_out, hi_out):
-        m = torch.linalg.vector_norm(view.float(), ord=float("inf"), dim=1)
+        m = torch.maximum(-view.amin(1), view.amax(1)).float()
         safe = torch.where(m > 0, m, torch.ones_like(m))
         norm = torch.linalg.vector_norm(view.float() / safe[:, None], dim=1) * safe
         torch.maximum(norm, m, out=hi_out)
