@@ -17,7 +17,6 @@ Usage (torch style, like ``powerSGD_hook``)::
 
 or simply ``state = ddp_qhooks.register(ddp, codec="stochastic", bits=4)``.
 """
-import math
 import threading
 import warnings
 from dataclasses import dataclass
@@ -339,7 +338,13 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
             x[sl].zero_()  # an unused parameter's gradient is exactly zero: send zero
     key = splitmix64(state.seed, exchange.rank(group), state.step)
     body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
-    info = state.codec.encode(x, body, b.layout, key)
+    # e = g' - deq(own payload), formed by the encoder while the data is hot (no decode of our own
+    # payload later) and staged: committed only once the whole step is known to be finite
+    err = state.memory.staging(signature) if residual is not None else b.scratch
+    info = state.codec.encode(x, body, b.layout, key, error_out=err)
+    if err is not None and info.finite:
+        for sl, saved in held:
+            err[sl].copy_(saved)
     b.payload[3] = 0 if info.finite else FLAG_NONFINITE
     with state._lock:
         state._totals["hook_calls"] += 1
@@ -368,16 +373,8 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
             # step is committed on any rank (the step's gradient is dropped whole)
             buf.fill_(float("nan"))
         else:
-            # e = g' - deq(own payload), staged until the whole step is known to be finite;
-            # computed before buf (which may alias g') receives the mean
-            err = state.memory.staging(signature) if residual is not None else b.scratch
-            if err is not None:
-                state.codec.decode([body], b.layout, err)
-                torch.sub(x, err, out=err)
-                if state.measure_error:
-                    err_sq, inp_sq = _sum_sq(err), _sum_sq(x)
-                for sl, saved in held:
-                    err[sl].copy_(saved)
+            if err is not None and state.measure_error:
+                err_sq, inp_sq = info.error_sq, info.input_sq
             bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + b.body_nbytes] for r in range(world)]
             state.codec.decode(bodies, b.layout, buf, divisor=world)
         with state._lock:  # Gloo runs callbacks on several threads, in any order
@@ -392,13 +389,6 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
         return buf
 
     return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
-
-
-def _sum_sq(t: torch.Tensor) -> float:
-    total = float(torch.dot(t, t))
-    if not math.isfinite(total):  # |t| beyond ~1e19: redo in float64 rather than report inf
-        total = float(torch.dot(t.double(), t.double()))
-    return total
 
 
 def _param_slices(layout: Layout):

@@ -92,3 +92,20 @@ def test_netsim_refuses_clearly_without_root(monkeypatch):
         netsim.check_environment()
     with pytest.raises(ValueError, match="200mbit"):
         netsim.parse_rate("fast")
+
+
+def test_under_torchrun(tmp_path):
+    """Launched by torchrun (env:// rendezvous), every configuration runs in the same processes and
+    rank 0 writes the outputs."""
+    out = tmp_path / "tr"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
+                          "-m", "ddp_qhooks.bench", "--params", "2e5", "--steps", "2", "--warmup", "2",
+                          "--configs", "fp32", "stochastic:4", "quant_pertensor", "--output", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["meta"]["launch"] == "torchrun" and result["meta"]["world"] == 2
+    rows = {r["config"]: r for r in result["rows"]}
+    assert rows["fp32"]["status"] == "ok" and rows["stochastic:4"]["status"] == "ok"
+    assert rows["quant_pertensor"]["status"] == "failed"
