@@ -50,8 +50,8 @@ from .codecs import CODECS
 
 BUILTINS = ("fp32", "fp16_hook", "bf16_hook", "powersgd", "quant_pertensor")
 DEFAULT_CONFIGS = ["fp32", "fp16_hook", "powersgd", "quant_pertensor",
-                   "stochastic:8", "stochastic:4", "stochastic:2", "stochastic:1,ef=0",
-                   "stochastic:4,ef=0", "uniform:2,block_size=256", "qsgd:4,block_size=512",
+                   "stochastic:8", "stochastic:4", "stochastic:2", "uniform:1", "stochastic:1,ef=0",
+                   "stochastic:4,ef=0", "uniform:2,block_size=256", "qsgd:4,block_size=512,ef=0",
                    "ternary", "sign", "sign,ef=0", "topk:8,ratio=0.01", "topk:4,ratio=0.1,values=stochastic"]
 _FAILED: list = []
 RESULT_KEYS = ("config", "kind", "status", "error", "step_s", "step_p10_s", "step_p90_s", "compute_s", "comm_s",
@@ -270,6 +270,16 @@ def run_worker(args) -> list[dict] | None:
     for i, cfg in enumerate(configs):
         row = {k: None for k in RESULT_KEYS}
         row.update(config=cfg["spec"], kind=cfg["kind"], status="ok", compute_s=compute_s)
+        if cfg["spec"] == "quant_pertensor" and dist.get_backend() == "gloo" and \
+                "DDP_QHOOKS_BENCH_LAUNCH" not in os.environ:
+            # in-process (torchrun) a raising hook leaves Gloo's process group unusable: the next
+            # collective hangs.  The bench's own launcher runs it in isolated processes instead.
+            row["status"] = "failed"
+            row["error"] = ("not run under torchrun on Gloo: torch's quantization_pertensor_hook raises there "
+                            "(IndexError) and leaves the process group unusable; `python -m ddp_qhooks.bench` "
+                            "runs and reports it in isolated processes")
+            rows.append(row)
+            continue
         try:
             model = task.model()
             ddp_kw = {}
@@ -293,6 +303,7 @@ def run_worker(args) -> list[dict] | None:
                 times += t
                 losses.append(float(loss.detach()))
             tc1 = tc_bytes_sent_here(ifname) if ifname else None
+            after = state.stats() if state is not None else None  # the timed steps only
             for s in range(args.train_steps):
                 if s % 20 == 0:
                     _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: training {s + 1}/{args.train_steps}")
@@ -308,7 +319,6 @@ def run_worker(args) -> list[dict] | None:
             row["step_p90_s"] = ordered[int(math.ceil(0.9 * (len(ordered) - 1)))]
             row["comm_s"] = max(0.0, row["step_s"] - compute_s)
             if state is not None:
-                after = state.stats()
                 row["bytes_per_step"] = (after["wire_bytes_sent"] - before["wire_bytes_sent"]) / args.steps
                 row["bytes_source"] = "package (wire_bytes_sent)"
                 row["compression_ratio"] = after["compression_ratio"]
@@ -702,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (DDP rebuilds buckets, PowerSGD starts)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="extra untimed training steps before loss/accuracy are read (default: 0 synthetic, 300 fmnist)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.01 synthetic, 0.05 fmnist)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate, momentum 0.9 (default 0.01)")
     p.add_argument("--world", type=int, default=2, help="local processes to spawn (ignored under torchrun)")
     p.add_argument("--netsim", default=None, metavar="RATE",
                    help="run the ranks in network namespaces joined by links shaped to RATE (e.g. 200mbit, 1gbit); root only")
@@ -729,7 +739,7 @@ def main(argv=None) -> None:
     if args.train_steps is None:
         args.train_steps = 300 if args.task == "fmnist" else 0
     if args.lr is None:
-        args.lr = 0.05 if args.task == "fmnist" else 0.01
+        args.lr = 0.01
     for c in args.configs:
         parse_config(c)  # bad configurations fail here, before any process starts
     if args.task == "fmnist":

@@ -92,8 +92,10 @@ class QuantizedHookState:
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
         if getattr(self.codec, "error_feedback_diverges", False) and error_feedback:
             raise ValueError(f"codec {codec!r} with {self.codec.config()} is unbiased but its error can exceed the value "
-                             "(up to 2x the block's max), so error-feedback residuals grow without bound; use "
-                             "error_feedback=False with it, or sign's mode='scaled' (EF-signSGD) with error feedback")
+                             "itself, so error-feedback residuals grow without bound (training diverges); use "
+                             "error_feedback=False with it (unbiased codecs need no feedback), or a biased, "
+                             "contractive codec with error feedback: sign (mode='scaled'), ternary, uniform, "
+                             "stochastic at >= 2 bits, or qsgd with block_size <= s^2, s = 2^(bits-1) - 1")
         if getattr(self.codec, "needs_error_feedback", False) and not error_feedback:
             raise ValueError(f"codec {codec!r} clips values to its range and relies on error feedback to carry the "
                              "clipped part into the next step; use error_feedback=True")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 
 import _dist
+import ddp_qhooks
 import numpy as np
 import pytest
 import torch
@@ -38,8 +39,8 @@ CONFIGS = [
     ("uniform", 4, {}),
     ("stochastic", 2, {"block_size": 16}),
     ("stochastic", 3, {"block_size": "layer"}),
-    ("qsgd", 4, {}),
-    ("qsgd", 2, {"block_size": "layer"}),
+    ("qsgd", 4, {}),                      # w >= 1: without error feedback
+    ("qsgd", 8, {"block_size": 64}),      # w = min(64/127^2, 8/127) < 1: with error feedback
     ("log", 4, {}),
     ("log", 3, {"rounding": "nearest", "block_size": "layer"}),
     ("mulaw", 4, {}),
@@ -72,7 +73,8 @@ def _one(rank, config):
     ref = _mlp(7, hidden=40)
     names = [n for n, _ in model.named_parameters()]
     ddp = DDP(model, bucket_cap_mb=64)  # one bucket
-    ef = not (codec == "sign" and opts.get("mode") == "stochastic")  # refused with error feedback
+    # codecs whose error can exceed the value refuse error feedback (it would diverge): run them without
+    ef = not getattr(ddp_qhooks.codecs.make_codec(codec, bits=bits, **opts), "error_feedback_diverges", False)
     state = _register(ddp, codec, bits=bits, error_feedback=ef, **opts)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     poison = {"on": False}
@@ -211,5 +213,10 @@ def test_register_refuses_unsafe_error_feedback_settings():
     with pytest.raises(ValueError, match="error_feedback=False"):
         QuantizedHookState(codec="sign", mode="stochastic")  # residuals would grow without bound
     QuantizedHookState(codec="sign", mode="stochastic", error_feedback=False)
+    with pytest.raises(ValueError, match="error_feedback=False"):
+        QuantizedHookState(codec="stochastic", bits=1)   # 2 levels: errors up to 2x the block max
+    with pytest.raises(ValueError, match="error_feedback=False"):
+        QuantizedHookState(codec="qsgd", bits=4, block_size=512)  # Lemma 3.1's w = 3.2 >= 1
+    QuantizedHookState(codec="qsgd", bits=4, block_size=16)      # w = 0.33
     with pytest.raises(ValueError, match="error_feedback=True"):
         QuantizedHookState(codec="adaptive", bits=4, error_feedback=False)  # clipped values would be lost
