@@ -163,7 +163,11 @@ class FashionMnistTask:
 # the worker: every configuration, one after the other
 # ================================================================================================
 def _register(ddp: DDP, cfg: dict, steps_before_compression: int):
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook, quantization_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import (
+        default_hooks,
+        powerSGD_hook,
+        quantization_hooks,
+    )
 
     import ddp_qhooks
     spec = cfg["spec"]

@@ -14,13 +14,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _reference import ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs.adaptive import AdaptiveCodec
 from ddp_qhooks.codecs.base import Layout
 
 EPS32 = 2.0 ** -23
 TINY32 = 2.0 ** -149
-REF_STRIPE = 1 << 19   # planar stripe length, as documented in packing.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,38 +34,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------------
 # independent reference
 # ------------------------------------------------------------------------------------------------
-def ref_unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Codes from packed bytes: bytes for 8 bits, planar stripes for 1/2/4, LSB-first stream else."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    assert packed.size == (n * bits + 7) // 8
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    if bits == 8:
-        return packed.astype(np.int64)
-    if bits not in (1, 2, 4):
-        stream = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
-        return stream @ (np.int64(1) << np.arange(bits, dtype=np.int64))
-    k, out, pos = 8 // bits, [], 0
-    for a in range(0, n, REF_STRIPE):
-        r = min(REF_STRIPE, n - a)
-        m = -(-r // k)
-        stripe = packed[pos:pos + m].astype(np.int64)
-        pos += m
-        # byte j of a stripe holds codes j, j+m, ..., j+(k-1)m at bit offsets 0, b, ..., (k-1)b
-        out.append(((stripe[None, :] >> (np.arange(k)[:, None] * bits)) & ((1 << bits) - 1)).reshape(-1)[:r])
-    return np.concatenate(out)
-
-
-def ref_block_lengths(param_numels, block_size):
-    if block_size is None:
-        total = sum(param_numels)
-        return [total] if total else []
-    if block_size == "layer":
-        return [n for n in param_numels if n]
-    out = []
-    for n in param_numels:
-        out += [block_size] * (n // block_size) + ([n % block_size] if n % block_size else [])
-    return out
 
 
 def ref_parts(body, param_numels, bits, block_size="layer", **_):

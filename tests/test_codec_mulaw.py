@@ -15,6 +15,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from _reference import ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs.base import Layout
 from ddp_qhooks.codecs.mulaw import MuLawCodec
@@ -35,37 +36,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------------
 # independent reference
 # ------------------------------------------------------------------------------------------------
-REF_STRIPE = 1 << 19  # codes per planar stripe, as documented in packing.py
-
-
-def ref_unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Codes from the packing.py layout: bytes (8), planar stripes (1/2/4), LSB-first stream (3/5/6/7)."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    assert packed.size == (n * bits + 7) // 8
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    if bits == 8:
-        return packed.astype(np.int64)
-    if bits not in (1, 2, 4):
-        stream = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
-        return stream @ (np.int64(1) << np.arange(bits, dtype=np.int64))
-    k, out, pos = 8 // bits, [], 0
-    for a in range(0, n, REF_STRIPE):
-        r = min(REF_STRIPE, n - a)
-        m = -(-r // k)
-        stripe = packed[pos:pos + m].astype(np.int64)
-        pos += m
-        out.append(((stripe[None, :] >> (np.arange(k)[:, None] * bits)) & ((1 << bits) - 1)).reshape(-1)[:r])
-    return np.concatenate(out)
-
-
-def ref_block_lengths(param_numels, block_size) -> list[int]:
-    if block_size is None:
-        total = sum(param_numels)
-        return [total] if total else []
-    if block_size == "layer":
-        return [n for n in param_numels if n]
-    return [min(block_size, n - s) for n in param_numels for s in range(0, n, block_size)]
 
 
 def ref_split(body: np.ndarray, param_numels, bits, block_size):

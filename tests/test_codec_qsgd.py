@@ -11,8 +11,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from test_codecs import ref_block_lengths as _int_block_lengths
-from test_codecs import ref_unpack
+from _reference import ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs import Layout, make_codec
 
@@ -25,12 +24,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def ref_block_lengths(param_numels, block_size):
-    if block_size == "layer":
-        return [n for n in param_numels if n]
-    return _int_block_lengths(param_numels, block_size)
 
 
 def ref_decode_minmax_family(body: np.ndarray, param_numels, bits, block_size=None, codec="uniform", **_):

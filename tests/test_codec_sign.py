@@ -13,6 +13,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from _reference import REF_STRIPE, ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs import (
     _blockscaled as ternary,  # CHUNK, NUMPY_ON_CPU live in the shared base
@@ -24,7 +25,6 @@ from ddp_qhooks.codecs.ternary import BlockScaledCodec
 EPS32 = 2.0 ** -23
 TINY32 = 2.0 ** -149        # smallest float32 subnormal
 FP32_MAX = float(np.finfo(np.float32).max)
-REF_STRIPE = 1 << 19  # codes per planar stripe, as documented in packing.py
 MODES = ("scaled", "stochastic")
 
 
@@ -39,33 +39,10 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------------
 # independent numpy reference
 # ------------------------------------------------------------------------------------------------
-def ref_block_lengths(param_numels, block_size):
-    total = sum(param_numels)
-    if block_size is None:
-        return [total] if total else []
-    if block_size == "layer":
-        return [n for n in param_numels if n]
-    out = []
-    for n in param_numels:
-        out += [block_size] * (n // block_size) + ([n % block_size] if n % block_size else [])
-    return out
 
 
 def _starts(lengths):
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-
-
-def ref_unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
-    """1-bit planar stripes: in a stripe of r codes, byte j holds codes j, j+m, ..., j+7m at bits 0..7 (m = ceil(r/8))."""
-    out, pos = [np.zeros(0, dtype=np.int64)], 0
-    for a in range(0, n, REF_STRIPE):
-        r = min(REF_STRIPE, n - a)
-        m = -(-r // 8)
-        stripe = packed[pos:pos + m].astype(np.int64)
-        pos += m
-        out.append(((stripe[None, :] >> np.arange(8)[:, None]) & 1).reshape(-1)[:r])
-    assert pos == packed.size
-    return np.concatenate(out)
 
 
 def ref_scales(body: np.ndarray, nblocks: int) -> np.ndarray:
@@ -75,7 +52,7 @@ def ref_scales(body: np.ndarray, nblocks: int) -> np.ndarray:
 def ref_codes_sign(body: np.ndarray, param_numels, block_size=None, **_) -> np.ndarray:
     body = np.asarray(body, dtype=np.uint8)
     lengths = ref_block_lengths(param_numels, block_size)
-    return ref_unpack_bits(body[4 * len(lengths):], sum(lengths))
+    return ref_unpack(body[4 * len(lengths):], 1, sum(lengths))
 
 
 def ref_decode_sign(body: np.ndarray, param_numels: list[int], **config) -> np.ndarray:

@@ -13,6 +13,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from _reference import REF_STRIPE, ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs import (
     _blockscaled as ternary,  # CHUNK, NUMPY_ON_CPU live in the shared base
@@ -24,7 +25,6 @@ from ddp_qhooks.codecs.ternary import BlockScaledCodec, TernaryCodec
 EPS32 = 2.0 ** -23
 TINY32 = 2.0 ** -149        # smallest float32 subnormal
 FP32_MAX = float(np.finfo(np.float32).max)
-REF_STRIPE = 1 << 19  # codes per planar stripe, as documented in packing.py
 PACKINGS = ("2bit", "base3")
 ROUNDINGS = ("stochastic", "threshold")
 
@@ -40,29 +40,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------------
 # independent numpy reference
 # ------------------------------------------------------------------------------------------------
-def ref_block_lengths(param_numels, block_size):
-    total = sum(param_numels)
-    if block_size is None:
-        return [total] if total else []
-    if block_size == "layer":
-        return [n for n in param_numels if n]
-    out = []
-    for n in param_numels:
-        out += [block_size] * (n // block_size) + ([n % block_size] if n % block_size else [])
-    return out
-
-
-def ref_unpack_planar(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Planar stripes: in a stripe of r codes, byte j holds codes j, j+m, ... at bits 0, b, ... (m = ceil(r*b/8))."""
-    k, out, pos = 8 // bits, [np.zeros(0, dtype=np.int64)], 0
-    for a in range(0, n, REF_STRIPE):
-        r = min(REF_STRIPE, n - a)
-        m = -(-r // k)
-        stripe = packed[pos:pos + m].astype(np.int64)
-        pos += m
-        out.append(((stripe[None, :] >> (np.arange(k)[:, None] * bits)) & ((1 << bits) - 1)).reshape(-1)[:r])
-    assert pos == packed.size
-    return np.concatenate(out)
 
 
 def ref_unpack_base3(packed: np.ndarray, n: int) -> np.ndarray:
@@ -87,7 +64,7 @@ def ref_codes_ternary(body: np.ndarray, param_numels, block_size=None, packing="
     lengths = ref_block_lengths(param_numels, block_size)
     n = sum(lengths)
     packed = body[4 * len(lengths):]
-    codes = ref_unpack_planar(packed, 2, n) if packing == "2bit" else ref_unpack_base3(packed, n)
+    codes = ref_unpack(packed, 2, n) if packing == "2bit" else ref_unpack_base3(packed, n)
     assert np.all(codes <= 2), "trit code 3 is never sent"
     return codes
 

@@ -14,12 +14,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from _reference import ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs import CODECS, Layout, make_codec
 from ddp_qhooks.codecs.topk import TopKCodec
 
 EPS32 = 2.0 ** -23
-REF_STRIPE = 1 << 19  # codes per planar stripe, as documented in packing.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,38 +33,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------------
 # independent reference
 # ------------------------------------------------------------------------------------------------
-def ref_unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """b-bit codes from packing.py's wire layout: bytes (8), planar stripes (1, 2, 4), LSB-first stream."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    assert packed.size == (n * bits + 7) // 8
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    if bits == 8:
-        return packed.astype(np.int64)
-    if bits in (1, 2, 4):
-        per, out, pos = 8 // bits, [], 0
-        for a in range(0, n, REF_STRIPE):
-            r = min(REF_STRIPE, n - a)
-            m = -(-r // per)
-            stripe = packed[pos:pos + m].astype(np.int64)
-            pos += m
-            # byte j holds codes j, j+m, ... at bit offsets 0, b, 2b ...
-            out.append(((stripe[None, :] >> (bits * np.arange(per)[:, None])) & ((1 << bits) - 1)).reshape(-1)[:r])
-        return np.concatenate(out)
-    stream = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
-    return stream @ (np.int64(1) << np.arange(bits, dtype=np.int64))
-
-
-def ref_block_lengths(param_numels, block_size):
-    if block_size is None:
-        total = sum(param_numels)
-        return [total] if total else []
-    if block_size == "layer":
-        return [n for n in param_numels if n]
-    out = []
-    for n in param_numels:
-        out += [block_size] * (n // block_size) + ([n % block_size] if n % block_size else [])
-    return out
 
 
 def ref_k(blen, ratio=None, k=None):

@@ -22,6 +22,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from _reference import REF_STRIPE, ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs import (
     CODECS,
@@ -42,7 +43,6 @@ CASTS = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ------------------------------------------------------------------------------------------------
 # independent reference implementations
 # ------------------------------------------------------------------------------------------------
-REF_STRIPE = 1 << 19  # codes per planar stripe, as documented in packing.py
 
 
 def _ref_stream_pack(codes, bits):
@@ -70,39 +70,6 @@ def ref_pack(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return codes.copy()
     return _ref_planar_pack(codes, bits) if bits in (1, 2, 4) else _ref_stream_pack(codes, bits)
-
-
-def ref_unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    packed = np.asarray(packed, dtype=np.uint8)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    if bits == 8:
-        return packed[:n].astype(np.int64)
-    if bits not in (1, 2, 4):
-        stream = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
-        return stream @ (np.int64(1) << np.arange(bits, dtype=np.int64))
-    k, out, pos = 8 // bits, [], 0
-    for a in range(0, n, REF_STRIPE):
-        r = min(REF_STRIPE, n - a)
-        m = -(-r // k)
-        stripe = packed[pos:pos + m].astype(np.int64)
-        pos += m
-        out.append(((stripe[None, :] >> (np.arange(k)[:, None] * bits)) & ((1 << bits) - 1)).reshape(-1)[:r])
-    return np.concatenate(out)
-
-
-def ref_block_lengths(param_numels, block_size):
-    """Quantization blocks: one per bucket, or ``block_size`` per parameter (never straddling)."""
-    total = sum(param_numels)
-    if block_size is None:
-        return [total] if total else []
-    out = []
-    for n in param_numels:
-        start = 0
-        while start < n:
-            out.append(min(block_size, n - start))
-            start += block_size
-    return out
 
 
 def body_meta(body: torch.Tensor, nblocks: int) -> np.ndarray:

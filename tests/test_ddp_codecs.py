@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 
 import _dist
-import ddp_qhooks
 import numpy as np
 import pytest
 import torch
@@ -31,6 +30,8 @@ from test_ddp import (
     _register,
 )
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ddp_qhooks
 
 pytestmark = pytest.mark.slow
 

@@ -76,6 +76,7 @@ from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
 from .kmeans import (
     BlockState,
+    RunningStateMixin,
     check_bits,
     check_choice,
     check_int,
@@ -86,7 +87,6 @@ from .kmeans import (
 )
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
-STATE_FORMAT = 1
 STATS = ("minmax", "percentile")
 GRIDS = ("stochastic", "uniform")
 _FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -95,9 +95,10 @@ _MIN_STEP = 2.0 ** -100   # smaller steps lose bits in float32 products
 __all__ = ["AdaptiveCodec"]
 
 
-class AdaptiveCodec(Codec):
+class AdaptiveCodec(RunningStateMixin, Codec):
     """Uniform ``bits``-bit grid on a running min-max or percentile range per block; clips."""
 
+    _state_field, _state_keys = "bounds", ("codec", "block_size", "stat")
     name = "adaptive"
     codec_id = 12
     stochastic = True   # the default grid; set per instance from ``grid``
@@ -136,17 +137,6 @@ class AdaptiveCodec(Codec):
         return 8 * len(layout.block_lengths(self.block_size)) + packed_nbytes(layout.numel, self.bits)
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "codec": self.config(), "entries": self._state.to_list("bounds")}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("format") != STATE_FORMAT:
-            raise ValueError(f"{self.name}: unsupported state format {state_dict.get('format')!r} (expected {STATE_FORMAT})")
-        saved = dict(state_dict["codec"])
-        for k in ("codec", "block_size", "stat"):
-            if saved.get(k) != self.config()[k]:
-                raise ValueError(f"{self.name}: state saved with {k}={saved.get(k)!r}, this codec has {self.config()[k]!r}")
-        self._state.from_list(state_dict["entries"], "bounds", self.name)
 
     # -- statistics ----------------------------------------------------------------------------
     def _observe(self, xf: torch.Tensor, blocks) -> torch.Tensor | None:

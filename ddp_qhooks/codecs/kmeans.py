@@ -262,9 +262,31 @@ def _nearest_codes(u: torch.Tensor, mids: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(torch.searchsorted(mids, u, out_int32=True))
 
 
-class KMeansCodec(Codec):
+class RunningStateMixin:
+    """``state_dict`` / ``load_state_dict`` for codecs that keep per-block running state in a
+    :class:`BlockState` (``self._state``): plain lists of tensors, so the hook can checkpoint them.
+    A state is refused if the settings that give it its shape or meaning differ (``_state_keys``)."""
+
+    _state_field: str = ""
+    _state_keys: tuple = ()
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "codec": self.config(), "entries": self._state.to_list(self._state_field)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(f"{self.name}: unsupported state format {state_dict.get('format')!r} (expected {STATE_FORMAT})")
+        saved = dict(state_dict["codec"])
+        for key in self._state_keys:
+            if saved.get(key) != self.config()[key]:
+                raise ValueError(f"{self.name}: state saved with {key}={saved.get(key)!r}, this codec has {self.config()[key]!r}")
+        self._state.from_list(state_dict["entries"], self._state_field, self.name)
+
+
+class KMeansCodec(RunningStateMixin, Codec):
     """Per-block k-means (Lloyd-Max) codebook of ``2**bits`` levels, sent with the codes."""
 
+    _state_field, _state_keys = "codebooks", ("codec", "bits", "block_size")
     name = "kmeans"
     codec_id = 9
     stochastic = False
@@ -293,17 +315,6 @@ class KMeansCodec(Codec):
         return 4 * self.levels * len(layout.block_lengths(self.block_size)) + packed_nbytes(layout.numel, self.bits)
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "codec": self.config(), "entries": self._state.to_list("codebooks")}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("format") != STATE_FORMAT:
-            raise ValueError(f"{self.name}: unsupported state format {state_dict.get('format')!r} (expected {STATE_FORMAT})")
-        saved = dict(state_dict["codec"])
-        for k in ("codec", "bits", "block_size"):
-            if saved.get(k) != self.config()[k]:
-                raise ValueError(f"{self.name}: state saved with {k}={saved.get(k)!r}, this codec has {self.config()[k]!r}")
-        self._state.from_list(state_dict["entries"], "codebooks", self.name)
 
     # -- encode --------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
