@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 REF_STRIPE = 1 << 19  # codes per planar stripe, as documented in packing.py
 
@@ -37,3 +38,33 @@ def ref_block_lengths(param_numels, block_size) -> list[int]:
     if block_size == "layer":
         return [n for n in param_numels if n]
     return [min(block_size, n - s) for n in param_numels for s in range(0, n, block_size)]
+
+
+# ------------------------------------------------------------------------------------------------
+# small torch helpers the codec test modules share
+# ------------------------------------------------------------------------------------------------
+def f64(t):
+    return t.detach().to(torch.float64).numpy()
+
+
+def encode(codec, x, layout, key=0, error_out=None):
+    """Encode into a body pre-filled with 0xAB (so unwritten bytes show)."""
+    body = torch.full((codec.body_nbytes(layout),), 0xAB, dtype=torch.uint8)
+    info = codec.encode(x, body, layout, key=key, error_out=error_out)
+    return body, info
+
+
+def decode(codec, bodies, layout, divisor=1, dtype=torch.float32):
+    """Decode into an output pre-filled with 12345 (so unwritten values show)."""
+    out = torch.full((layout.numel,), 12345.0, dtype=dtype)
+    codec.decode(list(bodies), layout, out, divisor=divisor)
+    return out
+
+
+def ragged_data(numels, seed, dtype=torch.float32):
+    """Parameters with very different scales and offsets, one after another."""
+    g = torch.Generator().manual_seed(seed)
+    scales = [1e-3, 1.0, 50.0, 0.2, 7.0]
+    offsets = [0.0, 2.0, -7.0, 0.5, -0.25]
+    parts = [torch.randn(n, generator=g) * scales[i % 5] + offsets[i % 5] for i, n in enumerate(numels)]
+    return (torch.cat(parts) if parts else torch.zeros(0)).to(dtype)

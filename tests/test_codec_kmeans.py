@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from _reference import ref_block_lengths, ref_unpack
+from _reference import decode, encode, f64, ragged_data, ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs.base import Layout
 from ddp_qhooks.codecs.kmeans import KMeansCodec
@@ -61,28 +61,6 @@ def ref_decode_kmeans(body: np.ndarray, param_numels: list[int], **config) -> np
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def f64(t):
-    return t.detach().to(torch.float64).numpy()
-
-
-def encode(codec, x, layout, key=0, error_out=None):
-    body = torch.full((codec.body_nbytes(layout),), 0xAB, dtype=torch.uint8)
-    info = codec.encode(x, body, layout, key=key, error_out=error_out)
-    return body, info
-
-
-def decode(codec, bodies, layout, divisor=1, dtype=torch.float32):
-    out = torch.full((layout.numel,), 12345.0, dtype=dtype)
-    codec.decode(list(bodies), layout, out, divisor=divisor)
-    return out
-
-
-def ragged_data(numels, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    scales = [1e-3, 1.0, 50.0, 0.2, 7.0]
-    offsets = [0.0, 2.0, -7.0, 0.5, -0.25]
-    parts = [torch.randn(n, generator=g) * scales[i % 5] + offsets[i % 5] for i, n in enumerate(numels)]
-    return (torch.cat(parts) if parts else torch.zeros(0)).to(dtype)
 
 
 def check_body(codec, x, layout, body, out=None):

@@ -15,7 +15,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from _reference import ref_block_lengths, ref_unpack
+from _reference import decode, f64, ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs.base import Layout
 from ddp_qhooks.codecs.mulaw import MuLawCodec
@@ -78,16 +78,6 @@ def encode(codec, x, layout=None, key=0, error_out=None):
     body = torch.full((codec.body_nbytes(layout),), 0xAB, dtype=torch.uint8)   # dirty: every byte must be written
     info = codec.encode(x, body, layout, key=key, error_out=error_out)
     return body, info
-
-
-def decode(codec, bodies, layout, divisor=1, dtype=torch.float32):
-    out = torch.full((layout.numel,), 12345.0, dtype=dtype)
-    codec.decode(list(bodies), layout, out, divisor=divisor)
-    return out
-
-
-def f64(t):
-    return t.detach().to(torch.float64).numpy()
 
 
 def ragged_data(numels, seed, dtype=torch.float32):

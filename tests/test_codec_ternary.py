@@ -13,7 +13,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from _reference import REF_STRIPE, ref_block_lengths, ref_unpack
+from _reference import REF_STRIPE, decode, ragged_data, ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs import (
     _blockscaled as ternary,  # CHUNK, NUMPY_ON_CPU live in the shared base
@@ -111,20 +111,6 @@ def encode(codec, x, layout, key=0, error_out=None):
     body = torch.zeros(codec.body_nbytes(layout), dtype=torch.uint8)
     info = codec.encode(x, body, layout, key=key, error_out=error_out)
     return body, info
-
-
-def decode(codec, bodies, layout, divisor=1, dtype=torch.float32):
-    out = torch.full((layout.numel,), 12345.0, dtype=dtype)
-    codec.decode(list(bodies), layout, out, divisor=divisor)
-    return out
-
-
-def ragged_data(numels, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    scales = [1e-3, 1.0, 50.0, 0.2, 7.0]
-    offsets = [0.0, 2.0, -7.0, 0.5, -0.25]
-    parts = [torch.randn(n, generator=g) * scales[i % 5] + offsets[i % 5] for i, n in enumerate(numels)]
-    return (torch.cat(parts) if parts else torch.zeros(0)).to(dtype)
 
 
 def cfg_of(codec):

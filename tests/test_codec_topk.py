@@ -14,7 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from _reference import ref_block_lengths, ref_unpack
+from _reference import decode, ref_block_lengths, ref_unpack
 
 from ddp_qhooks.codecs import CODECS, Layout, make_codec
 from ddp_qhooks.codecs.topk import TopKCodec
@@ -132,12 +132,6 @@ def encode(codec, x, layout, key=0, error_out=None):
     body = torch.full((codec.body_nbytes(layout),), 0xA5, dtype=torch.uint8)   # dirty: all bytes must be written
     info = codec.encode(x, body, layout, key=key, error_out=error_out)
     return body, info
-
-
-def decode(codec, bodies, layout, divisor=1, dtype=torch.float32):
-    out = torch.full((layout.numel,), 12345.0, dtype=dtype)
-    codec.decode(list(bodies), layout, out, divisor=divisor)
-    return out
 
 
 def distinct_data(n, seed, dtype=torch.float32):
