@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import threading
 from typing import ClassVar, Sequence
 
@@ -14,6 +13,7 @@ import torch
 
 from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
+from .options import as_int
 from .packing import STRIPE
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -22,26 +22,14 @@ _FP32_MIN_NORMAL = float(torch.finfo(torch.float32).tiny)
 CHUNK = STRIPE // 4
 
 
-
 # -- option checks -----------------------------------------------------------------------------
 def native_bits(codec: str, bits, native: int) -> int:
     """``bits`` must be 8 (what the hook passes to every codec) or the codec's own code width."""
-    value = bits
-    if not isinstance(bits, bool):
-        try:
-            value = operator.index(bits)
-        except TypeError:
-            pass
+    value = as_int(bits)
     if isinstance(value, bool) or not isinstance(value, int) or value not in (8, native):
         raise ValueError(f"{codec}: has a fixed code width (reported as bits={native}), so bits does not apply "
                          f"(leave it at its default 8 or pass {native}), got {bits!r}")
     return native
-
-
-def check_choice(codec: str, option: str, value, choices: tuple) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{codec}: {option} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-    return value
 
 
 # -- pieces and elementwise helpers ----------------------------------------------------------------
@@ -193,8 +181,7 @@ class BlockScaledCodec(Codec):
     # -- encode ----------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
         n = layout.numel
-        if x.numel() != n:
-            raise ValueError(f"input has {x.numel()} elements, layout describes {n}")
+        self._check_numel("input", x, layout)
         if n == 0:
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
         xf = x.detach()
@@ -239,8 +226,7 @@ class BlockScaledCodec(Codec):
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
         n = layout.numel
-        if out.numel() != n:
-            raise ValueError(f"output has {out.numel()} elements, layout describes {n}")
+        self._check_numel("output", out, layout)
         if n == 0 or not bodies:
             return out.zero_()
         nb = blocks_for(layout, self.block_size).count

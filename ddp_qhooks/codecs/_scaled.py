@@ -3,7 +3,6 @@ that index a fixed table of levels in units of that scale (``log``, ``mulaw``): 
 chunked encoding, packing, table-lookup decoding with float64 fallback against overflow."""
 from __future__ import annotations
 
-import operator
 import threading
 from typing import Sequence
 
@@ -12,29 +11,13 @@ import torch
 from . import _random
 from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
+from .options import check_bits, check_choice
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _ROUNDINGS = ("nearest", "stochastic")
 CHUNK = 1 << 18   # values per elementwise pass on the CPU: temporaries stay in cache, per-op overhead amortised
 _SQ_SAFE = (1e-18, 1e18)  # block maxima in this range: float32 sums of squares neither overflow nor underflow
-
-
-def _check_bits(codec: str, bits):
-    if not isinstance(bits, bool):
-        try:
-            bits = operator.index(bits)  # numpy integers too, but not floats
-        except TypeError:
-            pass
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{codec}: bits must be an integer in 2..8, got {bits!r}")
-    return bits
-
-
-def _check_rounding(codec: str, rounding):
-    if not isinstance(rounding, str) or rounding not in _ROUNDINGS:
-        raise ValueError(f"{codec}: rounding must be one of {', '.join(repr(r) for r in _ROUNDINGS)}, got {rounding!r}")
-    return rounding
 
 
 class _Scratch:
@@ -60,9 +43,9 @@ class _ScaledTableCodec(Codec):
     ``_codes(rel, rnd, out, s)`` (the codes of ``rel = x / m`` for one chunk)."""
 
     def __init__(self, bits: int, block_size, rounding: str):
-        bits = _check_bits(self.name, bits)
+        bits = check_bits(self.name, bits, 2)
         block_size = check_block_size(self.name, block_size)
-        rounding = _check_rounding(self.name, rounding)
+        rounding = check_choice(self.name, "rounding", rounding, _ROUNDINGS)
         super().__init__(bits)
         self.block_size = block_size
         self.rounding = rounding
@@ -113,8 +96,7 @@ class _ScaledTableCodec(Codec):
     # -- encode ------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout, key: int = 0,
                error_out: torch.Tensor | None = None) -> EncodeInfo:
-        if x.numel() != layout.numel:
-            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("input", x, layout)
         meta, packed = self._split(body, layout)
         n = layout.numel
         if n == 0:
@@ -158,8 +140,7 @@ class _ScaledTableCodec(Codec):
 
     # -- decode ------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
-        if out.numel() != layout.numel:
-            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("output", out, layout)
         n = layout.numel
         if n == 0 or not bodies:
             return out.zero_()

@@ -77,14 +77,11 @@ from .blocks import blocks_for, check_block_size
 from .kmeans import (
     BlockState,
     RunningStateMixin,
-    check_bits,
-    check_choice,
-    check_int,
-    check_real,
     read_meta,
     sample_index,
     write_meta,
 )
+from .options import check_bits, check_choice, check_int, check_real
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 STATS = ("minmax", "percentile")
@@ -170,8 +167,7 @@ class AdaptiveCodec(RunningStateMixin, Codec):
 
     # -- encode --------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
-        if x.numel() != layout.numel:
-            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("input", x, layout)
         n = layout.numel
         if n == 0:
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
@@ -209,8 +205,7 @@ class AdaptiveCodec(RunningStateMixin, Codec):
 
     # -- decode --------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
-        if out.numel() != layout.numel:
-            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("output", out, layout)
         n = layout.numel
         if n == 0 or not bodies:
             return out.zero_()

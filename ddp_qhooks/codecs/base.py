@@ -115,6 +115,12 @@ class Codec:
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def _check_numel(what: str, t: torch.Tensor, layout: Layout) -> None:
+        """``what`` ("input" / "output") must have one element per value of the layout."""
+        if t.numel() != layout.numel:
+            raise ValueError(f"{what} has {t.numel()} elements, layout describes {layout.numel}")
+
     def _error_via_decode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout,
                           error_out: torch.Tensor) -> EncodeInfo:
         """Generic ``error_out = x - decode(body)`` with the squared sums, for codecs that have no

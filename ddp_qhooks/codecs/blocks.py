@@ -17,11 +17,11 @@ tensor op per run (a handful per parameter at most), not one per block.
 from __future__ import annotations
 
 import functools
-import operator
 
 import torch
 
 from .base import Layout
+from .options import as_int
 
 LAYER = "layer"
 
@@ -30,11 +30,7 @@ def check_block_size(codec: str, block_size):
     """The validated ``block_size`` (None, "layer" or a positive int), or a ValueError naming the choices."""
     if block_size is None or block_size == LAYER:
         return block_size
-    if not isinstance(block_size, bool):
-        try:
-            block_size = operator.index(block_size)  # numpy integers too, but not floats
-        except TypeError:
-            pass
+    block_size = as_int(block_size)  # numpy integers too, but not floats
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"{codec}: block_size must be None (one block per bucket), 'layer' (one per parameter) "
                          f"or a positive integer, got {block_size!r}")

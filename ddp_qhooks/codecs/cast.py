@@ -38,8 +38,7 @@ class CastCodec(Codec):
         return layout.numel * torch.finfo(self.dtype).bits // 8
 
     def encode(self, x, body, layout, key=0, error_out=None):
-        if x.numel() != layout.numel:
-            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("input", x, layout)
         values = body.view(self.dtype)
         values.copy_(x)
         if values.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(values)).tolist()):
@@ -51,8 +50,7 @@ class CastCodec(Codec):
         return EncodeInfo(True, _sq(error_out), _sq(xf))
 
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1):
-        if out.numel() != layout.numel:
-            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("output", out, layout)
         if not bodies:
             return out.zero_()
         # every share is widened to float32 BEFORE dividing, as DDP's fp32 allreduce divides

@@ -71,15 +71,14 @@ Edge cases
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from typing import Sequence
 
 import torch
 
 from .base import Codec, EncodeInfo, Layout
 from .blocks import LAYER, blocks_for, check_block_size
-from .packing import VALID_BITS, pack_codes, packed_nbytes, unpack_codes
+from .options import check_bits, check_int
+from .packing import pack_codes, packed_nbytes, unpack_codes
 
 STATE_FORMAT = 1
 
@@ -87,41 +86,6 @@ __all__ = ["BlockState", "KMeansCodec"]
 
 
 # -- option checks shared with adaptive.py -------------------------------------------------------
-def check_bits(codec: str, bits) -> int:
-    bits = _index(bits)
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
-        raise ValueError(f"{codec}: bits must be an integer in 1..8 (one of {VALID_BITS}), got {bits!r}")
-    return bits
-
-
-def check_int(codec: str, option: str, value, minimum: int, what: str) -> int:
-    value = _index(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{codec}: {option} must be {what}, got {value!r}")
-    return value
-
-
-def check_real(codec: str, option: str, value, ok, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
-            or not ok(float(value)):
-        raise ValueError(f"{codec}: {option} must be {what}, got {value!r}")
-    return float(value)
-
-
-def check_choice(codec: str, option: str, value, choices: tuple) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{codec}: {option} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _index(value):
-    # numpy integers are fine; floats and bools are left for the caller's message
-    if value is None or isinstance(value, (bool, int)):
-        return value
-    try:
-        return operator.index(value)
-    except TypeError:
-        return value
 
 
 # -- body helpers shared with adaptive.py --------------------------------------------------------
@@ -314,12 +278,9 @@ class KMeansCodec(RunningStateMixin, Codec):
     def body_nbytes(self, layout: Layout) -> int:
         return 4 * self.levels * len(layout.block_lengths(self.block_size)) + packed_nbytes(layout.numel, self.bits)
 
-    # -- state ---------------------------------------------------------------------------------
-
     # -- encode --------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
-        if x.numel() != layout.numel:
-            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("input", x, layout)
         n = layout.numel
         if n == 0:
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
@@ -394,8 +355,7 @@ class KMeansCodec(RunningStateMixin, Codec):
 
     # -- decode --------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
-        if out.numel() != layout.numel:
-            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("output", out, layout)
         n = layout.numel
         if n == 0 or not bodies:
             return out.zero_()

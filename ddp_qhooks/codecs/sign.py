@@ -48,8 +48,9 @@ from __future__ import annotations
 import torch
 
 from . import _random
-from ._blockscaled import BlockScaledCodec, _le, _negative, check_choice
+from ._blockscaled import BlockScaledCodec, _le, _negative
 from .blocks import blocks_for
+from .options import check_choice
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["SignCodec"]

@@ -61,8 +61,9 @@ import numbers
 import torch
 
 from . import _random
-from ._blockscaled import BlockScaledCodec, _gt, _mask, _negative, check_choice
+from ._blockscaled import BlockScaledCodec, _gt, _mask, _negative
 from .blocks import blocks_for
+from .options import check_choice
 from .packing import (
     pack_codes,
     pack_trits,

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from fractions import Fraction
 from typing import Sequence
 
@@ -57,6 +56,7 @@ import torch
 
 from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
+from .options import check_int
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FP32 = "fp32"
@@ -136,13 +136,7 @@ class TopKCodec(Codec):
             raise ValueError(f"{self.name}: give either ratio (fraction kept per block) or k (values kept per "
                              f"block), not both; got ratio={ratio!r}, k={k!r}")
         if k is not None:
-            if not isinstance(k, bool):
-                try:
-                    k = operator.index(k)
-                except TypeError:
-                    pass
-            if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-                raise ValueError(f"{self.name}: k must be a positive integer (values kept per block), got {k!r}")
+            k = check_int(self.name, "k", k, 1, "a positive integer (values kept per block)")
             self._ratio = None
         else:
             if ratio is None:
@@ -222,8 +216,7 @@ class TopKCodec(Codec):
 
     # -- encode ------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
-        if x.numel() != layout.numel:
-            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("input", x, layout)
         plan = self._plan(layout)
         if body.numel() != plan.nbytes:
             raise ValueError(f"body has {body.numel()} bytes, {self.name} needs {plan.nbytes} for this layout")
@@ -306,8 +299,7 @@ class TopKCodec(Codec):
         return self.value_codec.decode([section], plan.value_layout, vals)
 
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
-        if out.numel() != layout.numel:
-            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("output", out, layout)
         if layout.numel == 0 or not bodies:
             return out.zero_()
         plan = self._plan(layout)

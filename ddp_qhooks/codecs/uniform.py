@@ -23,7 +23,6 @@ for the min/max and once for the codes.  ``compile=True`` fuses the affine op an
 from __future__ import annotations
 
 import math
-import operator
 import threading
 from typing import Sequence
 
@@ -33,6 +32,7 @@ import torch
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout
 from .blocks import blocks_for, check_block_size
+from .options import check_bits
 from .packing import (
     PLANAR_BITS,
     STRIPE,
@@ -90,10 +90,7 @@ class UniformCodec(Codec):
     summary = "round-to-nearest on a min-max grid of 2^b levels (error <= half a step)"
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
-        bits = _as_int(bits)
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.valid_bits:
-            raise ValueError(f"{self.name}: bits must be an integer in {self.valid_bits[0]}..{self.valid_bits[-1]}, "
-                             f"got {bits!r}")
+        bits = check_bits(self.name, bits, self.valid_bits[0], self.valid_bits[-1])
         block_size = check_block_size(self.name, block_size)
         if not isinstance(compile, bool):
             raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
@@ -180,8 +177,7 @@ class UniformCodec(Codec):
 
     # -- encode ------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
-        if x.numel() != layout.numel:
-            raise ValueError(f"input has {x.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("input", x, layout)
         meta, codes = self._split(body, layout)
         if x.numel() == 0:
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
@@ -357,8 +353,7 @@ class UniformCodec(Codec):
 
     # -- decode ------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
-        if out.numel() != layout.numel:
-            raise ValueError(f"output has {out.numel()} elements, layout describes {layout.numel}")
+        self._check_numel("output", out, layout)
         if layout.numel == 0 or not bodies:
             return out.zero_()
         parts = [self._split(b, layout) for b in bodies]
@@ -451,16 +446,6 @@ class UniformCodec(Codec):
         for start, nb, blen, bi in runs:
             acc[start:start + nb * blen].view(nb, blen).add_(lo_sum[bi:bi + nb, None])
         return out.copy_(acc)
-
-
-def _as_int(value):
-    """Accept integer-like values (numpy integers) but not floats or bools."""
-    if value is None or isinstance(value, (bool, int)):
-        return value
-    try:
-        return operator.index(value)
-    except TypeError:
-        return value  # left for the caller's check to reject with its message
 
 
 def _sq(t: torch.Tensor, magnitude: float) -> float:
