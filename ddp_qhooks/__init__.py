@@ -6,9 +6,9 @@ One line after wrapping the model::
 """
 from . import codecs
 from .codecs import CODECS, make_codec
-from .exchange import ConfigMismatchError
+from .exchange import EXCHANGES, ConfigMismatchError
 from .hook import QuantizedHookState, quantized_allgather_hook, register
 
 __version__ = "0.1.0"
 __all__ = ["register", "QuantizedHookState", "quantized_allgather_hook", "codecs", "CODECS", "make_codec",
-           "ConfigMismatchError", "__version__"]
+           "ConfigMismatchError", "EXCHANGES", "__version__"]

@@ -1,8 +1,8 @@
 """Fashion-MNIST from its IDX files (the Debian package ``dataset-fashion-mnist``), and the small
 CNN the fidelity table, the benchmark and the examples train.
 
-No downloads: the files must be on disk.  Search order: the ``path`` argument, the
-``FASHION_MNIST_DIR`` environment variable, ``/usr/share/datasets/fashion-mnist``.  Both the
+No downloads: the files must be on disk.  Where: the ``path`` argument if given, else the
+``FASHION_MNIST_DIR`` environment variable, then ``/usr/share/datasets/fashion-mnist``.  Both the
 gzipped (``train-images-idx3-ubyte.gz``) and the plain file names are accepted.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ class DatasetMissing(FileNotFoundError):
 
 
 def find_dir(path: str | None = None) -> str:
-    candidates = [p for p in (path, os.environ.get("FASHION_MNIST_DIR"), DEFAULT_DIR) if p]
+    # a directory the user names is the only one tried: silently reading another copy would hide a typo
+    candidates = [path] if path else [p for p in (os.environ.get("FASHION_MNIST_DIR"), DEFAULT_DIR) if p]
     for d in candidates:
         if all(_resolve(d, f) for f in _FILES["train"] + _FILES["test"]):
             return d

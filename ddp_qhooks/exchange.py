@@ -13,7 +13,16 @@ import torch.distributed as dist
 
 from .codecs.wire import fingerprint
 
-__all__ = ["world_size", "rank", "allgather_async", "check_agreement", "ConfigMismatchError"]
+__all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "check_agreement", "ConfigMismatchError"]
+
+# how a bucket's payloads travel between ranks
+EXCHANGES = ("allgather",)
+
+
+def check_exchange(exchange: str) -> str:
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {', '.join(map(repr, EXCHANGES))}, got {exchange!r}")
+    return exchange
 
 
 class ConfigMismatchError(ValueError):

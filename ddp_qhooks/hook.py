@@ -38,6 +38,7 @@ from .codecs.wire import (
     payload_nbytes,
 )
 from .error_feedback import ResidualMemory
+from .exchange import check_exchange
 
 __all__ = ["QuantizedHookState", "quantized_allgather_hook", "register"]
 
@@ -77,6 +78,8 @@ class QuantizedHookState:
             the model).  A parameter whose local gradient is exactly zero in a step (unused here)
             neither receives nor updates its residual that step: DDP discards the result for
             globally unused parameters, which would otherwise silently drop their residual.
+        exchange: how payloads travel between ranks, one of ``ddp_qhooks.EXCHANGES``
+            (``"allgather"``: every rank receives every other rank's payload).
         **codec_options: codec specific, e.g. ``block_size`` for ``uniform`` / ``stochastic``.
 
     The state is picklable (the process group is dropped, as in PowerSGD) and its
@@ -86,8 +89,10 @@ class QuantizedHookState:
 
     def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
                  seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
-                 hold_unused_residuals: bool = False, **codec_options):
-        self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals"), **codec_options)
+                 hold_unused_residuals: bool = False, exchange: str = "allgather", **codec_options):
+        self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals", "exchange"),
+                                **codec_options)
+        self.exchange = check_exchange(exchange)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
         if getattr(self.codec, "error_feedback_diverges", False) and error_feedback:
@@ -260,6 +265,7 @@ class QuantizedHookState:
 
     def __setstate__(self, state):
         residuals = state.pop("_residuals")
+        state.setdefault("exchange", "allgather")  # pickled before the option existed
         self.__dict__.update(state)
         self.process_group = None
         self._lock = threading.Lock()
@@ -325,7 +331,7 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     b = state._bucket(signature, params, buf.device)
     state._used_this_step.add(signature)
     if not state._agreed:
-        exchange.check_agreement({**state.codec.config(), "error_feedback": state.error_feedback}, buf.device, group)
+        exchange.check_agreement(_agreed_config(state), buf.device, group)
         state._agreed = True
 
     x = buf if buf.dtype == torch.float32 else buf.float()
@@ -393,6 +399,10 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
 
 
+def _agreed_config(state: QuantizedHookState) -> dict:
+    return {**state.codec.config(), "error_feedback": state.error_feedback, "exchange": state.exchange}
+
+
 def _param_slices(layout: Layout):
     return [slice(off, off + n) for off, n in zip(layout.param_offsets(), layout.param_numels)]
 
@@ -422,7 +432,8 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
         raise TypeError(f"register() needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
     if getattr(ddp_model, "mixed_precision", None) is not None:
         raise ValueError("DDP's mixed_precision option installs its own comm hook; use codec='bf16'/'fp16' instead")
-    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error", "hold_unused_residuals") if k in codec_options}
+    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error", "hold_unused_residuals", "exchange")
+                     if k in codec_options}
     state_options.setdefault("hold_unused_residuals", bool(getattr(ddp_model, "find_unused_parameters", False)))
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
@@ -436,7 +447,7 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
     # here, so that one misconfigured rank raises the same error everywhere instead of a hang
     device = next((p.device for p in ddp_model.module.parameters()), torch.device("cpu"))
     if dist.is_initialized():
-        config = None if error else {**state.codec.config(), "error_feedback": state.error_feedback}
+        config = None if error else _agreed_config(state)
         exchange.check_agreement(config, device, process_group, local_error=None if error is None else str(error))
         state._agreed = True
     elif error is not None:

@@ -1,0 +1,69 @@
+"""Join the process group from whatever launched this process: torchrun, SLURM's srun, or nothing.
+
+``torchrun`` (and ``torch.distributed.launch``, Lightning, Accelerate) set ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; torch reads them itself.
+``srun`` with one task per rank sets ``SLURM_PROCID``, ``SLURM_LOCALID``
+and ``SLURM_STEP_NUM_TASKS`` instead: :func:`init_from_env` maps those to torch's names, so the same script runs under both.
+The address of the first node must still be exported by the job script (``MASTER_ADDR``,
+``MASTER_PORT``; see ``slurm/srun.sbatch``), because SLURM does not define one.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    launcher: str  # "torchrun", "env" or "slurm"
+
+
+def launcher() -> str | None:
+    """``"torchrun"`` under torchrun, ``"env"`` when torch's variables were set otherwise,
+    ``"slurm"`` inside an srun step with more than one task, else ``None`` (a plain ``python script.py``)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env"
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step, not in the batch script itself, where
+    # SLURM_NTASKS would describe ranks that were never started
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return "slurm"
+    return None
+
+
+def init_from_env(cpu: bool = False, timeout_s: float | None = None) -> Launch:
+    """Initialise the default process group from the launcher's environment.
+
+    NCCL on ``cuda:LOCAL_RANK`` when CUDA is available and ``cpu`` is false, else Gloo on the CPU.
+    Raises ``RuntimeError`` naming what is missing when no launcher environment is present.
+    """
+    kind = launcher()
+    if kind is None:
+        raise RuntimeError("no launcher environment: run under torchrun (RANK/WORLD_SIZE) or srun "
+                           "(SLURM_PROCID/SLURM_STEP_NUM_TASKS with MASTER_ADDR/MASTER_PORT exported)")
+    if kind == "slurm":
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise RuntimeError(f"running under srun but {' and '.join(missing)} not set: export the first node's "
+                               "address and a free port in the job script (see slurm/srun.sbatch)")
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and not cpu:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, **kwargs)
+    return Launch(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, kind)
