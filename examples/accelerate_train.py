@@ -104,6 +104,7 @@ def main() -> None:
                              "residual_norm": _residual_norm(state)})
     if accelerator.is_main_process:
         xt, yt = load("test", args.data)
+        torch.set_num_threads(os.cpu_count() or 1)  # the other ranks are done
         net = accelerator.unwrap_model(model).eval()
         with torch.no_grad():
             acc = (net(xt).argmax(1) == yt).float().mean().item()

@@ -16,6 +16,7 @@ Every rank prints one ``hook-stats {...}`` JSON line at the end; rank 0 then pri
 """
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,8 @@ def main() -> None:
     if args.save_ckpt:
         trainer.save_checkpoint(args.save_ckpt)  # a collective: every rank calls it, rank 0 writes
 
-    state = strategy.hook_state
+    if args.strategy == "quantized":
+        state = strategy.hook_state  # this process's QuantizedHookState
     s = state.stats()
     _emit("hook-stats", {"rank": trainer.global_rank, "steps": s["steps"],
                          "compression_ratio": round(s["compression_ratio"], 3), "nmse": s["nmse"],
@@ -106,6 +108,7 @@ def main() -> None:
                          "residual_norm": _residual_norm(state)})
     if trainer.is_global_zero:
         xt, yt = load("test", args.data)
+        torch.set_num_threads(os.cpu_count() or 1)  # the other ranks are done
         model.eval()
         with torch.no_grad():
             acc = (model.model(xt).argmax(1) == yt).float().mean().item()
