@@ -76,6 +76,18 @@ class ResidualMemory:
             if sig in self._buffers and sig in self._staging:
                 self._buffers[sig], self._staging[sig] = self._staging[sig], self._buffers[sig]
 
+    def holds_any(self, signature: tuple[int, ...]) -> bool:
+        """Whether any of these parameters has a residual (live or loaded)."""
+        return any(k in self._where or k in self._pending for k in signature)
+
+    def release(self, signature: tuple[int, ...]) -> None:
+        """Forget the bucket's residuals (the caller has moved them elsewhere)."""
+        self._buffers.pop(signature, None)
+        self._staging.pop(signature, None)
+        for key in signature:
+            if key in self._where and self._where[key][0] == signature:
+                del self._where[key]
+
     def residuals(self) -> dict[int, torch.Tensor]:
         """Every known residual by parameter key (views; copy before keeping)."""
         out = {key: t for key, t in self._pending.items()}

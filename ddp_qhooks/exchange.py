@@ -1,22 +1,31 @@
 """Collectives: the only module that talks to torch.distributed.
 
-All-gather of equal-sized packed payloads (one collective per bucket), and a one-off agreement
-check that every rank uses the same codec configuration, so a misconfigured rank produces the same
-clear error everywhere instead of a hang or garbage.
+* all-gather of equal-sized packed payloads (one collective per bucket);
+* all-to-all of per-shard payloads, the first phase of the two-phase exchange;
+* :class:`InOrder`: launches second-phase collectives in bucket order on every rank;
+* the byte counts :func:`choose` uses to pick an exchange per bucket;
+* a one-off agreement check that every rank uses the same configuration, so a misconfigured rank
+  produces the same clear error everywhere instead of a hang or garbage.
 """
 from __future__ import annotations
 
 import json
+import threading
 
 import torch
 import torch.distributed as dist
 
 from .codecs.wire import fingerprint
 
-__all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "check_agreement", "ConfigMismatchError"]
+__all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "alltoall_async", "InOrder", "choose",
+           "shard_bounds", "check_agreement", "ConfigMismatchError"]
 
-# how a bucket's payloads travel between ranks
-EXCHANGES = ("allgather",)
+# how a bucket's payloads travel between ranks:
+#   allgather  every rank receives every other rank's payload: (W-1) x payload bytes sent per rank
+#   alltoall   two phases: each rank reduces one shard, then all-gathers the re-quantized shards:
+#              2 (W-1)/W x payload bytes per rank, flat in W, at the cost of a second quantization
+#   auto       per bucket, whichever of the two sends fewer bytes (all-gather on a tie)
+EXCHANGES = ("auto", "allgather", "alltoall")
 
 
 def check_exchange(exchange: str) -> str:
@@ -53,6 +62,72 @@ def allgather_async(payload: torch.Tensor, out: torch.Tensor, group=None) -> tor
             raise
         work = dist.all_gather(list(out.view(-1, payload.numel()).unbind(0)), payload, group=group, async_op=True)
     return work.get_future()
+
+
+def alltoall_async(send: torch.Tensor, recv: torch.Tensor, group=None) -> torch.futures.Future:
+    """Start an all-to-all of W equal slots: slot s of ``send`` goes to rank s, slot r of ``recv``
+    comes from rank r.  Returns a Future; callers read ``recv``."""
+    return dist.all_to_all_single(recv, send, group=group, async_op=True).get_future()
+
+
+def shard_bounds(numel: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous shards of a bucket, one per rank, sizes differing by at most one."""
+    base, extra = divmod(numel, world)
+    bounds, start = [], 0
+    for s in range(world):
+        end = start + base + (1 if s < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def choose(exchange: str, world: int, numel: int, allgather_bytes: int, two_phase_bytes: int) -> tuple[str, str]:
+    """(``"allgather"`` or ``"alltoall"``, reason) for one bucket, from the bytes each would send
+    per rank."""
+    if exchange == "allgather" or world < 2:
+        return "allgather", "exchange='allgather'"
+    if numel < world:
+        return "allgather", f"bucket of {numel} values cannot be cut into {world} shards"
+    cmp = f"two-phase sends {two_phase_bytes} B per rank, all-gather {allgather_bytes} B"
+    if exchange == "alltoall":
+        # at W = 2 both send about the same: keep what was asked for; at W > 2 all-gather wins only
+        # on buckets so small that headers and scales dominate
+        if world > 2 and two_phase_bytes >= allgather_bytes:
+            return "allgather", f"small bucket: {cmp}"
+        return "alltoall", "exchange='alltoall'"
+    if two_phase_bytes < allgather_bytes:
+        return "alltoall", f"auto: {cmp}"
+    return "allgather", f"auto: {cmp} (one quantization instead of two)"
+
+
+class InOrder:
+    """Runs ``launch`` callables in bucket-index order, whatever order they are submitted in.
+
+    Second-phase collectives are started from completion callbacks, which run on backend threads
+    in any order; collectives on one group must be issued in the same order on every rank, so
+    each waits until every lower-indexed bucket of the step has been launched.
+    """
+
+    def __init__(self) -> None:
+        # reentrant: a launched collective that is already complete runs its callback inline, and
+        # that callback may end the step (reset) on this same thread
+        self._lock = threading.RLock()
+        self._next = 0
+        self._ready: dict = {}
+
+    def submit(self, index: int, launch=None) -> None:
+        with self._lock:
+            self._ready[index] = launch
+            while self._next in self._ready:
+                fn = self._ready.pop(self._next)
+                self._next += 1
+                if fn is not None:
+                    fn()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._next = 0
+            self._ready.clear()
 
 
 def check_agreement(config, device, group=None, local_error: str | None = None) -> None:

@@ -9,6 +9,12 @@ Per bucket and step:
 4. in the future's callback every rank checks the headers, decodes the W payloads and returns their
    mean (DDP does not divide by the world size when a hook is registered).
 
+With ``exchange="alltoall"`` (or ``"auto"`` choosing it) steps 2-4 become two phases: the bucket is
+cut into W shards, each encoded separately and sent with one all-to-all to the rank owning it;
+the owner decodes the W copies of its shard, averages them, adds its *server* residual, re-encodes
+the mean (new server residual = what that encoding lost) and all-gathers it; every rank decodes
+the W mean shards.  Bytes sent per rank: 2(W-1)/W x payload instead of (W-1) x payload.
+
 Usage (torch style, like ``powerSGD_hook``)::
 
     from ddp_qhooks import QuantizedHookState, quantized_allgather_hook
@@ -17,6 +23,7 @@ Usage (torch style, like ``powerSGD_hook``)::
 
 or simply ``state = ddp_qhooks.register(ddp, codec="stochastic", bits=4)``.
 """
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ import torch.distributed as dist
 
 from . import exchange
 from .codecs import Layout, make_codec
+from .codecs.base import EncodeInfo
 from .codecs._random import splitmix64
 from .codecs.wire import (
     FLAG_NONFINITE,
@@ -38,11 +46,27 @@ from .codecs.wire import (
     payload_nbytes,
 )
 from .error_feedback import ResidualMemory
-from .exchange import check_exchange
+from .exchange import InOrder, check_exchange
+from .exchange import check_agreement as _check_agreement  # register()'s `exchange` argument shadows the module
 
 __all__ = ["QuantizedHookState", "quantized_allgather_hook", "register"]
 
 STATE_FORMAT = 1
+_log = logging.getLogger("ddp_qhooks")
+
+
+@dataclass
+class _Shards:
+    """Two-phase buffers of one bucket: W shard payloads of ``slot`` bytes each."""
+
+    bounds: list            # (start, end) of each rank's shard in the bucket
+    layouts: list           # Layout of each shard (pieces of the bucket's parameters)
+    bodies: list            # body bytes of each shard's payload
+    slot: int               # bytes per payload slot (the largest shard's payload)
+    send: torch.Tensor      # W slots; after phase 1 the own slot carries the re-encoded mean
+    recv: torch.Tensor      # W copies of the own shard, one per rank
+    gathered: torch.Tensor  # W re-encoded mean shards
+    mean: torch.Tensor      # float32 mean of the own shard
 
 
 @dataclass
@@ -54,6 +78,9 @@ class _Bucket:
     payload: torch.Tensor
     gathered: torch.Tensor
     scratch: Optional[torch.Tensor]
+    mode: str = "allgather"
+    reason: str = ""
+    shards: Optional[_Shards] = None
 
 
 class QuantizedHookState:
@@ -78,8 +105,11 @@ class QuantizedHookState:
             the model).  A parameter whose local gradient is exactly zero in a step (unused here)
             neither receives nor updates its residual that step: DDP discards the result for
             globally unused parameters, which would otherwise silently drop their residual.
-        exchange: how payloads travel between ranks, one of ``ddp_qhooks.EXCHANGES``
-            (``"allgather"``: every rank receives every other rank's payload).
+        exchange: how payloads travel between ranks, one of ``ddp_qhooks.EXCHANGES``:
+            ``"allgather"`` (every rank receives every other rank's payload; one quantization),
+            ``"alltoall"`` (two-phase: bytes flat in W, a second quantization of the mean with its
+            own server-side residual), ``"auto"`` (per bucket, whichever sends fewer bytes: at
+            W = 2 always all-gather).  The choice per bucket and why is in :meth:`stats`.
         **codec_options: codec specific, e.g. ``block_size`` for ``uniform`` / ``stochastic``.
 
     The state is picklable (the process group is dropped, as in PowerSGD) and its
@@ -89,7 +119,7 @@ class QuantizedHookState:
 
     def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
                  seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
-                 hold_unused_residuals: bool = False, exchange: str = "allgather", **codec_options):
+                 hold_unused_residuals: bool = False, exchange: str = "auto", **codec_options):
         self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals", "exchange"),
                                 **codec_options)
         self.exchange = check_exchange(exchange)
@@ -112,6 +142,12 @@ class QuantizedHookState:
         self.measure_error = measure_error
         self.hold_unused_residuals = hold_unused_residuals
         self.memory = ResidualMemory()
+        # two-phase: residual of the re-encoded mean of this rank's shards, kept per parameter
+        # (zero outside the own shards) so that it survives bucket rebuilds like ``memory``
+        self.server_memory = ResidualMemory()
+        self._in_order = InOrder()
+        self._second_group = None
+        self._announced = False
         self.step = 0
         self._config_print = fingerprint(self.codec.config())
         self._param_key: Dict[int, int] = {}
@@ -155,19 +191,21 @@ class QuantizedHookState:
     # -- stats -----------------------------------------------------------------------------------
     def _reset_stats(self) -> None:
         self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0}
-        self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0}
+        self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0, "modes": {}}
         self._new_step()
 
     def stats(self) -> dict:
         """Cumulative traffic and quality figures of this rank.
 
         Keys: ``steps`` (synchronised iterations), ``payload_bytes`` (bytes of this rank's
-        payloads), ``wire_bytes_sent`` (bytes this rank sends for the all-gather at this world
-        size: (W-1) x payload), ``fp32_bytes`` (4 bytes per gradient value: what an fp32 payload
+        payloads; two-phase: its W shard payloads), ``wire_bytes_sent`` (bytes this rank sends at
+        this world size: all-gather (W-1) x payload, two-phase 2 (W-1) x shard payload), ``fp32_bytes`` (4 bytes per gradient value: what an fp32 payload
         would have been), ``compression_ratio`` (fp32_bytes / payload_bytes), ``nmse`` (last step:
         sum of squared quantization errors / sum of squared inputs, over all buckets),
         ``fp32_allreduce_wire_bytes`` (what a ring fp32 allreduce sends per rank: 2(W-1)/W x 4
-        bytes per value), plus ``payload_bytes_last_step``, ``buckets_last_step``, ``hook_calls``,
+        bytes per value), ``exchange`` (as configured), ``exchange_last_step`` (buckets per exchange
+        used, e.g. ``{"alltoall": 3, "allgather": 1}``), ``exchange_reason`` (why, per exchange
+        used), plus ``payload_bytes_last_step``, ``buckets_last_step``, ``hook_calls``,
         ``nonfinite_steps``, ``world_size``, ``codec`` and ``bits``.
         """
         t = self._totals
@@ -182,6 +220,9 @@ class QuantizedHookState:
             "fp32_allreduce_wire_bytes": int(t["fp32_bytes"] * 2 * (w - 1) / w) if w else 0,
             "payload_bytes_last_step": self._last["payload_bytes"],
             "buckets_last_step": self._last["buckets"],
+            "exchange": self.exchange,
+            "exchange_last_step": dict(self._last["modes"]),
+            "exchange_reason": "; ".join(sorted({f"{b.mode}: {b.reason}" for b in self._buckets.values()})),
             "hook_calls": t["hook_calls"],
             "nonfinite_steps": t["nonfinite_steps"],
             "world_size": w,
@@ -196,6 +237,7 @@ class QuantizedHookState:
     def state_dict(self) -> dict:
         """Residuals (by parameter name), step counter and seed (= the RNG state), config, counters."""
         residuals = {self._name_of(k): v.detach().to("cpu", copy=True) for k, v in self.memory.residuals().items()}
+        server = {self._name_of(k): v.detach().to("cpu", copy=True) for k, v in self.server_memory.residuals().items()}
         return {
             "format": STATE_FORMAT,
             "codec": dict(self.codec.config()),
@@ -205,6 +247,8 @@ class QuantizedHookState:
             "world_size": self._world_size(),
             "rank": exchange.rank(self.process_group) if dist.is_initialized() else 0,
             "residuals": residuals,
+            "server_residuals": server,
+            "exchange": self.exchange,
             "totals": dict(self._totals),
             # per-rank running state of stateful codecs (k-means codebooks, adaptive ranges)
             "codec_state": self.codec.state_dict() if hasattr(self.codec, "state_dict") else {},
@@ -221,20 +265,8 @@ class QuantizedHookState:
         if dict(state_dict["codec"]) != self.codec.config():
             warnings.warn(f"ddp_qhooks: loading hook state saved with {state_dict['codec']} into {self.codec.config()}; "
                           "residuals are kept (they are gradient-space errors)", stacklevel=2)
-        by_name = {v: k for k, v in self._param_names.items()}
-        residuals = {}
-        for name, tensor in state_dict["residuals"].items():
-            if by_name:
-                if name not in by_name:
-                    raise ValueError(f"hook state has a residual for {name!r}, which is not a parameter of the model")
-                key = by_name[name]
-                if tensor.numel() != self._param_numels[key]:
-                    raise ValueError(f"residual for {name!r} has {tensor.numel()} elements, the parameter has {self._param_numels[key]}")
-            elif name.startswith("param") and name[5:].isdigit():
-                key = int(name[5:])
-            else:
-                raise ValueError(f"residual {name!r} is keyed by parameter name: create the state with module=...")
-            residuals[key] = tensor
+        residuals = self._residuals_by_key(state_dict["residuals"])
+        server = self._residuals_by_key(state_dict.get("server_residuals", {}))
         saved_w = state_dict.get("world_size")
         if saved_w and dist.is_initialized() and saved_w != self._world_size():
             warnings.warn(f"ddp_qhooks: hook state saved at world size {saved_w}, loaded at {self._world_size()}; "
@@ -248,6 +280,9 @@ class QuantizedHookState:
             warnings.warn(f"ddp_qhooks: checkpoint was saved with error_feedback={state_dict['error_feedback']}; "
                           f"keeping this state's error_feedback={self.error_feedback}", stacklevel=2)
         self.memory.load(residuals)
+        # a server residual outside this rank's shards (other world size or bucket layout) is moved
+        # into the worker residual when its bucket is first seen: nothing is dropped
+        self.server_memory.load(server)
         if state_dict.get("codec_state") and hasattr(self.codec, "load_state_dict"):
             if dict(state_dict["codec"]) == self.codec.config():
                 self.codec.load_state_dict(state_dict["codec_state"])
@@ -258,14 +293,36 @@ class QuantizedHookState:
         self.seed = int(state_dict["seed"])
         self._totals.update({k: int(v) for k, v in state_dict.get("totals", {}).items() if k in self._totals})
 
+    def _residuals_by_key(self, named: dict) -> dict:
+        by_name = {v: k for k, v in self._param_names.items()}
+        residuals = {}
+        for name, tensor in named.items():
+            if by_name:
+                if name not in by_name:
+                    raise ValueError(f"hook state has a residual for {name!r}, which is not a parameter of the model")
+                key = by_name[name]
+                if tensor.numel() != self._param_numels[key]:
+                    raise ValueError(f"residual for {name!r} has {tensor.numel()} elements, the parameter has {self._param_numels[key]}")
+            elif name.startswith("param") and name[5:].isdigit():
+                key = int(name[5:])
+            else:
+                raise ValueError(f"residual {name!r} is keyed by parameter name: create the state with module=...")
+            residuals[key] = tensor
+        return residuals
+
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_buckets", "memory", "_param_key", "_lock")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("process_group", "_buckets", "memory", "server_memory", "_param_key", "_lock", "_in_order",
+                              "_second_group")}
         state["_residuals"] = {k: v.detach().cpu().clone() for k, v in self.memory.residuals().items()}
+        state["_server_residuals"] = {k: v.detach().cpu().clone() for k, v in self.server_memory.residuals().items()}
         return state
 
     def __setstate__(self, state):
         residuals = state.pop("_residuals")
+        server = state.pop("_server_residuals", {})
         state.setdefault("exchange", "allgather")  # pickled before the option existed
+        state.setdefault("_announced", False)
         self.__dict__.update(state)
         self.process_group = None
         self._lock = threading.Lock()
@@ -275,6 +332,10 @@ class QuantizedHookState:
         self._agreed = False
         self.memory = ResidualMemory()
         self.memory.load(residuals)
+        self.server_memory = ResidualMemory()
+        self.server_memory.load(server)
+        self._in_order = exchange.InOrder()
+        self._second_group = None
 
     # -- per bucket buffers ------------------------------------------------------------------------
     def _bucket(self, signature, params, device) -> _Bucket:
@@ -286,12 +347,56 @@ class QuantizedHookState:
             w = exchange.world_size(self.process_group)
             payload = torch.zeros(size, dtype=torch.uint8, device=device)
             payload[:HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print, layout.numel).to(device)
-            gathered = torch.empty(w * size, dtype=torch.uint8, device=device)
             scratch = None
             if self.measure_error and not self.error_feedback:
                 scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
-            b = self._buckets[signature] = _Bucket(layout, body, payload, gathered, scratch)
+            shard_layouts = _shard_layouts(layout, w) if layout.numel >= w > 1 else None
+            slot = max(payload_nbytes(self.codec.body_nbytes(sl)) for sl in shard_layouts) if shard_layouts else 0
+            mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size, 2 * (w - 1) * slot)
+            shards = None
+            if mode == "alltoall":
+                shards = self._make_shards(layout, shard_layouts, slot, device)
+                gathered = payload[:0]
+            else:
+                gathered = torch.empty(w * size, dtype=torch.uint8, device=device)
+            b = self._buckets[signature] = _Bucket(layout, body, payload, gathered, scratch, mode, reason, shards)
+            self._settle_server_residuals(signature, b, device)
         return b
+
+    def _make_shards(self, layout: Layout, layouts: list, slot: int, device) -> _Shards:
+        w = len(layouts)
+        me = exchange.rank(self.process_group)
+        send = torch.zeros(w * slot, dtype=torch.uint8, device=device)
+        for s, sl in enumerate(layouts):
+            send[s * slot:s * slot + HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print,
+                                                                  sl.numel).to(device)
+        bounds = exchange.shard_bounds(layout.numel, w)
+        return _Shards(bounds, layouts, [self.codec.body_nbytes(sl) for sl in layouts], slot, send,
+                       torch.empty(w * slot, dtype=torch.uint8, device=device),
+                       torch.empty(w * slot, dtype=torch.uint8, device=device),
+                       torch.empty(layouts[me].numel, dtype=torch.float32, device=device))
+
+    def _settle_server_residuals(self, signature, b: _Bucket, device) -> None:
+        """Place the server residuals of a new bucket layout.  The part inside this rank's shard stays
+        a server residual; any other part (the bucket is exchanged by all-gather now, or the shard
+        went to another rank after a rebuild or a restart at another world size) is added W-fold
+        to this rank's worker residual, which brings it into the next mean unchanged."""
+        if not self.error_feedback or not self.server_memory.holds_any(signature):
+            if b.mode == "alltoall" and self.error_feedback:
+                self.server_memory.bucket_residual(signature, b.layout.param_numels, device)
+                self.server_memory.staging(signature).zero_()
+            return
+        w = exchange.world_size(self.process_group)
+        server = self.server_memory.bucket_residual(signature, b.layout.param_numels, device)
+        keep = b.shards.bounds[exchange.rank(self.process_group)] if b.mode == "alltoall" else (0, 0)
+        worker = self.memory.bucket_residual(signature, b.layout.param_numels, device)
+        for start, end in ((0, keep[0]), (keep[1], b.layout.numel)):
+            worker[start:end].add_(server[start:end], alpha=w)
+            server[start:end].zero_()
+        if b.mode == "alltoall":
+            self.server_memory.staging(signature).zero_()
+        else:
+            self.server_memory.release(signature)
 
     def _end_of_step(self) -> None:
         """Called (under the lock) when every bucket of the step has been exchanged and decoded."""
@@ -299,11 +404,14 @@ class QuantizedHookState:
             self._totals["nonfinite_steps"] += 1  # GradScaler drops the step: keep old residuals
         else:
             self.memory.commit(self._staged)
+            self.server_memory.commit(self._staged_server)
+        self._in_order.reset()
         self.step += 1
         nmse = float("nan")
         if self.measure_error and not self._step_nonfinite:
             nmse = self._step_err / self._step_inp if self._step_inp > 0 else (0.0 if self._step_err == 0 else float("inf"))
-        self._last = {"nmse": nmse, "payload_bytes": self._step_payload, "buckets": self._step_buckets}
+        self._last = {"nmse": nmse, "payload_bytes": self._step_payload, "buckets": self._step_buckets,
+                      "modes": dict(self._step_modes)}
         self._new_step()
         for sig in [s for s in self._buckets if s not in self._used_this_step]:
             del self._buckets[sig]  # layouts DDP no longer uses (e.g. before the bucket rebuild)
@@ -312,14 +420,17 @@ class QuantizedHookState:
     def _new_step(self) -> None:
         self._step_err = self._step_inp = 0.0
         self._step_payload = self._step_buckets = 0
+        self._step_modes = {}
         self._step_nonfinite = False
         self._calls = self._done = 0
         self._last_seen = False
         self._staged = []
+        self._staged_server = []
 
 
 def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Quantize the bucket, all-gather one packed payload per rank, return the decoded mean."""
+    """Quantize the bucket, exchange packed payloads (all-gather or two-phase, see
+    ``state.exchange``), return the decoded mean."""
     if state._needs_bind:
         raise RuntimeError("ddp_qhooks: this hook state was unpickled; call state.bind(ddp_model.module) before "
                            "training so residuals are matched to the right parameters")
@@ -328,11 +439,19 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     buf = bucket.buffer()
     params = bucket.parameters()
     signature = tuple(state._key_of(p) for p in params)
-    b = state._bucket(signature, params, buf.device)
-    state._used_this_step.add(signature)
     if not state._agreed:
         exchange.check_agreement(_agreed_config(state), buf.device, group)
         state._agreed = True
+    b = state._bucket(signature, params, buf.device)
+    state._used_this_step.add(signature)
+    if b.mode == "alltoall" and state._second_group is None:
+        # second-phase collectives start from callbacks while this thread issues the next buckets'
+        # first phase: they need their own group (created here, in step order on every rank)
+        state._second_group = dist.new_group(dist.get_process_group_ranks(group) if group is not None else None)
+    if not state._announced:
+        state._announced = True
+        if exchange.rank(group) == 0:
+            _log.info("ddp_qhooks: bucket %d (%d values) uses %s: %s", bucket.index(), b.layout.numel, b.mode, b.reason)
 
     x = buf if buf.dtype == torch.float32 else buf.float()
     residual = None
@@ -345,71 +464,192 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
         for sl, _ in held:
             x[sl].zero_()  # an unused parameter's gradient is exactly zero: send zero
     key = splitmix64(state.seed, exchange.rank(group), state.step)
-    body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
     # e = g' - deq(own payload), formed by the encoder while the data is hot (no decode of our own
     # payload later) and staged: committed only once the whole step is known to be finite
     err = state.memory.staging(signature) if residual is not None else b.scratch
+    if b.mode == "alltoall":
+        return _two_phase(state, bucket, b, x, buf, err, held, key, signature)
+    state._in_order.submit(bucket.index())  # nothing to launch later, but later buckets may wait on it
+    body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
     info = state.codec.encode(x, body, b.layout, key, error_out=err)
     if err is not None and info.finite:
         for sl, saved in held:
             err[sl].copy_(saved)
     b.payload[3] = 0 if info.finite else FLAG_NONFINITE
-    with state._lock:
-        state._totals["hook_calls"] += 1
-        state._totals["payload_bytes"] += b.payload.numel()
-        state._totals["wire_bytes_sent"] += (world - 1) * b.payload.numel()
-        state._totals["fp32_bytes"] += 4 * b.layout.numel
-        state._step_payload += b.payload.numel()
-        state._step_buckets += 1
-        state._calls += 1
-        state._last_seen = state._last_seen or bucket.is_last()
+    _count(state, bucket, b, b.payload.numel(), (world - 1) * b.payload.numel())
     validate = buf.device.type == "cpu" or state.step < 3
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         fut.value()  # re-raises a failed collective
         rows = b.gathered.view(world, -1)
-        if validate:
-            headers = rows[:, :HEADER_BYTES].cpu()
-            _check_headers(state, b, headers)
-            flags = headers[:, 3].tolist()
-        else:
-            flags = rows[:, 3].cpu().tolist()
-        nonfinite = any(f & FLAG_NONFINITE for f in flags)
-        err_sq = inp_sq = 0.0
+        nonfinite = _nonfinite_rows(state, rows, b.layout.numel, validate)
         if nonfinite:
             # every rank yields NaN, so GradScaler skips the step everywhere; no residual of this
             # step is committed on any rank (the step's gradient is dropped whole)
             buf.fill_(float("nan"))
         else:
-            if err is not None and state.measure_error:
-                err_sq, inp_sq = info.error_sq, info.input_sq
             bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + b.body_nbytes] for r in range(world)]
             state.codec.decode(bodies, b.layout, buf, divisor=world)
-        with state._lock:  # Gloo runs callbacks on several threads, in any order
-            state._step_err += err_sq
-            state._step_inp += inp_sq
-            state._step_nonfinite = state._step_nonfinite or nonfinite
-            if residual is not None and not nonfinite:
-                state._staged.append(signature)
-            state._done += 1
-            if state._last_seen and state._done == state._calls:
-                state._end_of_step()
+        _bucket_done(state, info if err is not None else None, nonfinite, signature if residual is not None else None)
         return buf
 
     return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
+
+
+def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, buf: torch.Tensor, err, held, key: int,
+               signature) -> torch.futures.Future:
+    sh = b.shards
+    group = state.process_group
+    world = len(sh.bounds)
+    me = exchange.rank(group)
+    finite = True
+    err_sq = inp_sq = 0.0
+    for s, ((start, end), layout) in enumerate(zip(sh.bounds, sh.layouts)):
+        body = sh.send[s * sh.slot + HEADER_BYTES:s * sh.slot + HEADER_BYTES + sh.bodies[s]]
+        info = state.codec.encode(x[start:end], body, layout, splitmix64(key, 1, s),
+                                  error_out=None if err is None else err[start:end])
+        sh.send[s * sh.slot + 3] = 0 if info.finite else FLAG_NONFINITE
+        finite = finite and info.finite
+        if err is not None and info.error_sq is not None:
+            err_sq += info.error_sq
+            inp_sq += info.input_sq
+    if err is not None and finite:
+        for sl, saved in held:
+            err[sl].copy_(saved)
+    worker_info = EncodeInfo(finite, err_sq, inp_sq) if err is not None else None
+    _count(state, bucket, b, world * sh.slot, 2 * (world - 1) * sh.slot)
+    validate = buf.device.type == "cpu" or state.step < 3
+    server = None
+    if state.error_feedback:
+        start, end = sh.bounds[me]
+        server = state.server_memory.bucket_residual(signature, b.layout.param_numels, buf.device)[start:end]
+        server_err = state.server_memory.staging(signature)[start:end]
+    result = torch.futures.Future(devices=[buf.device] if buf.device.type == "cuda" else None)
+    own = sh.send[me * sh.slot:(me + 1) * sh.slot]
+
+    def reduce_own_shard(fut: torch.futures.Future) -> None:
+        try:
+            fut.value()
+            rows = sh.recv.view(world, -1)
+            mean = sh.mean
+            layout = sh.layouts[me]
+            nonfinite = _nonfinite_rows(state, rows, layout.numel, validate)
+            if nonfinite:
+                own[3] = FLAG_NONFINITE
+            else:
+                bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + sh.bodies[me]] for r in range(world)]
+                state.codec.decode(bodies, layout, mean, divisor=world)
+                held2 = []
+                if server is not None:
+                    if state.hold_unused_residuals:
+                        held2 = [(sl, server[sl].clone()) for sl in _param_slices(layout) if not bool(mean[sl].any())]
+                    mean.add_(server)
+                    for sl, _ in held2:
+                        mean[sl].zero_()
+                info2 = state.codec.encode(mean, own[HEADER_BYTES:HEADER_BYTES + sh.bodies[me]], layout,
+                                           splitmix64(key, 2), error_out=None if server is None else server_err)
+                if server is not None and info2.finite:
+                    for sl, saved in held2:
+                        server_err[sl].copy_(saved)
+                own[3] = 0 if info2.finite else FLAG_NONFINITE
+
+            def launch() -> None:
+                try:
+                    exchange.allgather_async(own, sh.gathered, state._second_group).then(assemble)
+                except BaseException as exc:  # noqa: BLE001 - DDP must see it, not hang
+                    result.set_exception(exc)
+
+            state._in_order.submit(bucket.index(), launch)
+        except BaseException as exc:  # noqa: BLE001
+            state._in_order.submit(bucket.index())
+            result.set_exception(exc)
+
+    def assemble(fut: torch.futures.Future) -> None:
+        try:
+            fut.value()
+            rows = sh.gathered.view(world, -1)
+            nonfinite = any(f & FLAG_NONFINITE for f in rows[:, 3].cpu().tolist())
+            if nonfinite:
+                buf.fill_(float("nan"))
+            else:
+                for s, ((start, end), layout) in enumerate(zip(sh.bounds, sh.layouts)):
+                    state.codec.decode([rows[s, HEADER_BYTES:HEADER_BYTES + sh.bodies[s]]], layout, buf[start:end])
+            _bucket_done(state, worker_info, nonfinite, signature if err is not None and state.error_feedback else None,
+                         server_signature=signature if server is not None else None)
+            result.set_result(buf)
+        except BaseException as exc:  # noqa: BLE001
+            result.set_exception(exc)
+
+    exchange.alltoall_async(sh.send, sh.recv, group).then(reduce_own_shard)
+    return result
+
+
+def _count(state: QuantizedHookState, bucket, b: _Bucket, payload: int, sent: int) -> None:
+    with state._lock:
+        state._totals["hook_calls"] += 1
+        state._totals["payload_bytes"] += payload
+        state._totals["wire_bytes_sent"] += sent
+        state._totals["fp32_bytes"] += 4 * b.layout.numel
+        state._step_payload += payload
+        state._step_buckets += 1
+        state._step_modes[b.mode] = state._step_modes.get(b.mode, 0) + 1
+        state._calls += 1
+        state._last_seen = state._last_seen or bucket.is_last()
+
+
+def _nonfinite_rows(state: QuantizedHookState, rows: torch.Tensor, numel: int, validate: bool) -> bool:
+    if validate:
+        headers = rows[:, :HEADER_BYTES].cpu()
+        _check_headers(state, numel, headers)
+        flags = headers[:, 3].tolist()
+    else:
+        flags = rows[:, 3].cpu().tolist()
+    return any(f & FLAG_NONFINITE for f in flags)
+
+
+def _bucket_done(state: QuantizedHookState, info, nonfinite: bool, signature, server_signature=None) -> None:
+    with state._lock:  # Gloo runs callbacks on several threads, in any order
+        if info is not None and state.measure_error and not nonfinite and info.error_sq is not None:
+            state._step_err += info.error_sq
+            state._step_inp += info.input_sq
+        state._step_nonfinite = state._step_nonfinite or nonfinite
+        if not nonfinite:
+            if signature is not None:
+                state._staged.append(signature)
+            if server_signature is not None:
+                state._staged_server.append(server_signature)
+        state._done += 1
+        if state._last_seen and state._done == state._calls:
+            state._end_of_step()
 
 
 def _agreed_config(state: QuantizedHookState) -> dict:
     return {**state.codec.config(), "error_feedback": state.error_feedback, "exchange": state.exchange}
 
 
+def _shard_layouts(layout: Layout, world: int) -> list:
+    """The Layout of each shard: the pieces of the bucket's parameters that fall into it (a block
+    never straddles two parameters, nor two shards)."""
+    layouts = []
+    offsets = layout.param_offsets()
+    for start, end in exchange.shard_bounds(layout.numel, world):
+        numels, keys = [], []
+        for off, n, k in zip(offsets, layout.param_numels, layout.param_keys):
+            lo, hi = max(off, start), min(off + n, end)
+            if hi > lo:
+                numels.append(hi - lo)
+                keys.append(k)
+        layouts.append(Layout(numels, keys) if numels else Layout([0], [0]))
+    return layouts
+
+
 def _param_slices(layout: Layout):
     return [slice(off, off + n) for off, n in zip(layout.param_offsets(), layout.param_numels)]
 
 
-def _check_headers(state: QuantizedHookState, b: _Bucket, headers: torch.Tensor) -> None:
+def _check_headers(state: QuantizedHookState, numel: int, headers: torch.Tensor) -> None:
     expected = {"version": WIRE_VERSION, "codec_id": state.codec.codec_id, "bits": state.codec.bits,
-                "fingerprint": state._config_print, "numel": b.layout.numel}
+                "fingerprint": state._config_print, "numel": numel}
     for r, raw in enumerate(headers):
         got = parse_header(bytes(raw.tolist()))
         bad = [f"{k}={got[k]} (expected {v})" for k, v in expected.items() if got[k] != v]
@@ -419,7 +659,7 @@ def _check_headers(state: QuantizedHookState, b: _Bucket, headers: torch.Tensor)
 
 
 def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedback: bool = True,
-             process_group=None, **codec_options) -> QuantizedHookState:
+             process_group=None, exchange: str = "auto", **codec_options) -> QuantizedHookState:
     """Register the quantized all-gather hook on a DistributedDataParallel model; return its state.
 
     ``codec_options`` go to the codec (e.g. ``block_size``) or to the state (``seed``,
@@ -432,8 +672,9 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
         raise TypeError(f"register() needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
     if getattr(ddp_model, "mixed_precision", None) is not None:
         raise ValueError("DDP's mixed_precision option installs its own comm hook; use codec='bf16'/'fp16' instead")
-    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error", "hold_unused_residuals", "exchange")
+    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error", "hold_unused_residuals")
                      if k in codec_options}
+    state_options["exchange"] = exchange
     state_options.setdefault("hold_unused_residuals", bool(getattr(ddp_model, "find_unused_parameters", False)))
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
@@ -448,7 +689,7 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
     device = next((p.device for p in ddp_model.module.parameters()), torch.device("cpu"))
     if dist.is_initialized():
         config = None if error else _agreed_config(state)
-        exchange.check_agreement(config, device, process_group, local_error=None if error is None else str(error))
+        _check_agreement(config, device, process_group, local_error=None if error is None else str(error))
         state._agreed = True
     elif error is not None:
         raise error

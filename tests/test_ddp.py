@@ -80,8 +80,10 @@ def _guard(fn, *args, **kw):
 
 
 def _register(ddp, codec, bits=8, block_size=None, **kw):
+    """These tests check the all-gather arithmetic; test_exchange.py covers the two-phase one."""
     if block_size is not None:
         kw["block_size"] = block_size
+    kw.setdefault("exchange", "allgather")
     return ddp_qhooks.register(ddp, codec, bits=bits, **kw)
 
 
