@@ -24,8 +24,11 @@ __all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "alltoall_async
 #   allgather  every rank receives every other rank's payload: (W-1) x payload bytes sent per rank
 #   alltoall   two phases: each rank reduces one shard, then all-gathers the re-quantized shards:
 #              2 (W-1)/W x payload bytes per rank, flat in W, at the cost of a second quantization
-#   auto       per bucket, whichever of the two sends fewer bytes (all-gather on a tie)
-EXCHANGES = ("auto", "allgather", "alltoall")
+#   auto       hierarchical when the ranks span several nodes of several ranks each, else per
+#              bucket whichever of all-gather / two-phase sends fewer bytes (all-gather on a tie)
+#   hierarchical  full precision inside each node, one quantized chunk per rank between nodes:
+#              (N-1) x payload / L bytes per rank for N nodes of L ranks
+EXCHANGES = ("auto", "allgather", "alltoall", "hierarchical")
 
 
 def check_exchange(exchange: str) -> str:
@@ -81,11 +84,18 @@ def shard_bounds(numel: int, world: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def choose(exchange: str, world: int, numel: int, allgather_bytes: int, two_phase_bytes: int) -> tuple[str, str]:
-    """(``"allgather"`` or ``"alltoall"``, reason) for one bucket, from the bytes each would send
-    per rank."""
+def choose(exchange: str, world: int, numel: int, allgather_bytes: int, two_phase_bytes: int,
+           ranks_per_node: int | None = None) -> tuple[str, str]:
+    """(``"allgather"``, ``"alltoall"`` or ``"hierarchical"``, reason) for one bucket, from the node
+    layout and the bytes each would send per rank."""
     if exchange == "allgather" or world < 2:
         return "allgather", "exchange='allgather'"
+    if exchange == "hierarchical" or (exchange == "auto" and ranks_per_node and 1 < ranks_per_node < world):
+        if numel < (ranks_per_node or 1):
+            return "allgather", f"bucket of {numel} values cannot be cut into {ranks_per_node} chunks"
+        nodes = world // ranks_per_node
+        why = f"{nodes} node(s) x {ranks_per_node} ranks: full precision inside nodes, quantized between them"
+        return "hierarchical", why if exchange == "hierarchical" else f"auto: {why}"
     if numel < world:
         return "allgather", f"bucket of {numel} values cannot be cut into {world} shards"
     cmp = f"two-phase sends {two_phase_bytes} B per rank, all-gather {allgather_bytes} B"

@@ -24,6 +24,7 @@ Usage (torch style, like ``powerSGD_hook``)::
 or simply ``state = ddp_qhooks.register(ddp, codec="stochastic", bits=4)``.
 """
 import logging
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -81,6 +82,21 @@ class _Bucket:
     mode: str = "allgather"
     reason: str = ""
     shards: Optional[_Shards] = None
+    chunks: Optional["_Chunks"] = None
+
+
+@dataclass
+class _Chunks:
+    """Hierarchical buffers of one bucket: this rank's chunk of the node sum, its payload, the
+    payloads of the same chunk from the other nodes, and the node's gathered mean chunks."""
+
+    bounds: list            # (start, end) of each local rank's chunk
+    layout: Layout          # this rank's chunk
+    body: int
+    payload: torch.Tensor   # one slot
+    gathered: torch.Tensor  # one slot per node
+    mean: torch.Tensor      # float32, the largest chunk's size (padding for the node all-gather)
+    node_means: torch.Tensor  # float32, L x mean.numel()
 
 
 class QuantizedHookState:
@@ -105,11 +121,17 @@ class QuantizedHookState:
             the model).  A parameter whose local gradient is exactly zero in a step (unused here)
             neither receives nor updates its residual that step: DDP discards the result for
             globally unused parameters, which would otherwise silently drop their residual.
+        ranks_per_node: ranks per machine for ``exchange="hierarchical"`` (node n holds ranks
+            n*L .. n*L+L-1, as torchrun and srun number them); default: torchrun's LOCAL_WORLD_SIZE.
         exchange: how payloads travel between ranks, one of ``ddp_qhooks.EXCHANGES``:
             ``"allgather"`` (every rank receives every other rank's payload; one quantization),
             ``"alltoall"`` (two-phase: bytes flat in W, a second quantization of the mean with its
             own server-side residual), ``"auto"`` (per bucket, whichever sends fewer bytes: at
-            W = 2 always all-gather).  The choice per bucket and why is in :meth:`stats`.
+            W = 2 always all-gather; hierarchical when several nodes each hold several ranks),
+            ``"hierarchical"`` (full-precision allreduce inside each node, then each rank of a node
+            exchanges its 1/L chunk of the node sum, quantized, with the same-numbered ranks of the
+            other nodes; then the chunks are all-gathered inside the node).  The choice per bucket
+            and why is in :meth:`stats`.
         **codec_options: codec specific, e.g. ``block_size`` for ``uniform`` / ``stochastic``.
 
     The state is picklable (the process group is dropped, as in PowerSGD) and its
@@ -119,10 +141,17 @@ class QuantizedHookState:
 
     def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
                  seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
-                 hold_unused_residuals: bool = False, exchange: str = "auto", **codec_options):
-        self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals", "exchange"),
-                                **codec_options)
+                 hold_unused_residuals: bool = False, exchange: str = "auto", ranks_per_node: Optional[int] = None,
+                 **codec_options):
+        self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals", "exchange",
+                                                           "ranks_per_node"), **codec_options)
         self.exchange = check_exchange(exchange)
+        if ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+            ranks_per_node = int(os.environ["LOCAL_WORLD_SIZE"])  # torchrun: ranks on this node
+        if ranks_per_node is not None and (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
+                                           or ranks_per_node < 1):
+            raise ValueError(f"ranks_per_node must be a positive integer, got {ranks_per_node!r}")
+        self.ranks_per_node = ranks_per_node
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
         if getattr(self.codec, "error_feedback_diverges", False) and error_feedback:
@@ -147,6 +176,8 @@ class QuantizedHookState:
         self.server_memory = ResidualMemory()
         self._in_order = InOrder()
         self._second_group = None
+        self._hier_groups = None
+        self._in_order_node = InOrder()
         self._announced = False
         self.step = 0
         self._config_print = fingerprint(self.codec.config())
@@ -313,7 +344,7 @@ class QuantizedHookState:
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("process_group", "_buckets", "memory", "server_memory", "_param_key", "_lock", "_in_order",
-                              "_second_group")}
+                              "_second_group", "_hier_groups", "_in_order_node")}
         state["_residuals"] = {k: v.detach().cpu().clone() for k, v in self.memory.residuals().items()}
         state["_server_residuals"] = {k: v.detach().cpu().clone() for k, v in self.server_memory.residuals().items()}
         return state
@@ -323,6 +354,7 @@ class QuantizedHookState:
         server = state.pop("_server_residuals", {})
         state.setdefault("exchange", "allgather")  # pickled before the option existed
         state.setdefault("_announced", False)
+        state.setdefault("ranks_per_node", None)
         self.__dict__.update(state)
         self.process_group = None
         self._lock = threading.Lock()
@@ -335,7 +367,9 @@ class QuantizedHookState:
         self.server_memory = ResidualMemory()
         self.server_memory.load(server)
         self._in_order = exchange.InOrder()
+        self._in_order_node = exchange.InOrder()
         self._second_group = None
+        self._hier_groups = None
 
     # -- per bucket buffers ------------------------------------------------------------------------
     def _bucket(self, signature, params, device) -> _Bucket:
@@ -352,16 +386,68 @@ class QuantizedHookState:
                 scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
             shard_layouts = _shard_layouts(layout, w) if layout.numel >= w > 1 else None
             slot = max(payload_nbytes(self.codec.body_nbytes(sl)) for sl in shard_layouts) if shard_layouts else 0
-            mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size, 2 * (w - 1) * slot)
-            shards = None
-            if mode == "alltoall":
+            mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size, 2 * (w - 1) * slot,
+                                           ranks_per_node=self._ranks_per_node_checked(w))
+            shards = chunks = None
+            if mode == "hierarchical":
+                chunks = self._make_chunks(layout, device)
+                gathered = payload[:0]
+            elif mode == "alltoall":
                 shards = self._make_shards(layout, shard_layouts, slot, device)
                 gathered = payload[:0]
             else:
                 gathered = torch.empty(w * size, dtype=torch.uint8, device=device)
-            b = self._buckets[signature] = _Bucket(layout, body, payload, gathered, scratch, mode, reason, shards)
+            b = self._buckets[signature] = _Bucket(layout, body, payload, gathered, scratch, mode, reason, shards, chunks)
             self._settle_server_residuals(signature, b, device)
         return b
+
+    def _ranks_per_node_checked(self, w: int) -> Optional[int]:
+        lpn = self.ranks_per_node
+        if lpn is None:
+            if self.exchange == "hierarchical":
+                raise ValueError("exchange='hierarchical' needs the node layout: pass ranks_per_node=... (torchrun's "
+                                 "LOCAL_WORLD_SIZE is not set)")
+            return None
+        if w % lpn:
+            raise ValueError(f"ranks_per_node={lpn} does not divide the world size {w}")
+        if self.exchange == "hierarchical" and self.hold_unused_residuals:
+            raise ValueError("exchange='hierarchical' does not support find_unused_parameters / hold_unused_residuals "
+                             "yet; use exchange='allgather' or 'alltoall'")
+        return lpn if not self.hold_unused_residuals else None
+
+    def _make_chunks(self, layout: Layout, device) -> "_Chunks":
+        lpn = self.ranks_per_node
+        me = exchange.rank(self.process_group)
+        nodes = exchange.world_size(self.process_group) // lpn
+        local = me % lpn
+        layouts = _shard_layouts(layout, lpn)
+        bounds = exchange.shard_bounds(layout.numel, lpn)
+        body = self.codec.body_nbytes(layouts[local])
+        slot = payload_nbytes(body)
+        payload = torch.zeros(slot, dtype=torch.uint8, device=device)
+        payload[:HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print,
+                                              layouts[local].numel).to(device)
+        widest = max(e - s for s, e in bounds)
+        return _Chunks(bounds, layouts[local], body, payload,
+                       torch.empty(nodes * slot, dtype=torch.uint8, device=device),
+                       torch.zeros(widest, dtype=torch.float32, device=device),
+                       torch.empty(lpn * widest, dtype=torch.float32, device=device))
+
+    def _hierarchy_groups(self):
+        """(intra-node group for the full-precision allreduce, intra-node group for the final
+        all-gather, cross-node group of the ranks with this local rank): created once, in the same
+        order on every rank."""
+        if self._hier_groups is None:
+            ranks = dist.get_process_group_ranks(self.process_group) if self.process_group is not None \
+                else list(range(dist.get_world_size()))
+            lpn = self.ranks_per_node
+            nodes = [ranks[n * lpn:(n + 1) * lpn] for n in range(len(ranks) // lpn)]
+            cross = [[node[i] for node in nodes] for i in range(lpn)]
+            first, _ = dist.new_subgroups_by_enumeration(nodes)
+            second, _ = dist.new_subgroups_by_enumeration(nodes)
+            across, _ = dist.new_subgroups_by_enumeration(cross)
+            self._hier_groups = (first, second, across)
+        return self._hier_groups
 
     def _make_shards(self, layout: Layout, layouts: list, slot: int, device) -> _Shards:
         w = len(layouts)
@@ -406,6 +492,7 @@ class QuantizedHookState:
             self.memory.commit(self._staged)
             self.server_memory.commit(self._staged_server)
         self._in_order.reset()
+        self._in_order_node.reset()
         self.step += 1
         nmse = float("nan")
         if self.measure_error and not self._step_nonfinite:
@@ -444,6 +531,8 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
         state._agreed = True
     b = state._bucket(signature, params, buf.device)
     state._used_this_step.add(signature)
+    if b.mode == "hierarchical":
+        state._hierarchy_groups()
     if b.mode == "alltoall" and state._second_group is None:
         # second-phase collectives start from callbacks while this thread issues the next buckets'
         # first phase: they need their own group (created here, in step order on every rank)
@@ -469,7 +558,10 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     err = state.memory.staging(signature) if residual is not None else b.scratch
     if b.mode == "alltoall":
         return _two_phase(state, bucket, b, x, buf, err, held, key, signature)
+    if b.mode == "hierarchical":
+        return _hierarchical(state, bucket, b, x, buf, err, key, signature)
     state._in_order.submit(bucket.index())  # nothing to launch later, but later buckets may wait on it
+    state._in_order_node.submit(bucket.index())
     body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
     info = state.codec.encode(x, body, b.layout, key, error_out=err)
     if err is not None and info.finite:
@@ -499,6 +591,7 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
 def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, buf: torch.Tensor, err, held, key: int,
                signature) -> torch.futures.Future:
     sh = b.shards
+    state._in_order_node.submit(bucket.index())  # no third phase
     group = state.process_group
     world = len(sh.bounds)
     me = exchange.rank(group)
@@ -584,12 +677,94 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
     return result
 
 
-def _count(state: QuantizedHookState, bucket, b: _Bucket, payload: int, sent: int) -> None:
+def _hierarchical(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, buf: torch.Tensor, err, key: int,
+                 signature) -> torch.futures.Future:
+    """Full-precision allreduce inside the node (residuals already added: a residual anywhere in the
+    bucket enters the node sum exactly), then this rank quantizes its chunk of the node sum and
+    all-gathers it with the same-numbered ranks of the other nodes, decodes their mean, and the
+    node all-gathers the mean chunks."""
+    ch = b.chunks
+    first, second, across = state._hierarchy_groups()
+    lpn = state.ranks_per_node
+    local = exchange.rank(state.process_group) % lpn
+    nodes = exchange.world_size(state.process_group) // lpn
+    start, end = ch.bounds[local]
+    n = end - start
+    if err is not None:  # the next residual lives in the own chunk only (a residual elsewhere was just spent)
+        err[:start].zero_()
+        err[end:].zero_()
+    result = torch.futures.Future(devices=[buf.device] if buf.device.type == "cuda" else None)
+    _count(state, bucket, b, ch.payload.numel(), (nodes - 1) * ch.payload.numel(), fp32_values=n)
+    info_box = {}
+
+    def quantize_chunk(fut: torch.futures.Future) -> None:
+        try:
+            fut.value()
+            chunk = x[start:end]
+            info = state.codec.encode(chunk, ch.payload[HEADER_BYTES:HEADER_BYTES + ch.body], ch.layout,
+                                      splitmix64(key, 3), error_out=None if err is None else err[start:end])
+            info_box["info"] = info
+            ch.payload[3] = 0 if info.finite else FLAG_NONFINITE
+
+            def launch() -> None:
+                try:
+                    exchange.allgather_async(ch.payload, ch.gathered, across).then(mean_chunk)
+                except BaseException as exc:  # noqa: BLE001
+                    result.set_exception(exc)
+            state._in_order.submit(bucket.index(), launch)
+        except BaseException as exc:  # noqa: BLE001
+            state._in_order.submit(bucket.index())
+            result.set_exception(exc)
+
+    def mean_chunk(fut: torch.futures.Future) -> None:
+        try:
+            fut.value()
+            rows = ch.gathered.view(nodes, -1)
+            mean = ch.mean[:n]
+            if _nonfinite_rows(state, rows, n, True):
+                mean.fill_(float("nan"))
+            else:
+                bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + ch.body] for r in range(nodes)]
+                state.codec.decode(bodies, ch.layout, mean, divisor=nodes * lpn)
+
+            def launch() -> None:
+                try:
+                    exchange.allgather_async(ch.mean, ch.node_means, second).then(assemble)
+                except BaseException as exc:  # noqa: BLE001
+                    result.set_exception(exc)
+            state._in_order_node.submit(bucket.index(), launch)
+        except BaseException as exc:  # noqa: BLE001
+            state._in_order_node.submit(bucket.index())
+            result.set_exception(exc)
+
+    def assemble(fut: torch.futures.Future) -> None:
+        try:
+            fut.value()
+            rows = ch.node_means.view(lpn, -1)
+            for i, (s0, e0) in enumerate(ch.bounds):
+                buf[s0:e0].copy_(rows[i, :e0 - s0])
+            # one non-finite chunk anywhere makes the bucket non-finite on every rank, so every rank
+            # skips the step's residuals alike
+            nonfinite = not bool(torch.isfinite(buf).all())
+            if nonfinite:
+                buf.fill_(float("nan"))
+            info = info_box.get("info")
+            _bucket_done(state, info if err is not None else None, nonfinite,
+                         signature if err is not None and state.error_feedback else None)
+            result.set_result(buf)
+        except BaseException as exc:  # noqa: BLE001
+            result.set_exception(exc)
+
+    dist.all_reduce(x, group=first, async_op=True).get_future().then(quantize_chunk)
+    return result
+
+
+def _count(state: QuantizedHookState, bucket, b: _Bucket, payload: int, sent: int, fp32_values=None) -> None:
     with state._lock:
         state._totals["hook_calls"] += 1
         state._totals["payload_bytes"] += payload
         state._totals["wire_bytes_sent"] += sent
-        state._totals["fp32_bytes"] += 4 * b.layout.numel
+        state._totals["fp32_bytes"] += 4 * (b.layout.numel if fp32_values is None else fp32_values)
         state._step_payload += payload
         state._step_buckets += 1
         state._step_modes[b.mode] = state._step_modes.get(b.mode, 0) + 1
@@ -624,7 +799,8 @@ def _bucket_done(state: QuantizedHookState, info, nonfinite: bool, signature, se
 
 
 def _agreed_config(state: QuantizedHookState) -> dict:
-    return {**state.codec.config(), "error_feedback": state.error_feedback, "exchange": state.exchange}
+    return {**state.codec.config(), "error_feedback": state.error_feedback, "exchange": state.exchange,
+            "ranks_per_node": state.ranks_per_node}
 
 
 def _shard_layouts(layout: Layout, world: int) -> list:

@@ -45,11 +45,11 @@ def _data(rank, step):
     return torch.randn(8, 16, generator=g), torch.randn(8, 2, generator=g)
 
 
-def _w_run(rank, world, codec, bits, options, exchange, bucket_cap_mb, nan_step=None):
+def _w_run(rank, world, codec, bits, options, exchange, bucket_cap_mb, nan_step=None, ranks_per_node=None):
     model = _model()
     ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
     state = ddp_qhooks.QuantizedHookState(None, codec=codec, bits=bits, module=model, seed=5, exchange=exchange,
-                                          **options)
+                                          ranks_per_node=ranks_per_node, **options)
     calls = []
 
     def hook(st, bucket):
@@ -321,6 +321,99 @@ def test_choice_rules():
     assert choose("alltoall", 2, 10**6, 500_000, 500_064)[0] == "alltoall"
     assert choose("alltoall", 4, 3, 100, 200) == ("allgather", "bucket of 3 values cannot be cut into 4 shards")
     assert choose("alltoall", 4, 40, 100, 200)[0] == "allgather"
-    with pytest.raises(ValueError, match="'auto', 'allgather', 'alltoall'"):
+    assert choose("auto", 8, 10**6, 1, 1, ranks_per_node=4)[0] == "hierarchical"
+    assert choose("auto", 4, 10**6, 1, 2, ranks_per_node=4)[0] == "allgather"  # one node: nothing to save
+    assert choose("auto", 4, 10**6, 2, 1, ranks_per_node=1)[0] == "alltoall"
+    with pytest.raises(ValueError, match="'auto', 'allgather', 'alltoall', 'hierarchical'"):
         ddp_qhooks.QuantizedHookState(None, exchange="ring")
-    np.testing.assert_equal(len(ddp_qhooks.EXCHANGES), 3)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        ddp_qhooks.QuantizedHookState(None, exchange="hierarchical", ranks_per_node=0)
+    np.testing.assert_equal(len(ddp_qhooks.EXCHANGES), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# hierarchical: full-precision node sums, quantized chunks between nodes, node all-gather
+# ------------------------------------------------------------------------------------------------
+def _replay_hierarchical(runs, world, lpn, codec_name, bits, options):
+    """x_q = g_q + e_q; node sum S_n = sum over the node's ranks (exact in fp32 for 2 ranks);
+    rank (n, l) encodes chunk l of S_n (key mix(k_q, 3)), e_q = that chunk's error (zero elsewhere);
+    chunk l of the result = decode of the N nodes' chunk-l payloads / W."""
+    codec = make_codec(codec_name, bits, **options)
+    nodes = world // lpn
+    numel_of = {}
+    for call in runs[0]["calls"]:
+        numel_of.update(zip(call["keys"], call["numels"]))
+    worker = [{k: torch.zeros(n) for k, n in numel_of.items()} for _ in range(world)]
+    outputs = [[] for _ in range(world)]
+    by_step = {}
+    for q in range(world):
+        for call in runs[q]["calls"]:
+            by_step.setdefault((call["step"], call["index"]), [None] * world)[q] = call
+    for (step, index), calls in sorted(by_step.items()):
+        keys, numels = calls[0]["keys"], calls[0]["numels"]
+        n = sum(numels)
+        x = [calls[q]["input"] + torch.cat([worker[q][k] for k in keys]) for q in range(world)]
+        sums = []
+        for node in range(nodes):
+            acc = x[node * lpn].clone()
+            for q in range(node * lpn + 1, (node + 1) * lpn):
+                acc += x[q]
+            sums.append(acc)
+        bounds = _bounds(n, lpn)
+        out = torch.empty(n)
+        new_res = []
+        for q in range(world):
+            new_res.append(torch.zeros(n))
+        for l, (a, b) in enumerate(bounds):
+            layout = _pieces(numels, keys, a, b)
+            bodies = []
+            for node in range(nodes):
+                q = node * lpn + l
+                err = torch.empty(b - a)
+                body, _ = ref_encode(codec, sums[node][a:b].clone(), layout, splitmix64(splitmix64(5, q, step), 3), err)
+                bodies.append(body)
+                new_res[q][a:b] = err
+            out[a:b] = ref_decode(codec, bodies, layout, divisor=world)
+        for q in range(world):
+            outputs[q].append(out)
+            _scatter(worker, q, keys, numels, new_res[q])
+    return outputs, worker
+
+
+@pytest.mark.parametrize("world,lpn,codec,bits,options,cap", [
+    (4, 2, "uniform", 4, {}, 25),
+    (4, 2, "stochastic", 2, {"block_size": "layer"}, 1e-5),
+    (2, 1, "sign", 1, {}, 25),
+], ids=["2x2-uniform4", "2x2-stochastic2-layer-buckets", "2x1-sign"])
+def test_hierarchical_equals_independent_replay(world, lpn, codec, bits, options, cap):
+    runs = _dist.results(_w_run, world, codec, bits, options, "hierarchical", cap, None, lpn)
+    outputs, worker = _replay_hierarchical(runs, world, lpn, codec, bits, options)
+    for q in range(world):
+        calls = sorted(runs[q]["calls"], key=lambda c: (c["step"], c["index"]))
+        for c, ref in zip(calls, outputs[q]):
+            assert torch.equal(c["output"], ref), f"rank {q} step {c['step']} bucket {c['index']}"
+        for k, ref in worker[q].items():
+            assert torch.equal(runs[q]["residuals"][k], ref), f"residual of param {k} on rank {q}"
+        st = runs[q]["stats"]
+        assert st["exchange_last_step"].get("hierarchical", 0) >= 1 and "node(s)" in st["exchange_reason"]
+
+
+def _w_hier_plain(rank, world):
+    out = {}
+    for name in ("plain", "none"):
+        model = _model()
+        ddp = DDP(model)
+        if name == "none":
+            ddp_qhooks.register(ddp, "none", exchange="hierarchical", ranks_per_node=2)
+        x, y = _data(rank, 0)
+        ((ddp(x) - y) ** 2).mean().backward()
+        out[name] = [p.grad.clone() for p in model.parameters()]
+    return out
+
+
+def test_hierarchical_none_equals_plain_ddp_and_misconfiguration_is_clear():
+    for r in _dist.results(_w_hier_plain, 4):
+        for a, b in zip(r["plain"], r["none"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    res = _dist.run(_w_run, 3, "uniform", 4, {}, "hierarchical", 25, None, 2)
+    assert all(not r["ok"] and "ranks_per_node=2 does not divide the world size 3" in r["error"] for r in res)
