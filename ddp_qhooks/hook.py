@@ -620,60 +620,45 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
     result = torch.futures.Future(devices=[buf.device] if buf.device.type == "cuda" else None)
     own = sh.send[me * sh.slot:(me + 1) * sh.slot]
 
-    def reduce_own_shard(fut: torch.futures.Future) -> None:
-        try:
-            fut.value()
-            rows = sh.recv.view(world, -1)
-            mean = sh.mean
-            layout = sh.layouts[me]
-            nonfinite = _nonfinite_rows(state, rows, layout.numel, validate)
-            if nonfinite:
-                own[3] = FLAG_NONFINITE
-            else:
-                bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + sh.bodies[me]] for r in range(world)]
-                state.codec.decode(bodies, layout, mean, divisor=world)
-                held2 = []
-                if server is not None:
-                    if state.hold_unused_residuals:
-                        held2 = [(sl, server[sl].clone()) for sl in _param_slices(layout) if not bool(mean[sl].any())]
-                    mean.add_(server)
-                    for sl, _ in held2:
-                        mean[sl].zero_()
-                info2 = state.codec.encode(mean, own[HEADER_BYTES:HEADER_BYTES + sh.bodies[me]], layout,
-                                           splitmix64(key, 2), error_out=None if server is None else server_err)
-                if server is not None and info2.finite:
-                    for sl, saved in held2:
-                        server_err[sl].copy_(saved)
-                own[3] = 0 if info2.finite else FLAG_NONFINITE
+    def assemble() -> torch.Tensor:
+        rows = sh.gathered.view(world, -1)
+        nonfinite = any(f & FLAG_NONFINITE for f in rows[:, 3].cpu().tolist())
+        if nonfinite:
+            buf.fill_(float("nan"))
+        else:
+            for s, ((start, end), layout) in enumerate(zip(sh.bounds, sh.layouts)):
+                state.codec.decode([rows[s, HEADER_BYTES:HEADER_BYTES + sh.bodies[s]]], layout, buf[start:end])
+        _bucket_done(state, worker_info, nonfinite, signature if err is not None and state.error_feedback else None,
+                     server_signature=signature if server is not None else None)
+        return buf
 
-            def launch() -> None:
-                try:
-                    exchange.allgather_async(own, sh.gathered, state._second_group).then(assemble)
-                except BaseException as exc:  # noqa: BLE001 - DDP must see it, not hang
-                    result.set_exception(exc)
+    def reduce_own_shard() -> None:
+        rows = sh.recv.view(world, -1)
+        mean = sh.mean
+        layout = sh.layouts[me]
+        if _nonfinite_rows(state, rows, layout.numel, validate):
+            own[3] = FLAG_NONFINITE
+            return
+        bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + sh.bodies[me]] for r in range(world)]
+        state.codec.decode(bodies, layout, mean, divisor=world)
+        held2 = []
+        if server is not None:
+            if state.hold_unused_residuals:
+                held2 = [(sl, server[sl].clone()) for sl in _param_slices(layout) if not bool(mean[sl].any())]
+            mean.add_(server)
+            for sl, _ in held2:
+                mean[sl].zero_()
+        info2 = state.codec.encode(mean, own[HEADER_BYTES:HEADER_BYTES + sh.bodies[me]], layout,
+                                   splitmix64(key, 2), error_out=None if server is None else server_err)
+        if server is not None and info2.finite:
+            for sl, saved in held2:
+                server_err[sl].copy_(saved)
+        own[3] = 0 if info2.finite else FLAG_NONFINITE
 
-            state._in_order.submit(bucket.index(), launch)
-        except BaseException as exc:  # noqa: BLE001
-            state._in_order.submit(bucket.index())
-            result.set_exception(exc)
-
-    def assemble(fut: torch.futures.Future) -> None:
-        try:
-            fut.value()
-            rows = sh.gathered.view(world, -1)
-            nonfinite = any(f & FLAG_NONFINITE for f in rows[:, 3].cpu().tolist())
-            if nonfinite:
-                buf.fill_(float("nan"))
-            else:
-                for s, ((start, end), layout) in enumerate(zip(sh.bounds, sh.layouts)):
-                    state.codec.decode([rows[s, HEADER_BYTES:HEADER_BYTES + sh.bodies[s]]], layout, buf[start:end])
-            _bucket_done(state, worker_info, nonfinite, signature if err is not None and state.error_feedback else None,
-                         server_signature=signature if server is not None else None)
-            result.set_result(buf)
-        except BaseException as exc:  # noqa: BLE001
-            result.set_exception(exc)
-
-    exchange.alltoall_async(sh.send, sh.recv, group).then(reduce_own_shard)
+    last = _last_phase(result, assemble)
+    first = _next_phase(result, state._in_order, bucket.index(), reduce_own_shard,
+                        lambda: exchange.allgather_async(own, sh.gathered, state._second_group), last)
+    exchange.alltoall_async(sh.send, sh.recv, group).then(first)
     return result
 
 
@@ -697,66 +682,75 @@ def _hierarchical(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor
     _count(state, bucket, b, ch.payload.numel(), (nodes - 1) * ch.payload.numel(), fp32_values=n)
     info_box = {}
 
-    def quantize_chunk(fut: torch.futures.Future) -> None:
-        try:
-            fut.value()
-            chunk = x[start:end]
-            info = state.codec.encode(chunk, ch.payload[HEADER_BYTES:HEADER_BYTES + ch.body], ch.layout,
-                                      splitmix64(key, 3), error_out=None if err is None else err[start:end])
-            info_box["info"] = info
-            ch.payload[3] = 0 if info.finite else FLAG_NONFINITE
+    def assemble() -> torch.Tensor:
+        rows = ch.node_means.view(lpn, -1)
+        for i, (s0, e0) in enumerate(ch.bounds):
+            buf[s0:e0].copy_(rows[i, :e0 - s0])
+        # one non-finite chunk anywhere makes the bucket non-finite on every rank, so every rank
+        # skips the step's residuals alike
+        nonfinite = not bool(torch.isfinite(buf).all())
+        if nonfinite:
+            buf.fill_(float("nan"))
+        info = info_box.get("info")
+        _bucket_done(state, info if err is not None else None, nonfinite,
+                     signature if err is not None and state.error_feedback else None)
+        return buf
 
-            def launch() -> None:
-                try:
-                    exchange.allgather_async(ch.payload, ch.gathered, across).then(mean_chunk)
-                except BaseException as exc:  # noqa: BLE001
-                    result.set_exception(exc)
-            state._in_order.submit(bucket.index(), launch)
-        except BaseException as exc:  # noqa: BLE001
-            state._in_order.submit(bucket.index())
-            result.set_exception(exc)
+    def mean_chunk() -> None:
+        rows = ch.gathered.view(nodes, -1)
+        mean = ch.mean[:n]
+        if _nonfinite_rows(state, rows, n, True):
+            mean.fill_(float("nan"))
+        else:
+            bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + ch.body] for r in range(nodes)]
+            state.codec.decode(bodies, ch.layout, mean, divisor=nodes * lpn)
 
-    def mean_chunk(fut: torch.futures.Future) -> None:
-        try:
-            fut.value()
-            rows = ch.gathered.view(nodes, -1)
-            mean = ch.mean[:n]
-            if _nonfinite_rows(state, rows, n, True):
-                mean.fill_(float("nan"))
-            else:
-                bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + ch.body] for r in range(nodes)]
-                state.codec.decode(bodies, ch.layout, mean, divisor=nodes * lpn)
+    def quantize_chunk() -> None:
+        info = state.codec.encode(x[start:end], ch.payload[HEADER_BYTES:HEADER_BYTES + ch.body], ch.layout,
+                                  splitmix64(key, 3), error_out=None if err is None else err[start:end])
+        info_box["info"] = info
+        ch.payload[3] = 0 if info.finite else FLAG_NONFINITE
 
-            def launch() -> None:
-                try:
-                    exchange.allgather_async(ch.mean, ch.node_means, second).then(assemble)
-                except BaseException as exc:  # noqa: BLE001
-                    result.set_exception(exc)
-            state._in_order_node.submit(bucket.index(), launch)
-        except BaseException as exc:  # noqa: BLE001
-            state._in_order_node.submit(bucket.index())
-            result.set_exception(exc)
-
-    def assemble(fut: torch.futures.Future) -> None:
-        try:
-            fut.value()
-            rows = ch.node_means.view(lpn, -1)
-            for i, (s0, e0) in enumerate(ch.bounds):
-                buf[s0:e0].copy_(rows[i, :e0 - s0])
-            # one non-finite chunk anywhere makes the bucket non-finite on every rank, so every rank
-            # skips the step's residuals alike
-            nonfinite = not bool(torch.isfinite(buf).all())
-            if nonfinite:
-                buf.fill_(float("nan"))
-            info = info_box.get("info")
-            _bucket_done(state, info if err is not None else None, nonfinite,
-                         signature if err is not None and state.error_feedback else None)
-            result.set_result(buf)
-        except BaseException as exc:  # noqa: BLE001
-            result.set_exception(exc)
-
-    dist.all_reduce(x, group=first, async_op=True).get_future().then(quantize_chunk)
+    last = _last_phase(result, assemble)
+    middle = _next_phase(result, state._in_order_node, bucket.index(), mean_chunk,
+                         lambda: exchange.allgather_async(ch.mean, ch.node_means, second), last)
+    first_cb = _next_phase(result, state._in_order, bucket.index(), quantize_chunk,
+                           lambda: exchange.allgather_async(ch.payload, ch.gathered, across), middle)
+    dist.all_reduce(x, group=first, async_op=True).get_future().then(first_cb)
     return result
+
+
+def _next_phase(result: torch.futures.Future, in_order: InOrder, index: int, work, start, then):
+    """A completion callback: run ``work()`` (decode / re-encode), then issue the next collective
+    ``start()`` in bucket order and continue with ``then``.  Any failure goes to ``result``, so DDP
+    raises instead of waiting forever, and releases later buckets waiting on this one."""
+    def callback(fut: torch.futures.Future) -> None:
+        try:
+            fut.value()  # re-raises a failed collective
+            work()
+        except BaseException as exc:  # noqa: BLE001 - DDP must see it, not hang
+            in_order.submit(index)
+            result.set_exception(exc)
+            return
+
+        def launch() -> None:
+            try:
+                start().then(then)
+            except BaseException as exc:  # noqa: BLE001
+                result.set_exception(exc)
+        in_order.submit(index, launch)
+    return callback
+
+
+def _last_phase(result: torch.futures.Future, work):
+    """The final completion callback: ``result`` gets ``work()``'s tensor or its exception."""
+    def callback(fut: torch.futures.Future) -> None:
+        try:
+            fut.value()
+            result.set_result(work())
+        except BaseException as exc:  # noqa: BLE001
+            result.set_exception(exc)
+    return callback
 
 
 def _count(state: QuantizedHookState, bucket, b: _Bucket, payload: int, sent: int, fp32_values=None) -> None:

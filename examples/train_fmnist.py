@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-error-feedback", action="store_true")
     p.add_argument("--exchange", default=None, choices=ddp_qhooks.EXCHANGES,
                    help="how payloads are exchanged (default: the hook's default)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="for --exchange hierarchical outside torchrun (which sets LOCAL_WORLD_SIZE)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -172,6 +174,8 @@ def train(args, env: launch.Launch) -> dict:
             options["block_size"] = args.block_size
         if args.exchange is not None:
             options["exchange"] = args.exchange
+        if args.ranks_per_node is not None:
+            options["ranks_per_node"] = args.ranks_per_node
         # the one line:
         hook_state = ddp_qhooks.register(ddp, args.codec, bits=args.bits,
                                          error_feedback=not args.no_error_feedback, **options)
@@ -229,7 +233,9 @@ def train(args, env: launch.Launch) -> dict:
             log(rank, f"epoch {epoch} done  test_acc {evaluate(model, x_test, y_test, rank, world, device):.4f}")
 
     acc = evaluate(model, x_test, y_test, rank, world, device)
-    result = {"step": step, "test_acc": acc, "loss": loss.item(), "world_size": world}
+    result = {"step": step, "test_acc": acc, "world_size": world}
+    if not bool(torch.isnan(loss)):  # nan only when the run resumed at its last step: no step taken
+        result["loss"] = loss.item()
     if hook_state is not None:
         s = hook_state.stats()
         result.update(compression_ratio=s["compression_ratio"], wire_bytes_sent=s["wire_bytes_sent"],
