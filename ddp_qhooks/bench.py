@@ -366,17 +366,24 @@ def _innermost_error(exc: BaseException) -> str:
 TCP_FRAMING = 1 + 66 / 1448
 
 
-def _derive(rows: list[dict]) -> None:
-    """Speedups and the ideal, relative to the fp32 row of the same run."""
+def _derive(rows: list[dict], ranks_per_host: int = 1) -> None:
+    """Speedups and the ideal, relative to the fp32 row of the same run.
+
+    With several ranks per simulated host, tc counts what the whole host sends over its link (not
+    the same-host traffic, which stays on loopback), while the package counts per rank: the two are
+    not comparable, so ``tc_vs_accounted`` is left out and the ideal uses the link bytes tc saw."""
     base = next((r for r in rows if r["config"] == "fp32" and r["status"] == "ok"), None)
     for r in rows:
         if r["status"] != "ok" or base is None:
             continue
         r["speedup_vs_fp32"] = base["step_s"] / r["step_s"]
-        if r.get("tc_bytes_per_step") and r["bytes_per_step"]:
+        if r.get("tc_bytes_per_step") and r["bytes_per_step"] and ranks_per_host == 1:
             r["tc_vs_accounted"] = r["tc_bytes_per_step"] / (r["bytes_per_step"] * TCP_FRAMING) - 1
-        if base["bytes_per_step"] and r["bytes_per_step"] is not None:
-            frac = r["bytes_per_step"] / base["bytes_per_step"]
+        measure = "bytes_per_step"
+        if ranks_per_host > 1 and r.get("tc_bytes_per_step") and base.get("tc_bytes_per_step"):
+            measure = "tc_bytes_per_step"
+        if base[measure] and r[measure] is not None:
+            frac = r[measure] / base[measure]
             if r["compression_ratio"] is None:
                 r["compression_ratio"] = 1 / frac if frac > 0 else None
             comm_fp32 = max(0.0, base["step_s"] - base["compute_s"])
@@ -417,6 +424,10 @@ def format_table(result: dict, markdown: bool) -> str:
     notes = [f"{r['config']} fails on this backend ({result['meta']['backend']}, torch {result['meta']['torch']}): "
              f"{r['error']}" for r in rows if r["status"] != "ok"]
     notes += [f"{r['config']}: {r['note']}" for r in rows if r.get("note")]
+    if result["meta"].get("ranks_per_host", 1) > 1 and any(r.get("tc_bytes_per_step") for r in rows):
+        notes.append(f"{result['meta']['ranks_per_host']} ranks per host: tc MB/step is what host 0 sent over its "
+                     "link (all its ranks; same-host traffic stays on loopback); MB/step/rank is the package's "
+                     "per-rank count (hierarchical: inter-node payloads only); the ideal uses tc's bytes")
     if any(r.get("tc_vs_accounted") is not None for r in rows):
         notes.append(f"tc vs acct: tc's bytes sent per step vs the accounted bytes x {TCP_FRAMING:.4f} "
                      "(TCP/IP/Ethernet framing of 1448-byte segments on a 1500-byte MTU link)")
@@ -685,8 +696,9 @@ def _launch(args) -> dict:
                 raise RuntimeError("every configuration failed; rerun with --verbose to see the workers' output")
             for r in rows:
                 r["compute_s"] = r["compute_s"] if r["compute_s"] is not None else compute_s
-            _derive(rows)
+            _derive(rows, args.procs_per_node if net is not None else 1)
             meta["compute_s"] = compute_s
+            meta["ranks_per_host"] = args.procs_per_node if net is not None else 1
             if net is not None:
                 meta["tc_bytes_total"] = [net.bytes_sent(n) for n in range(args.nodes)]
             return {"meta": meta, "rows": rows}

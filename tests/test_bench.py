@@ -116,3 +116,19 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_several_ranks_per_host_compare_link_bytes_not_per_rank_counts():
+    """With 2 ranks per simulated host, tc sees the host's link bytes: no per-rank comparison, and
+    the ideal speedup uses the bytes that crossed the link."""
+    def row(config, step_s, acct, tc):
+        return {"config": config, "status": "ok", "step_s": step_s, "compute_s": 0.05, "bytes_per_step": acct,
+                "tc_bytes_per_step": tc, "compression_ratio": None if config == "fp32" else 8.0}
+    rows = [row("fp32", 1.05, 30e6, 32e6), row("hier", 0.25, 1.2e6, 4e6)]
+    bench._derive(rows, ranks_per_host=2)
+    assert all(r.get("tc_vs_accounted") is None for r in rows)
+    assert rows[1]["ideal_speedup"] == pytest.approx(1.05 / (0.05 + 1.0 * 4 / 32))
+    rows = [row("fp32", 1.05, 30e6, 32e6), row("hier", 0.25, 4e6, 4.2e6)]
+    bench._derive(rows, ranks_per_host=1)
+    assert rows[1]["tc_vs_accounted"] == pytest.approx(4.2 / (4 * bench.TCP_FRAMING) - 1)
+    assert rows[1]["ideal_speedup"] == pytest.approx(1.05 / (0.05 + 1.0 * 4 / 30))

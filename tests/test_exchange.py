@@ -417,3 +417,19 @@ def test_hierarchical_none_equals_plain_ddp_and_misconfiguration_is_clear():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     res = _dist.run(_w_run, 3, "uniform", 4, {}, "hierarchical", 25, None, 2)
     assert all(not r["ok"] and "ranks_per_node=2 does not divide the world size 3" in r["error"] for r in res)
+
+
+def test_state_dict_round_trip_keeps_server_residuals(case_run):
+    """Load a rank's saved state into a fresh state (a restart) and save it again: worker and
+    server residuals come back unchanged, by parameter name."""
+    (world, codec, bits, options, cap), runs = case_run
+    saved = runs[world - 1]["state_dict"]
+    fresh = ddp_qhooks.QuantizedHookState(None, codec=codec, bits=bits, module=_model(), seed=5, exchange="alltoall",
+                                          **options)
+    fresh.load_state_dict(saved)
+    again = fresh.state_dict()
+    assert again["step"] == STEPS and again["exchange"] == "alltoall"
+    for key in ("residuals", "server_residuals"):
+        assert saved[key].keys() == again[key].keys() and saved[key]
+        for name, t in saved[key].items():
+            assert torch.equal(again[key][name], t), (key, name)
