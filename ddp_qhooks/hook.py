@@ -386,8 +386,16 @@ class QuantizedHookState:
                 scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
             shard_layouts = _shard_layouts(layout, w) if layout.numel >= w > 1 else None
             slot = max(payload_nbytes(self.codec.body_nbytes(sl)) for sl in shard_layouts) if shard_layouts else 0
-            mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size, 2 * (w - 1) * slot,
-                                           ranks_per_node=self._ranks_per_node_checked(w))
+            if w != dist.get_world_size():
+                # the extra groups of the other exchanges are created by dist.new_group, which every
+                # rank of the job must enter: ranks outside this subgroup never would (a hang)
+                if self.exchange in ("alltoall", "hierarchical"):
+                    raise ValueError(f"exchange={self.exchange!r} needs the default process group (this one has {w} of "
+                                     f"{dist.get_world_size()} ranks); use exchange='allgather' for a subgroup")
+                mode, reason = "allgather", "process group is a subgroup: all-gather only"
+            else:
+                mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size, 2 * (w - 1) * slot,
+                                               ranks_per_node=self._ranks_per_node_checked(w))
             shards = chunks = None
             if mode == "hierarchical":
                 chunks = self._make_chunks(layout, device)

@@ -433,3 +433,31 @@ def test_state_dict_round_trip_keeps_server_residuals(case_run):
         assert saved[key].keys() == again[key].keys() and saved[key]
         for name, t in saved[key].items():
             assert torch.equal(again[key][name], t), (key, name)
+
+
+def _w_subgroup(rank, world):
+    import torch.distributed as dist
+    sub, _ = dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])
+    model = _model()
+    ddp = DDP(model, process_group=sub)
+    state = ddp_qhooks.register(ddp, "uniform", bits=4)  # auto
+    x, y = _data(rank, 0)
+    ((ddp(x) - y) ** 2).mean().backward()
+    refused = None
+    try:
+        ddp_qhooks.register(DDP(_model(), process_group=sub), "uniform", bits=4, exchange="alltoall")
+    except ValueError as exc:
+        refused = str(exc)
+    ddp2 = DDP(_model(), process_group=sub)
+    ddp_qhooks.register(ddp2, "uniform", bits=4, exchange="alltoall")
+    try:
+        ((ddp2(x) - y) ** 2).mean().backward()
+    except Exception as exc:  # noqa: BLE001
+        refused = str(exc)
+    return state.stats(), refused
+
+
+def test_subgroup_uses_allgather_and_refuses_the_others_clearly():
+    for stats, refused in _dist.results(_w_subgroup, 4):
+        assert stats["exchange_last_step"] == {"allgather": 1} and "subgroup" in stats["exchange_reason"]
+        assert refused and "needs the default process group" in refused
