@@ -395,7 +395,7 @@ class QuantizedHookState:
                 mode, reason = "allgather", "process group is a subgroup: all-gather only"
             else:
                 mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size, 2 * (w - 1) * slot,
-                                               ranks_per_node=self._ranks_per_node_checked(w))
+                                               ranks_per_node=self._ranks_per_node_checked(w), bits=self.codec.bits)
             shards = chunks = None
             if mode == "hierarchical":
                 chunks = self._make_chunks(layout, device)

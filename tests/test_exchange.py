@@ -318,6 +318,9 @@ def test_choice_rules():
     assert [b - a for a, b in shard_bounds(7, 4)] == [2, 2, 2, 1]
     assert choose("auto", 2, 10**6, 500_000, 500_064)[0] == "allgather"
     assert choose("auto", 4, 10**6, 1_500_000, 750_000)[0] == "alltoall"
+    assert choose("auto", 4, 10**6, 1_500_000, 750_000, bits=4)[0] == "alltoall"
+    assert choose("auto", 4, 10**6, 1_500_000, 750_000, bits=1)[0] == "allgather"  # 1-bit: one quantization
+    assert choose("alltoall", 4, 10**6, 1_500_000, 750_000, bits=1)[0] == "alltoall"  # asked for explicitly
     assert choose("alltoall", 2, 10**6, 500_000, 500_064)[0] == "alltoall"
     assert choose("alltoall", 4, 3, 100, 200) == ("allgather", "bucket of 3 values cannot be cut into 4 shards")
     assert choose("alltoall", 4, 40, 100, 200)[0] == "allgather"
