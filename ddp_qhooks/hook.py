@@ -366,8 +366,8 @@ class QuantizedHookState:
         self.memory.load(residuals)
         self.server_memory = ResidualMemory()
         self.server_memory.load(server)
-        self._in_order = exchange.InOrder()
-        self._in_order_node = exchange.InOrder()
+        self._in_order = InOrder()
+        self._in_order_node = InOrder()
         self._second_group = None
         self._hier_groups = None
 
@@ -380,7 +380,7 @@ class QuantizedHookState:
             size = payload_nbytes(body)
             w = exchange.world_size(self.process_group)
             payload = torch.zeros(size, dtype=torch.uint8, device=device)
-            payload[:HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print, layout.numel).to(device)
+            self._write_header(payload, layout.numel)
             scratch = None
             if self.measure_error and not self.error_feedback:
                 scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
@@ -409,6 +409,9 @@ class QuantizedHookState:
             self._settle_server_residuals(signature, b, device)
         return b
 
+    def _write_header(self, slot: torch.Tensor, numel: int) -> None:
+        slot[:HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print, numel).to(slot.device)
+
     def _ranks_per_node_checked(self, w: int) -> Optional[int]:
         lpn = self.ranks_per_node
         if lpn is None:
@@ -433,8 +436,7 @@ class QuantizedHookState:
         body = self.codec.body_nbytes(layouts[local])
         slot = payload_nbytes(body)
         payload = torch.zeros(slot, dtype=torch.uint8, device=device)
-        payload[:HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print,
-                                              layouts[local].numel).to(device)
+        self._write_header(payload, layouts[local].numel)
         widest = max(e - s for s, e in bounds)
         return _Chunks(bounds, layouts[local], body, payload,
                        torch.empty(nodes * slot, dtype=torch.uint8, device=device),
@@ -462,8 +464,7 @@ class QuantizedHookState:
         me = exchange.rank(self.process_group)
         send = torch.zeros(w * slot, dtype=torch.uint8, device=device)
         for s, sl in enumerate(layouts):
-            send[s * slot:s * slot + HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print,
-                                                                  sl.numel).to(device)
+            self._write_header(send[s * slot:(s + 1) * slot], sl.numel)
         bounds = exchange.shard_bounds(layout.numel, w)
         return _Shards(bounds, layouts, [self.codec.body_nbytes(sl) for sl in layouts], slot, send,
                        torch.empty(w * slot, dtype=torch.uint8, device=device),
@@ -475,18 +476,19 @@ class QuantizedHookState:
         a server residual; any other part (the bucket is exchanged by all-gather now, or the shard
         went to another rank after a rebuild or a restart at another world size) is added W-fold
         to this rank's worker residual, which brings it into the next mean unchanged."""
-        if not self.error_feedback or not self.server_memory.holds_any(signature):
-            if b.mode == "alltoall" and self.error_feedback:
-                self.server_memory.bucket_residual(signature, b.layout.param_numels, device)
-                self.server_memory.staging(signature).zero_()
+        if not self.error_feedback:
             return
-        w = exchange.world_size(self.process_group)
+        inherited = self.server_memory.holds_any(signature)
+        if b.mode != "alltoall" and not inherited:
+            return
         server = self.server_memory.bucket_residual(signature, b.layout.param_numels, device)
-        keep = b.shards.bounds[exchange.rank(self.process_group)] if b.mode == "alltoall" else (0, 0)
-        worker = self.memory.bucket_residual(signature, b.layout.param_numels, device)
-        for start, end in ((0, keep[0]), (keep[1], b.layout.numel)):
-            worker[start:end].add_(server[start:end], alpha=w)
-            server[start:end].zero_()
+        if inherited:
+            w = exchange.world_size(self.process_group)
+            keep = b.shards.bounds[exchange.rank(self.process_group)] if b.mode == "alltoall" else (0, 0)
+            worker = self.memory.bucket_residual(signature, b.layout.param_numels, device)
+            for start, end in ((0, keep[0]), (keep[1], b.layout.numel)):
+                worker[start:end].add_(server[start:end], alpha=w)
+                server[start:end].zero_()
         if b.mode == "alltoall":
             self.server_memory.staging(signature).zero_()
         else:
@@ -555,11 +557,7 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     held = []
     if state.error_feedback:
         residual = state.memory.bucket_residual(signature, b.layout.param_numels, buf.device)
-        if state.hold_unused_residuals:
-            held = [(sl, residual[sl].clone()) for sl in _param_slices(b.layout) if not bool(x[sl].any())]
-        x.add_(residual)
-        for sl, _ in held:
-            x[sl].zero_()  # an unused parameter's gradient is exactly zero: send zero
+        held = _add_residual(x, residual, b.layout, state.hold_unused_residuals)
     key = splitmix64(state.seed, exchange.rank(group), state.step)
     # e = g' - deq(own payload), formed by the encoder while the data is hot (no decode of our own
     # payload later) and staged: committed only once the whole step is known to be finite
@@ -573,8 +571,7 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
     info = state.codec.encode(x, body, b.layout, key, error_out=err)
     if err is not None and info.finite:
-        for sl, saved in held:
-            err[sl].copy_(saved)
+        _restore_held(err, held)
     b.payload[3] = 0 if info.finite else FLAG_NONFINITE
     _count(state, bucket, b, b.payload.numel(), (world - 1) * b.payload.numel())
     validate = buf.device.type == "cpu" or state.step < 3
@@ -615,8 +612,7 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
             err_sq += info.error_sq
             inp_sq += info.input_sq
     if err is not None and finite:
-        for sl, saved in held:
-            err[sl].copy_(saved)
+        _restore_held(err, held)
     worker_info = EncodeInfo(finite, err_sq, inp_sq) if err is not None else None
     _count(state, bucket, b, world * sh.slot, 2 * (world - 1) * sh.slot)
     validate = buf.device.type == "cpu" or state.step < 3
@@ -630,7 +626,7 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
 
     def assemble() -> torch.Tensor:
         rows = sh.gathered.view(world, -1)
-        nonfinite = any(f & FLAG_NONFINITE for f in rows[:, 3].cpu().tolist())
+        nonfinite = _nonfinite_rows(state, rows, None, validate=False)  # headers were checked in phase 1
         if nonfinite:
             buf.fill_(float("nan"))
         else:
@@ -649,18 +645,11 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
             return
         bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + sh.bodies[me]] for r in range(world)]
         state.codec.decode(bodies, layout, mean, divisor=world)
-        held2 = []
-        if server is not None:
-            if state.hold_unused_residuals:
-                held2 = [(sl, server[sl].clone()) for sl in _param_slices(layout) if not bool(mean[sl].any())]
-            mean.add_(server)
-            for sl, _ in held2:
-                mean[sl].zero_()
+        held2 = _add_residual(mean, server, layout, state.hold_unused_residuals) if server is not None else []
         info2 = state.codec.encode(mean, own[HEADER_BYTES:HEADER_BYTES + sh.bodies[me]], layout,
                                    splitmix64(key, 2), error_out=None if server is None else server_err)
         if server is not None and info2.finite:
-            for sl, saved in held2:
-                server_err[sl].copy_(saved)
+            _restore_held(server_err, held2)
         own[3] = 0 if info2.finite else FLAG_NONFINITE
 
     last = _last_phase(result, assemble)
@@ -774,7 +763,7 @@ def _count(state: QuantizedHookState, bucket, b: _Bucket, payload: int, sent: in
         state._last_seen = state._last_seen or bucket.is_last()
 
 
-def _nonfinite_rows(state: QuantizedHookState, rows: torch.Tensor, numel: int, validate: bool) -> bool:
+def _nonfinite_rows(state: QuantizedHookState, rows: torch.Tensor, numel: Optional[int], validate: bool) -> bool:
     if validate:
         headers = rows[:, :HEADER_BYTES].cpu()
         _check_headers(state, numel, headers)
@@ -819,6 +808,22 @@ def _shard_layouts(layout: Layout, world: int) -> list:
                 keys.append(k)
         layouts.append(Layout(numels, keys) if numels else Layout([0], [0]))
     return layouts
+
+
+def _add_residual(x: torch.Tensor, residual: torch.Tensor, layout: Layout, hold_unused: bool) -> list:
+    """``x += residual``.  With ``hold_unused``, a parameter whose values in ``x`` are exactly zero
+    (unused in this step) sends zero and keeps its residual: returns those (slice, residual) pairs
+    for :func:`_restore_held` to put into the next residual."""
+    held = [(sl, residual[sl].clone()) for sl in _param_slices(layout) if not bool(x[sl].any())] if hold_unused else []
+    x.add_(residual)
+    for sl, _ in held:
+        x[sl].zero_()
+    return held
+
+
+def _restore_held(next_residual: torch.Tensor, held: list) -> None:
+    for sl, saved in held:
+        next_residual[sl].copy_(saved)
 
 
 def _param_slices(layout: Layout):

@@ -102,22 +102,31 @@ def _pieces(numels, keys, a, b):
     return Layout(nums, ks)
 
 
-def _replay(runs, world, codec_name, bits, options):
-    """Independent two-phase arithmetic over the recorded calls; returns per-rank outputs and the
-    final worker / server residuals keyed by parameter."""
-    codec = make_codec(codec_name, bits, **options)
+def _zero_residuals(runs, world):
+    """Per rank, a zero residual for every parameter the recorded calls saw."""
     numel_of = {}
     for call in runs[0]["calls"]:
         numel_of.update(zip(call["keys"], call["numels"]))
-    worker = [{k: torch.zeros(n) for k, n in numel_of.items()} for _ in range(world)]
-    server = [{k: torch.zeros(n) for k, n in numel_of.items()} for _ in range(world)]
-    owner_layout = {}  # bucket keys -> bounds, to detect layout changes (like the package, on first sight)
-    outputs = [[] for _ in range(world)]
+    return [{k: torch.zeros(n) for k, n in numel_of.items()} for _ in range(world)]
+
+
+def _calls_by_bucket(runs, world):
+    """(step, [the W ranks' records of one bucket]) in step and bucket order."""
     by_step = {}
     for q in range(world):
         for call in runs[q]["calls"]:
             by_step.setdefault((call["step"], call["index"]), [None] * world)[q] = call
-    for (step, index), calls in sorted(by_step.items()):
+    return [(step, calls) for (step, _), calls in sorted(by_step.items())]
+
+
+def _replay(runs, world, codec_name, bits, options):
+    """Independent two-phase arithmetic over the recorded calls; returns per-rank outputs and the
+    final worker / server residuals keyed by parameter."""
+    codec = make_codec(codec_name, bits, **options)
+    worker, server = _zero_residuals(runs, world), _zero_residuals(runs, world)
+    owner_layout = {}  # bucket keys -> bounds, to detect layout changes (like the package, on first sight)
+    outputs = [[] for _ in range(world)]
+    for step, calls in _calls_by_bucket(runs, world):
         keys, numels = calls[0]["keys"], calls[0]["numels"]
         n = sum(numels)
         flat = lambda store, q: torch.cat([store[q][k] for k in keys])  # noqa: E731
@@ -343,16 +352,9 @@ def _replay_hierarchical(runs, world, lpn, codec_name, bits, options):
     chunk l of the result = decode of the N nodes' chunk-l payloads / W."""
     codec = make_codec(codec_name, bits, **options)
     nodes = world // lpn
-    numel_of = {}
-    for call in runs[0]["calls"]:
-        numel_of.update(zip(call["keys"], call["numels"]))
-    worker = [{k: torch.zeros(n) for k, n in numel_of.items()} for _ in range(world)]
+    worker = _zero_residuals(runs, world)
     outputs = [[] for _ in range(world)]
-    by_step = {}
-    for q in range(world):
-        for call in runs[q]["calls"]:
-            by_step.setdefault((call["step"], call["index"]), [None] * world)[q] = call
-    for (step, index), calls in sorted(by_step.items()):
+    for step, calls in _calls_by_bucket(runs, world):
         keys, numels = calls[0]["keys"], calls[0]["numels"]
         n = sum(numels)
         x = [calls[q]["input"] + torch.cat([worker[q][k] for k in keys]) for q in range(world)]
