@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import _dist  # tests/conftest.py puts tests/ on sys.path
 import pytest
 
 from ddp_qhooks import bench
@@ -98,7 +99,7 @@ def test_under_torchrun(tmp_path):
     """Launched by torchrun (env:// rendezvous), every configuration runs in the same processes and
     rank 0 writes the outputs."""
     out = tmp_path / "tr"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_dist.free_port()}",
                           "-m", "ddp_qhooks.bench", "--params", "2e5", "--steps", "2", "--warmup", "2",
                           "--configs", "fp32", "stochastic:4", "quant_pertensor", "--output", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -109,13 +110,6 @@ def test_under_torchrun(tmp_path):
     rows = {r["config"]: r for r in result["rows"]}
     assert rows["fp32"]["status"] == "ok" and rows["stochastic:4"]["status"] == "ok"
     assert rows["quant_pertensor"]["status"] == "failed" and "torchrun" in rows["quant_pertensor"]["error"]
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_several_ranks_per_host_compare_link_bytes_not_per_rank_counts():

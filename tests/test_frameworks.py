@@ -5,10 +5,10 @@ or Fashion-MNIST is missing.  Every job gets a fresh port.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
+import _dist  # tests/conftest.py puts tests/ on sys.path
 import pytest
 import torch
 
@@ -18,12 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 pytestmark = pytest.mark.skipif(not data.available(), reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, cwd, port=None, timeout=240) -> subprocess.CompletedProcess:
@@ -58,12 +52,12 @@ def _check_ok(proc, steps) -> dict:
 
 
 def _lightning(tmp_path, *args):
-    return _run([os.path.join(EXAMPLES, "lightning_train.py"), "--batch", "32", *args], tmp_path, port=_free_port())
+    return _run([os.path.join(EXAMPLES, "lightning_train.py"), "--batch", "32", *args], tmp_path, port=_dist.free_port())
 
 
 def _accelerate(tmp_path, *args):
     cmd = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", os.path.join(EXAMPLES, "accelerate_train.py"), "--batch", "32", *args]
+           f"--master-port={_dist.free_port()}", os.path.join(EXAMPLES, "accelerate_train.py"), "--batch", "32", *args]
     return _run(cmd, tmp_path)
 
 
