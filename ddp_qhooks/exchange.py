@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from .codecs.wire import fingerprint
 
 __all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "alltoall_async", "InOrder", "choose",
-           "shard_bounds", "check_agreement", "ConfigMismatchError"]
+           "shard_bounds", "check_agreement", "ConfigMismatchError", "timeout_of", "new_group", "subgroups"]
 
 # how a bucket's payloads travel between ranks:
 #   allgather  every rank receives every other rank's payload: (W-1) x payload bytes sent per rank
@@ -35,6 +36,34 @@ def check_exchange(exchange: str) -> str:
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {', '.join(map(repr, EXCHANGES))}, got {exchange!r}")
     return exchange
+
+
+def timeout_of(group) -> "datetime.timedelta | None":
+    """The collective timeout of ``group`` (the default group: ``init_process_group(timeout=)``),
+    or None where the backend does not tell."""
+    pg = group if group is not None else dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout
+        except Exception:
+            continue
+    return None
+
+
+def new_group(parent, ranks=None):
+    """A new group of ``ranks`` (default: the parent's) with the PARENT's timeout.
+
+    ``dist.new_group`` would use torch's 30-minute default whatever ``init_process_group`` was
+    given, so a dead or stalled rank would hang the extra phases for half an hour."""
+    if ranks is None and parent is not None:
+        ranks = dist.get_process_group_ranks(parent)
+    return dist.new_group(ranks, timeout=timeout_of(parent))
+
+
+def subgroups(parent, enumeration):
+    """This rank's group of ``dist.new_subgroups_by_enumeration`` with the parent's timeout."""
+    group, _ = dist.new_subgroups_by_enumeration(enumeration, timeout=timeout_of(parent))
+    return group
 
 
 class ConfigMismatchError(ValueError):
@@ -101,9 +130,9 @@ def choose(exchange: str, world: int, numel: int, allgather_bytes: int, two_phas
     cmp = f"two-phase sends {two_phase_bytes} B per rank, all-gather {allgather_bytes} B"
     if exchange == "alltoall":
         # at W = 2 both send about the same: keep what was asked for; at W > 2 all-gather wins only
-        # on buckets so small that headers and scales dominate
+        # on buckets so small that headers and scales dominate, or with a much wider server codec
         if world > 2 and two_phase_bytes >= allgather_bytes:
-            return "allgather", f"small bucket: {cmp}"
+            return "allgather", f"two-phase would send more: {cmp}"
         return "alltoall", "exchange='alltoall'"
     if bits is not None and bits <= 1:
         # measured: re-quantizing the mean to 1 bit costs 3-7 pt of Fashion-MNIST accuracy (README)

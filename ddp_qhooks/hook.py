@@ -54,6 +54,7 @@ __all__ = ["QuantizedHookState", "quantized_allgather_hook", "register"]
 
 STATE_FORMAT = 1
 _log = logging.getLogger("ddp_qhooks")
+DEFAULT_SERVER_BITS_1BIT = 1  # measured below; see _server_codec
 
 
 @dataclass
@@ -64,8 +65,11 @@ class _Shards:
     layouts: list           # Layout of each shard (pieces of the bucket's parameters)
     bodies: list            # body bytes of each shard's payload
     slot: int               # bytes per payload slot (the largest shard's payload)
-    send: torch.Tensor      # W slots; after phase 1 the own slot carries the re-encoded mean
+    send: torch.Tensor      # W slots
     recv: torch.Tensor      # W copies of the own shard, one per rank
+    mean_bodies: list       # body bytes of each shard's re-encoded mean (server codec)
+    mean_slot: int          # bytes per re-encoded mean slot
+    own_mean: torch.Tensor  # the own shard's re-encoded mean, one slot
     gathered: torch.Tensor  # W re-encoded mean shards
     mean: torch.Tensor      # float32 mean of the own shard
 
@@ -142,9 +146,10 @@ class QuantizedHookState:
     def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
                  seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
                  hold_unused_residuals: bool = False, exchange: str = "auto", ranks_per_node: Optional[int] = None,
-                 **codec_options):
+                 server_bits: Optional[int] = None, **codec_options):
         self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals", "exchange",
-                                                           "ranks_per_node"), **codec_options)
+                                                           "ranks_per_node", "server_bits"), **codec_options)
+        self.server_codec = _server_codec(self.codec, server_bits, codec_options)
         self.exchange = check_exchange(exchange)
         if ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
             ranks_per_node = int(os.environ["LOCAL_WORLD_SIZE"])  # torchrun: ranks on this node
@@ -285,31 +290,91 @@ class QuantizedHookState:
             "codec_state": self.codec.state_dict() if hasattr(self.codec, "state_dict") else {},
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict) -> None:
         """Restore residuals, step and seed, e.g. into the state of a NEW DDP model after a restart.
 
-        Residuals are matched to parameters by name (or ``param<i>`` without a module) and their
-        sizes are checked against the model when a module was given.
+        ``state_dict`` is this rank's own ``state_dict()`` from the checkpoint, or the list of EVERY
+        rank's (any order), which also works when the world size changed.  Residuals are matched to
+        parameters by name (or ``param<i>`` without a module) and their sizes are checked against
+        the model when a module was given.
+
+        At another world size than the one saved (with the process group initialised):
+
+        * given every rank's state dict, the residuals are **redistributed**: every rank gets the
+          pending correction of the old run, ``sum(worker residuals) / W_old + sum(server
+          residuals)``, so the next averaged gradient receives exactly the correction it would have
+          received without the restart;
+        * given one state dict, the residuals are **reset** to zero (one rank's residual is only
+          1/W of the correction and belongs to a rank that may not exist any more).
+
+        Either way a warning says which.  The step counter, seed and codec state are kept.
         """
-        if state_dict.get("format") != STATE_FORMAT:
-            raise ValueError(f"unsupported hook state format {state_dict.get('format')!r} (expected {STATE_FORMAT})")
-        if dict(state_dict["codec"]) != self.codec.config():
-            warnings.warn(f"ddp_qhooks: loading hook state saved with {state_dict['codec']} into {self.codec.config()}; "
-                          "residuals are kept (they are gradient-space errors)", stacklevel=2)
+        if isinstance(state_dict, (list, tuple)):
+            return self._load_every_rank(list(state_dict))
+        self._check_format(state_dict)
         residuals = self._residuals_by_key(state_dict["residuals"])
         server = self._residuals_by_key(state_dict.get("server_residuals", {}))
         saved_w = state_dict.get("world_size")
         if saved_w and dist.is_initialized() and saved_w != self._world_size():
-            warnings.warn(f"ddp_qhooks: hook state saved at world size {saved_w}, loaded at {self._world_size()}; "
-                          "each rank keeps the residuals it loaded", stacklevel=2)
-        saved_rank = state_dict.get("rank")
-        if saved_rank is not None and dist.is_initialized() and saved_rank != exchange.rank(self.process_group):
-            warnings.warn(f"ddp_qhooks: rank {exchange.rank(self.process_group)} loads the hook state of rank {saved_rank}; "
-                          "residuals differ per rank, so each rank should save and load its own state_dict()",
-                          stacklevel=2)
+            warnings.warn(f"ddp_qhooks: hook state saved at world size {saved_w}, loaded at {self._world_size()}: "
+                          "error-feedback residuals RESET to zero (one rank's residuals cannot be redistributed; pass "
+                          "the list of every rank's state_dict() to load_state_dict to redistribute them)", stacklevel=2)
+            residuals, server = {}, {}
+        else:
+            saved_rank = state_dict.get("rank")
+            if saved_rank is not None and dist.is_initialized() and saved_rank != exchange.rank(self.process_group):
+                warnings.warn(f"ddp_qhooks: rank {exchange.rank(self.process_group)} loads the hook state of rank "
+                              f"{saved_rank}; residuals differ per rank, so each rank should save and load its own "
+                              "state_dict()", stacklevel=2)
+        self._restore(state_dict, residuals, server)
+
+    def _load_every_rank(self, state_dicts: list) -> None:
+        if not state_dicts:
+            raise ValueError("load_state_dict got an empty list; pass every rank's state_dict()")
+        for sd in state_dicts:
+            self._check_format(sd)
+        saved_w = len(state_dicts)
+        ranks = sorted(int(sd.get("rank", -1)) for sd in state_dicts)
+        sizes = {sd.get("world_size") for sd in state_dicts}
+        if ranks != list(range(saved_w)) or sizes - {saved_w, 0, None}:
+            raise ValueError(f"load_state_dict needs exactly one state_dict per rank of the saved run: got ranks {ranks} "
+                             f"saved at world size(s) {sorted(sizes, key=str)}")
+        steps = {int(sd["step"]) for sd in state_dicts}
+        if len(steps) != 1:
+            raise ValueError(f"the ranks' hook states are from different steps {sorted(steps)}: not one checkpoint")
+        by_rank = {int(sd["rank"]): sd for sd in state_dicts}
+        me = exchange.rank(self.process_group) if dist.is_initialized() else 0
+        w = self._world_size() if dist.is_initialized() else saved_w
+        if w == saved_w:
+            own = by_rank[me]
+            self._restore(own, self._residuals_by_key(own["residuals"]),
+                          self._residuals_by_key(own.get("server_residuals", {})))
+            return
+        pending: Dict[int, torch.Tensor] = {}
+        for sd in state_dicts:
+            for key, r in self._residuals_by_key(sd["residuals"]).items():
+                acc = pending.setdefault(key, torch.zeros(r.numel(), dtype=torch.float64))
+                acc.add_(r.reshape(-1).double(), alpha=1.0 / saved_w)
+            for key, r in self._residuals_by_key(sd.get("server_residuals", {})).items():
+                pending.setdefault(key, torch.zeros(r.numel(), dtype=torch.float64)).add_(r.reshape(-1).double())
+        warnings.warn(f"ddp_qhooks: hook state saved at world size {saved_w}, loaded at {w}: error-feedback residuals "
+                      f"REDISTRIBUTED (every rank holds the old run's pending correction: the mean of the {saved_w} "
+                      "worker residuals plus the server residuals)", stacklevel=3)
+        self._restore(by_rank.get(me, by_rank[0]), {k: v.float() for k, v in pending.items()}, {})
+
+    @staticmethod
+    def _check_format(state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            got = state_dict.get("format") if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"unsupported hook state format {got!r} (expected {STATE_FORMAT})")
+
+    def _restore(self, state_dict: dict, residuals: dict, server: dict) -> None:
+        if dict(state_dict["codec"]) != self.codec.config():
+            warnings.warn(f"ddp_qhooks: loading hook state saved with {state_dict['codec']} into {self.codec.config()}; "
+                          "residuals are kept (they are gradient-space errors)", stacklevel=3)
         if bool(state_dict["error_feedback"]) != self.error_feedback:
             warnings.warn(f"ddp_qhooks: checkpoint was saved with error_feedback={state_dict['error_feedback']}; "
-                          f"keeping this state's error_feedback={self.error_feedback}", stacklevel=2)
+                          f"keeping this state's error_feedback={self.error_feedback}", stacklevel=3)
         self.memory.load(residuals)
         # a server residual outside this rank's shards (other world size or bucket layout) is moved
         # into the worker residual when its bucket is first seen: nothing is dropped
@@ -319,7 +384,7 @@ class QuantizedHookState:
                 self.codec.load_state_dict(state_dict["codec_state"])
             else:
                 warnings.warn("ddp_qhooks: the codec's running state (codebooks / ranges) is not loaded: it was saved "
-                              "for another codec configuration", stacklevel=2)
+                              "for another codec configuration", stacklevel=3)
         self.step = int(state_dict["step"])
         self.seed = int(state_dict["seed"])
         self._totals.update({k: int(v) for k, v in state_dict.get("totals", {}).items() if k in self._totals})
@@ -355,6 +420,7 @@ class QuantizedHookState:
         state.setdefault("exchange", "allgather")  # pickled before the option existed
         state.setdefault("_announced", False)
         state.setdefault("ranks_per_node", None)
+        state.setdefault("server_codec", state["codec"])
         self.__dict__.update(state)
         self.process_group = None
         self._lock = threading.Lock()
@@ -386,6 +452,8 @@ class QuantizedHookState:
                 scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
             shard_layouts = _shard_layouts(layout, w) if layout.numel >= w > 1 else None
             slot = max(payload_nbytes(self.codec.body_nbytes(sl)) for sl in shard_layouts) if shard_layouts else 0
+            mean_slot = max(payload_nbytes(self.server_codec.body_nbytes(sl)) for sl in shard_layouts) \
+                if shard_layouts else 0
             if w != dist.get_world_size():
                 # the extra groups of the other exchanges are created by dist.new_group, which every
                 # rank of the job must enter: ranks outside this subgroup never would (a hang)
@@ -394,14 +462,16 @@ class QuantizedHookState:
                                      f"{dist.get_world_size()} ranks); use exchange='allgather' for a subgroup")
                 mode, reason = "allgather", "process group is a subgroup: all-gather only"
             else:
-                mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size, 2 * (w - 1) * slot,
-                                               ranks_per_node=self._ranks_per_node_checked(w), bits=self.codec.bits)
+                mode, reason = exchange.choose(self.exchange, w, layout.numel, (w - 1) * size,
+                                               (w - 1) * (slot + mean_slot),
+                                               ranks_per_node=self._ranks_per_node_checked(w),
+                                               bits=self.server_codec.bits)
             shards = chunks = None
             if mode == "hierarchical":
                 chunks = self._make_chunks(layout, device)
                 gathered = payload[:0]
             elif mode == "alltoall":
-                shards = self._make_shards(layout, shard_layouts, slot, device)
+                shards = self._make_shards(layout, shard_layouts, slot, mean_slot, device)
                 gathered = payload[:0]
             else:
                 gathered = torch.empty(w * size, dtype=torch.uint8, device=device)
@@ -409,8 +479,10 @@ class QuantizedHookState:
             self._settle_server_residuals(signature, b, device)
         return b
 
-    def _write_header(self, slot: torch.Tensor, numel: int) -> None:
-        slot[:HEADER_BYTES] = header_bytes(self.codec.codec_id, self.codec.bits, self._config_print, numel).to(slot.device)
+    def _write_header(self, slot: torch.Tensor, numel: int, codec=None) -> None:
+        codec = codec or self.codec
+        print_ = self._config_print if codec is self.codec else fingerprint(codec.config())
+        slot[:HEADER_BYTES] = header_bytes(codec.codec_id, codec.bits, print_, numel).to(slot.device)
 
     def _ranks_per_node_checked(self, w: int) -> Optional[int]:
         lpn = self.ranks_per_node
@@ -453,22 +525,22 @@ class QuantizedHookState:
             lpn = self.ranks_per_node
             nodes = [ranks[n * lpn:(n + 1) * lpn] for n in range(len(ranks) // lpn)]
             cross = [[node[i] for node in nodes] for i in range(lpn)]
-            first, _ = dist.new_subgroups_by_enumeration(nodes)
-            second, _ = dist.new_subgroups_by_enumeration(nodes)
-            across, _ = dist.new_subgroups_by_enumeration(cross)
-            self._hier_groups = (first, second, across)
+            self._hier_groups = tuple(exchange.subgroups(self.process_group, e) for e in (nodes, nodes, cross))
         return self._hier_groups
 
-    def _make_shards(self, layout: Layout, layouts: list, slot: int, device) -> _Shards:
+    def _make_shards(self, layout: Layout, layouts: list, slot: int, mean_slot: int, device) -> _Shards:
         w = len(layouts)
         me = exchange.rank(self.process_group)
         send = torch.zeros(w * slot, dtype=torch.uint8, device=device)
         for s, sl in enumerate(layouts):
             self._write_header(send[s * slot:(s + 1) * slot], sl.numel)
+        own_mean = torch.zeros(mean_slot, dtype=torch.uint8, device=device)
+        self._write_header(own_mean, layouts[me].numel, self.server_codec)
         bounds = exchange.shard_bounds(layout.numel, w)
         return _Shards(bounds, layouts, [self.codec.body_nbytes(sl) for sl in layouts], slot, send,
                        torch.empty(w * slot, dtype=torch.uint8, device=device),
-                       torch.empty(w * slot, dtype=torch.uint8, device=device),
+                       [self.server_codec.body_nbytes(sl) for sl in layouts], mean_slot, own_mean,
+                       torch.empty(w * mean_slot, dtype=torch.uint8, device=device),
                        torch.empty(layouts[me].numel, dtype=torch.float32, device=device))
 
     def _settle_server_residuals(self, signature, b: _Bucket, device) -> None:
@@ -546,7 +618,7 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     if b.mode == "alltoall" and state._second_group is None:
         # second-phase collectives start from callbacks while this thread issues the next buckets'
         # first phase: they need their own group (created here, in step order on every rank)
-        state._second_group = dist.new_group(dist.get_process_group_ranks(group) if group is not None else None)
+        state._second_group = exchange.new_group(group)
     if not state._announced:
         state._announced = True
         if exchange.rank(group) == 0:
@@ -614,7 +686,7 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
     if err is not None and finite:
         _restore_held(err, held)
     worker_info = EncodeInfo(finite, err_sq, inp_sq) if err is not None else None
-    _count(state, bucket, b, world * sh.slot, 2 * (world - 1) * sh.slot)
+    _count(state, bucket, b, world * sh.slot, (world - 1) * (sh.slot + sh.mean_slot))
     validate = buf.device.type == "cpu" or state.step < 3
     server = None
     if state.error_feedback:
@@ -622,7 +694,7 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
         server = state.server_memory.bucket_residual(signature, b.layout.param_numels, buf.device)[start:end]
         server_err = state.server_memory.staging(signature)[start:end]
     result = torch.futures.Future(devices=[buf.device] if buf.device.type == "cuda" else None)
-    own = sh.send[me * sh.slot:(me + 1) * sh.slot]
+    own = sh.own_mean
 
     def assemble() -> torch.Tensor:
         rows = sh.gathered.view(world, -1)
@@ -631,7 +703,8 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
             buf.fill_(float("nan"))
         else:
             for s, ((start, end), layout) in enumerate(zip(sh.bounds, sh.layouts)):
-                state.codec.decode([rows[s, HEADER_BYTES:HEADER_BYTES + sh.bodies[s]]], layout, buf[start:end])
+                state.server_codec.decode([rows[s, HEADER_BYTES:HEADER_BYTES + sh.mean_bodies[s]]], layout,
+                                          buf[start:end])
         _bucket_done(state, worker_info, nonfinite, signature if err is not None and state.error_feedback else None,
                      server_signature=signature if server is not None else None)
         return buf
@@ -646,8 +719,8 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
         bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + sh.bodies[me]] for r in range(world)]
         state.codec.decode(bodies, layout, mean, divisor=world)
         held2 = _add_residual(mean, server, layout, state.hold_unused_residuals) if server is not None else []
-        info2 = state.codec.encode(mean, own[HEADER_BYTES:HEADER_BYTES + sh.bodies[me]], layout,
-                                   splitmix64(key, 2), error_out=None if server is None else server_err)
+        info2 = state.server_codec.encode(mean, own[HEADER_BYTES:HEADER_BYTES + sh.mean_bodies[me]], layout,
+                                          splitmix64(key, 2), error_out=None if server is None else server_err)
         if server is not None and info2.finite:
             _restore_held(server_err, held2)
         own[3] = 0 if info2.finite else FLAG_NONFINITE
@@ -791,7 +864,35 @@ def _bucket_done(state: QuantizedHookState, info, nonfinite: bool, signature, se
 
 def _agreed_config(state: QuantizedHookState) -> dict:
     return {**state.codec.config(), "error_feedback": state.error_feedback, "exchange": state.exchange,
-            "ranks_per_node": state.ranks_per_node}
+            "ranks_per_node": state.ranks_per_node, "server_codec": state.server_codec.config()}
+
+
+def _server_codec(codec, server_bits: Optional[int], options: dict):
+    """The codec that re-encodes the mean of a shard in the two-phase exchange.
+
+    By default the worker codec itself, except for 1-bit codecs: the mean of W signs is no longer
+    a sign, and re-encoding it to 1 bit costs measurable accuracy (README), so their mean is
+    re-encoded with the deterministic ``uniform`` codec at ``DEFAULT_SERVER_BITS_1BIT`` bits.  An
+    explicit ``server_bits`` uses the worker codec at that width where it has one, else ``uniform``
+    (same ``block_size``).
+    """
+    if server_bits is None:
+        if codec.bits > 1:
+            return codec
+        server_bits = DEFAULT_SERVER_BITS_1BIT
+    if isinstance(server_bits, bool) or not isinstance(server_bits, int) or not 1 <= server_bits <= 8:
+        raise ValueError(f"server_bits must be an integer in 1..8 (bits of the re-encoded mean in the two-phase "
+                         f"exchange), got {server_bits!r}")
+    if server_bits == codec.bits:
+        return codec
+    try:
+        same = make_codec(codec.name, server_bits, **options)
+        if same.bits == server_bits:
+            return same
+    except (ValueError, TypeError):
+        pass
+    block = {"block_size": options["block_size"]} if "block_size" in options else {}
+    return make_codec("uniform", server_bits, **block)
 
 
 def _shard_layouts(layout: Layout, world: int) -> list:

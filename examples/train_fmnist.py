@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -55,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how payloads are exchanged (default: the hook's default)")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="for --exchange hierarchical outside torchrun (which sets LOCAL_WORLD_SIZE)")
+    p.add_argument("--server-bits", type=int, default=None,
+                   help="bits of the re-encoded mean in the two-phase exchange (default: the hook's default)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -136,12 +137,13 @@ def load_checkpoint(ckpt_dir: str, model, opt, hook_state, world: int, rank: int
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optimizer"])
     if hook_state is not None and blob["hook"] is not None:
-        if blob["world_size"] == world:
-            hook_state.load_state_dict(blob["hook"])
+        saved = [os.path.join(step_dir, f"rank{r}.pt") for r in range(blob["world_size"])]
+        if blob["world_size"] != world and all(os.path.exists(f) for f in saved):
+            # another world size: every rank's residuals are here (shared file system), so the hook
+            # can redistribute them; with only its own file it resets them (both warn)
+            hook_state.load_state_dict([torch.load(f, map_location="cpu", weights_only=True)["hook"] for f in saved])
         else:
-            warnings.warn(f"checkpoint written by {blob['world_size']} ranks, resumed with {world}: model and optimizer "
-                          "restored, error-feedback residuals reset to zero", stacklevel=1)
-            hook_state.step = int(blob["hook"]["step"])
+            hook_state.load_state_dict(blob["hook"])
     return int(blob["step"]), path
 
 
@@ -176,6 +178,8 @@ def train(args, env: launch.Launch) -> dict:
             options["exchange"] = args.exchange
         if args.ranks_per_node is not None:
             options["ranks_per_node"] = args.ranks_per_node
+        if args.server_bits is not None:
+            options["server_bits"] = args.server_bits
         # the one line:
         hook_state = ddp_qhooks.register(ddp, args.codec, bits=args.bits,
                                          error_feedback=not args.no_error_feedback, **options)
@@ -195,7 +199,7 @@ def train(args, env: launch.Launch) -> dict:
         if path is not None:
             log(rank, f"resumed from {os.path.dirname(path)} at step {step}")
     log(rank, f"training SmallCNN on Fashion-MNIST: {world} ranks ({env.backend}, {env.launcher}), codec "
-              f"{args.codec}{'' if args.codec == 'fp32' else f' {args.bits}-bit'}, error feedback "
+              f"{args.codec}{'' if hook_state is None else f' {hook_state.codec.bits}-bit'}, error feedback "
               f"{'off' if args.no_error_feedback else 'on'}, {steps_per_epoch} steps/epoch, steps {step}..{total_steps}")
 
     window_t, window_n, loss = time.perf_counter(), 0, torch.tensor(float("nan"))

@@ -77,15 +77,26 @@ def test_fmnist_example_trains_checkpoints_and_resumes_bitwise(tmp_path):
 
 
 @needs_data
-def test_fmnist_resume_with_another_world_size_warns_and_resets_residuals(tmp_path):
+def test_fmnist_resume_with_another_world_size_redistributes_or_resets_residuals(tmp_path):
     ckpt = tmp_path / "ckpt"
     base = [sys.executable, FMNIST, "--codec", "sign", "--batch-size", "32", "--checkpoint-dir", str(ckpt)]
     _run(base + ["--max-steps", "10"])
+    shutil.copytree(ckpt, tmp_path / "one_file")
+    # every rank's file is there: the hook redistributes the residuals over the 3 new ranks
     res = subprocess.run(base + ["--max-steps", "15", "--resume", "--world-size", "3"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in res.stdout and "residuals reset" in res.stderr
+    assert "resumed from" in res.stdout and "residuals REDISTRIBUTED" in res.stderr
     assert len(set(_hashes(res.stdout).values())) == 1 and len(_hashes(res.stdout)) == 3
+    # only rank 0's file (no shared file system): residuals reset, with a warning saying so
+    one = tmp_path / "one_file"
+    for f in one.glob("step*/rank1.pt"):
+        f.unlink()
+    base[base.index(str(ckpt))] = str(one)
+    res = subprocess.run(base + ["--max-steps", "15", "--resume", "--world-size", "3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "residuals RESET" in res.stderr
 
 
 def test_fmnist_example_without_dataset_names_the_package(tmp_path):
