@@ -54,7 +54,7 @@ __all__ = ["QuantizedHookState", "quantized_allgather_hook", "register"]
 
 STATE_FORMAT = 1
 _log = logging.getLogger("ddp_qhooks")
-DEFAULT_SERVER_BITS_1BIT = 1  # measured below; see _server_codec
+DEFAULT_SERVER_BITS_LOW = 2  # re-encoded mean of sign / ternary codecs in the two-phase exchange (see _server_codec)
 
 
 @dataclass
@@ -870,16 +870,19 @@ def _agreed_config(state: QuantizedHookState) -> dict:
 def _server_codec(codec, server_bits: Optional[int], options: dict):
     """The codec that re-encodes the mean of a shard in the two-phase exchange.
 
-    By default the worker codec itself, except for 1-bit codecs: the mean of W signs is no longer
-    a sign, and re-encoding it to 1 bit costs measurable accuracy (README), so their mean is
-    re-encoded with the deterministic ``uniform`` codec at ``DEFAULT_SERVER_BITS_1BIT`` bits.  An
-    explicit ``server_bits`` uses the worker codec at that width where it has one, else ``uniform``
-    (same ``block_size``).
+    By default the worker codec itself, except for sign and ternary codecs: the mean of W signs or
+    trits is no longer one, and re-encoding it to 1 bit / 3 levels with a server residual costs
+    accuracy (sign, README) or diverges (stochastic ternary with one scale per bucket: the error of
+    a stochastic trit exceeds the value for most values, so the server residual grows without
+    bound).  Their mean is re-encoded with the deterministic, contractive ``uniform`` codec at
+    ``DEFAULT_SERVER_BITS_LOW`` bits.  An explicit ``server_bits`` uses the worker codec at that
+    width where it has one, else ``uniform`` (same ``block_size``).
     """
+    block = {"block_size": options["block_size"]} if "block_size" in options else {}
     if server_bits is None:
-        if codec.bits > 1:
+        if codec.bits > 1 and codec.name != "ternary":
             return codec
-        server_bits = DEFAULT_SERVER_BITS_1BIT
+        return make_codec("uniform", DEFAULT_SERVER_BITS_LOW, **block)
     if isinstance(server_bits, bool) or not isinstance(server_bits, int) or not 1 <= server_bits <= 8:
         raise ValueError(f"server_bits must be an integer in 1..8 (bits of the re-encoded mean in the two-phase "
                          f"exchange), got {server_bits!r}")
@@ -891,7 +894,6 @@ def _server_codec(codec, server_bits: Optional[int], options: dict):
             return same
     except (ValueError, TypeError):
         pass
-    block = {"block_size": options["block_size"]} if "block_size" in options else {}
     return make_codec("uniform", server_bits, **block)
 
 

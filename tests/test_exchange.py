@@ -122,7 +122,13 @@ def _calls_by_bucket(runs, world):
 def _replay(runs, world, codec_name, bits, options):
     """Independent two-phase arithmetic over the recorded calls; returns per-rank outputs and the
     final worker / server residuals keyed by parameter."""
+    options = dict(options)
+    server_bits = options.pop("server_bits", None)
     codec = make_codec(codec_name, bits, **options)
+    # documented rule: the mean is re-encoded with the same codec (server_bits=bits: also for sign),
+    # except sign / ternary means by default: the deterministic uniform codec at 2 bits, same blocks
+    mean_codec = codec if codec_name not in ("sign", "ternary") or server_bits == bits else \
+        make_codec("uniform", 2, **{k: v for k, v in options.items() if k == "block_size"})
     worker, server = _zero_residuals(runs, world), _zero_residuals(runs, world)
     owner_layout = {}  # bucket keys -> bounds, to detect layout changes (like the package, on first sight)
     outputs = [[] for _ in range(world)]
@@ -134,8 +140,10 @@ def _replay(runs, world, codec_name, bits, options):
         # send at least as many bytes as the all-gather
         twophase = n >= world
         if twophase and world > 2:
-            slot = max(payload_nbytes(codec.body_nbytes(_pieces(numels, keys, a, b))) for a, b in _bounds(n, world))
-            twophase = 2 * slot < payload_nbytes(codec.body_nbytes(Layout(numels, keys)))
+            pieces = [_pieces(numels, keys, a, b) for a, b in _bounds(n, world)]
+            slot = max(payload_nbytes(codec.body_nbytes(p)) for p in pieces)
+            mean_slot = max(payload_nbytes(mean_codec.body_nbytes(p)) for p in pieces)
+            twophase = slot + mean_slot < payload_nbytes(codec.body_nbytes(Layout(numels, keys)))
         bounds = _bounds(n, world) if twophase else [(0, 0)] * world
         if tuple(keys) not in owner_layout:  # new bucket: server residual outside own shard -> worker
             owner_layout[tuple(keys)] = bounds
@@ -179,8 +187,8 @@ def _replay(runs, world, codec_name, bits, options):
             layout = _pieces(numels, keys, a, b)
             m = ref_decode(codec, bodies[s], layout, divisor=world) + flat(server, s)[a:b]
             err = torch.empty_like(m)
-            body, _ = ref_encode(codec, m, layout, splitmix64(splitmix64(5, s, step), 2), err)
-            means.append(ref_decode(codec, [body], layout))
+            body, _ = ref_encode(mean_codec, m, layout, splitmix64(splitmix64(5, s, step), 2), err)
+            means.append(ref_decode(mean_codec, [body], layout))
             new_server.append(err)
         out = torch.cat(means)
         for q in range(world):
@@ -205,7 +213,8 @@ CASES = [  # world, codec, bits, options, bucket_cap_mb
     (3, "uniform", 4, {}, 25),
     (4, "uniform", 2, {"block_size": "layer"}, 25),
     (3, "stochastic", 4, {"block_size": 16}, 1e-5),  # one bucket per parameter, one too small to shard
-    (4, "sign", 1, {}, 1e-5),
+    (4, "sign", 1, {"server_bits": 1}, 1e-5),
+    (4, "ternary", 2, {"block_size": 64}, 25),  # the mean re-encoded by uniform at 2 bits
     (2, "stochastic", 8, {}, 25),
 ]
 
