@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .codecs.wire import fingerprint
 
-__all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "alltoall_async", "InOrder", "choose",
+__all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "allreduce_async", "alltoall_async", "InOrder", "choose",
            "shard_bounds", "check_agreement", "ConfigMismatchError", "timeout_of", "new_group", "subgroups"]
 
 # how a bucket's payloads travel between ranks:
@@ -94,6 +94,11 @@ def allgather_async(payload: torch.Tensor, out: torch.Tensor, group=None) -> tor
             raise
         work = dist.all_gather(list(out.view(-1, payload.numel()).unbind(0)), payload, group=group, async_op=True)
     return work.get_future()
+
+
+def allreduce_async(tensor: torch.Tensor, group) -> torch.futures.Future:
+    """In-place sum over ``group`` (full precision); a future of the result."""
+    return dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
 
 def alltoall_async(send: torch.Tensor, recv: torch.Tensor, group=None) -> torch.futures.Future:

@@ -136,6 +136,11 @@ class QuantizedHookState:
             exchanges its 1/L chunk of the node sum, quantized, with the same-numbered ranks of the
             other nodes; then the chunks are all-gathered inside the node).  The choice per bucket
             and why is in :meth:`stats`.
+        server_bits: two-phase only: bits of the re-encoded mean of each shard.  Default: the
+            codec's own bits, except sign and ternary, whose means are re-encoded by the
+            deterministic ``uniform`` codec at 2 bits (1-bit re-encoding of a mean of signs costs
+            accuracy; see ``_server_codec``).  With ``exchange="auto"`` a 1-bit mean keeps the
+            all-gather.
         **codec_options: codec specific, e.g. ``block_size`` for ``uniform`` / ``stochastic``.
 
     The state is picklable (the process group is dropped, as in PowerSGD) and its
@@ -729,7 +734,7 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
     first = _next_phase(result, state._in_order, bucket.index(), reduce_own_shard,
                         lambda: exchange.allgather_async(own, sh.gathered, state._second_group), last)
     exchange.alltoall_async(sh.send, sh.recv, group).then(first)
-    return result
+    return _surfaced(result)
 
 
 def _hierarchical(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, buf: torch.Tensor, err, key: int,
@@ -786,8 +791,15 @@ def _hierarchical(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor
                          lambda: exchange.allgather_async(ch.mean, ch.node_means, second), last)
     first_cb = _next_phase(result, state._in_order, bucket.index(), quantize_chunk,
                            lambda: exchange.allgather_async(ch.payload, ch.gathered, across), middle)
-    dist.all_reduce(x, group=first, async_op=True).get_future().then(first_cb)
-    return result
+    exchange.allreduce_async(x, first).then(first_cb)
+    return _surfaced(result)
+
+
+def _surfaced(result: torch.futures.Future) -> torch.futures.Future:
+    """DDP's reducer reads a hook future's value as a tensor; a future completed by
+    ``set_exception`` reached it as "Unable to cast <message> to Tensor".  A chained future re-raises
+    the exception, which DDP reports as "Got the following error when running the callback: ..."."""
+    return result.then(lambda fut: fut.value())
 
 
 def _next_phase(result: torch.futures.Future, in_order: InOrder, index: int, work, start, then):

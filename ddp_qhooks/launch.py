@@ -65,5 +65,15 @@ def init_from_env(cpu: bool = False, timeout_s: float | None = None) -> Launch:
     else:
         device, backend = torch.device("cpu"), "gloo"
     kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if kind == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        # torchrun (torch 2.13) hands every restart attempt the agent's store under the same keys:
+        # after `--max-restarts` restarts a worker, the new ranks can read the dead attempt's Gloo
+        # addresses and fail ("connectFullMesh ... Connection refused") or hang.  A per-attempt
+        # key prefix keeps the attempts apart.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=kwargs.get("timeout", datetime.timedelta(minutes=5)))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        kwargs.update(store=dist.PrefixStore(f"ddp_qhooks/attempt{attempt}", store),
+                      rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(backend, **kwargs)
     return Launch(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, kind)
