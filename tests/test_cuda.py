@@ -65,13 +65,13 @@ def test_casts_on_cuda(name):
     assert torch.equal(out, x.to(dtype).float())
 
 
-def _nccl_train(rank, world, codec, steps):
+def _nccl_train(rank, world, codec, steps, **extra):
     torch.cuda.set_device(rank % torch.cuda.device_count())
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).cuda()
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
     options = {"bits": 4, "block_size": 128} if codec in ("uniform", "stochastic") else {}
-    state = ddp_qhooks.register(ddp, codec, **options) if codec != "plain" else None
+    state = ddp_qhooks.register(ddp, codec, **options, **extra) if codec != "plain" else None
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(rank)
     for _ in range(steps):
@@ -117,3 +117,24 @@ def test_nccl_two_ranks_agree():
 
 def _nccl_two(rank, world):
     return _nccl_train(rank, world, "stochastic", 5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for a 2-rank NCCL run")
+@pytest.mark.parametrize("codec", ["stochastic", "sign"])
+def test_nccl_two_phase_exchange(codec):
+    out = _dist.results(_nccl_exchange, 2, codec, {"exchange": "alltoall"}, backend="nccl")
+    assert torch.equal(out[0]["params"], out[1]["params"]) and torch.isfinite(out[0]["params"]).all()
+    assert out[0]["stats"]["exchange_last_step"].get("alltoall", 0) >= 1
+    assert any(float(v.abs().sum()) > 0 for v in out[0]["state"]["server_residuals"].values())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs for 2 nodes x 2 ranks")
+def test_nccl_hierarchical_exchange():
+    out = _dist.results(_nccl_exchange, 4, "stochastic", {"exchange": "hierarchical", "ranks_per_node": 2},
+                        backend="nccl")
+    assert all(torch.equal(out[0]["params"], o["params"]) for o in out[1:])
+    assert out[0]["stats"]["exchange_last_step"].get("hierarchical", 0) >= 1
+
+
+def _nccl_exchange(rank, world, codec, extra):
+    return _nccl_train(rank, world, codec, 5, **extra)
