@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from . import _random
-from .base import Codec, EncodeInfo, Layout
+from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
 from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_choice
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -17,7 +17,6 @@ from .packing import pack_codes, packed_nbytes, unpack_codes
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _ROUNDINGS = ("nearest", "stochastic")
 CHUNK = 1 << 18   # values per elementwise pass on the CPU: temporaries stay in cache, per-op overhead amortised
-_SQ_SAFE = (1e-18, 1e18)  # block maxima in this range: float32 sums of squares neither overflow nor underflow
 
 
 class _Scratch:
@@ -177,10 +176,3 @@ class _ScaledTableCodec(Codec):
         if not direct:
             out.copy_(acc.view(out.shape))
         return out
-
-
-def _sq(t: torch.Tensor, magnitude: float) -> float:
-    """Sum of squares; in float64 where float32 squares could overflow or underflow."""
-    if not _SQ_SAFE[0] <= magnitude <= _SQ_SAFE[1] or t.dtype != torch.float32:
-        t = t.double()
-    return float(torch.dot(t, t))

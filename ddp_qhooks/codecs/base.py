@@ -135,3 +135,15 @@ class Codec:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "codec")
         return f"{type(self).__name__}({opts})"
 
+
+SQ_LIMIT = 2.0 ** 120  # magnitude**2 * count at or above this: a float32 sum of squares may overflow (max 2**128)
+SQ_TINY = 1e-18  # non-zero magnitudes below this: float32 squares underflow
+
+
+def sum_sq(t: torch.Tensor, magnitude: float) -> float:
+    """Sum of squares of values of at most ``magnitude`` (for error statistics), in float64 where
+    the float32 sum could overflow (it grows with the count: 1e5 values of 1e17 already do) or the
+    squares underflow."""
+    if t.dtype != torch.float32 or magnitude * magnitude * t.numel() >= SQ_LIMIT or 0 < magnitude < SQ_TINY:
+        t = t.double()
+    return float(torch.dot(t, t))

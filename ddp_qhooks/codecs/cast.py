@@ -4,7 +4,9 @@ They travel through the same payload / all-gather / error-feedback path as the q
 comparison isolates the effect of the number format.  ``none`` is exact: its average equals DDP's
 fp32 allreduce (each rank's gradient divided by the world size, then summed).  ``bits`` does not
 apply to them and is ignored.  fp16 overflows above 65504: such a value becomes inf and the step is
-reported non-finite on every rank, as with AMP.
+reported non-finite on every rank, as with AMP.  bf16 has float32's exponent range but fewer
+mantissa bits, so the float32 values of magnitude >= 3.3962e38 (the top half-step below float32
+max) round to inf in bf16 and are reported non-finite the same way.
 """
 from __future__ import annotations
 

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import torch
 
+from .base import SQ_LIMIT
 from .uniform import StochasticCodec
 
 _FP32_MAX = torch.finfo(torch.float32).max
-_SAFE_LO, _SAFE_HI = 2.0 ** -60, 2.0 ** 60  # max |v| for which a float32 sum of squares is safe
+_SAFE_LO = 2.0 ** -60  # max |v| above this: float32 squares do not underflow
 
 
 class QsgdCodec(StochasticCodec):
@@ -69,7 +70,8 @@ class QsgdCodec(StochasticCodec):
         lo, hi = torch.aminmax(x)  # max |x| (vector_norm's inf-norm is ~20x slower on a CPU core)
         m = torch.maximum(-lo, hi)
         mf = float(m)
-        if _SAFE_LO < mf < _SAFE_HI and x.numel() < 2 ** 40:
+        # the bound on the sum grows with the count: 1e5 values of 1e17 overflow a float32 sum
+        if _SAFE_LO < mf and mf * mf * x.numel() < SQ_LIMIT:
             norm = torch.linalg.vector_norm(x)
         elif mf == 0.0:
             norm = m

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import _fused, _random
-from .base import Codec, EncodeInfo, Layout
+from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
 from .blocks import blocks_for, check_block_size
 from .options import check_bits
 from .packing import (
@@ -46,7 +46,6 @@ from .packing import (
 _FP32_MAX = torch.finfo(torch.float32).max
 _MIN_NORMAL_STEP = 2.0 ** -100  # smaller steps lose bits in float32 products: use float64
 _HALF = torch.tensor([0.5])  # round-to-nearest term of the compiled kernel
-_BIG = 1e18  # beyond this, squared sums overflow float32: accumulate error statistics in float64
 CHUNK = STRIPE  # elements per chunk on the CPU: one packing stripe, a multiple of the dither period
 
 
@@ -446,13 +445,6 @@ class UniformCodec(Codec):
         for start, nb, blen, bi in runs:
             acc[start:start + nb * blen].view(nb, blen).add_(lo_sum[bi:bi + nb, None])
         return out.copy_(acc)
-
-
-def _sq(t: torch.Tensor, magnitude: float) -> float:
-    """Sum of squares; in float64 when float32 could overflow."""
-    if magnitude > _BIG or t.dtype != torch.float32:
-        t = t.double()
-    return float(torch.dot(t, t))
 
 
 class StochasticCodec(UniformCodec):
