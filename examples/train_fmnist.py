@@ -81,9 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def emit(line: str) -> None:
+    """One write(2) per line: lines of ranks sharing a pipe never interleave mid-line."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def log(rank: int, *parts) -> None:
     if rank == 0:
-        print(*parts, flush=True)
+        emit(" ".join(str(p) for p in parts))
 
 
 def params_sha256(model: torch.nn.Module) -> str:
@@ -245,7 +251,7 @@ def train(args, env: launch.Launch) -> dict:
         result.update(compression_ratio=s["compression_ratio"], wire_bytes_sent=s["wire_bytes_sent"],
                       fp32_allreduce_wire_bytes=s["fp32_allreduce_wire_bytes"])
     log(rank, "final " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-    print(f"[rank {rank}] params_sha256 {params_sha256(model)}", flush=True)
+    emit(f"[rank {rank}] params_sha256 {params_sha256(model)}")
     return result
 
 
