@@ -544,15 +544,22 @@ def check_adaptive_range(case, codec, x, blocks, lo_b, hi_b, first):
     assert_close(hi_b, want[:, 1], rtol=2 * EPS32, atol=0, what="adaptive hi")
 
 
-def check_log(case, codec, x, d, body, blocks):
+def _signed_levels_below_block_max(name, x, d, body, blocks):
+    """log / mulaw: the block scale is max |x|; 0 stays 0, signs are kept, |d| <= the scale.
+    Returns (per-value scale, |d|, |x|)."""
     m_b = meta_floats(body, blocks.count)
-    assert_equal(m_b, blocks.reduce(np.maximum, np.abs(x)), "log scale must be max |x|")
-    M = (1 << (case.bits - 1)) - 1
+    assert_equal(m_b, blocks.reduce(np.maximum, np.abs(x)), f"{name} scale must be max |x|")
     m = blocks.expand(m_b)
     ad, ax = np.abs(d), np.abs(x)
     assert_all(np.where(x == 0, d == 0, True), "zero must decode to 0", d, x, names=("d", "x"))
-    assert_all((d == 0) | (np.sign(d) == np.sign(x)), "log flipped a sign", d, x, names=("d", "x"))
+    assert_all((d == 0) | (np.sign(d) == np.sign(x)), f"{name} flipped a sign", d, x, names=("d", "x"))
     assert_all(ad <= m, "|decoded| above the block max", d, m, names=("d", "m"))
+    return m, ad, ax
+
+
+def check_log(case, codec, x, d, body, blocks):
+    M = (1 << (case.bits - 1)) - 1
+    m, ad, ax = _signed_levels_below_block_max("log", x, d, body, blocks)
     # |d| is one of m * 2**-j, j = 0..M-1 (rounded to float32), or 0
     with np.errstate(divide="ignore", invalid="ignore"):
         j = np.clip(np.rint(np.log2(np.where(ad > 0, m / ad, 1.0))), 0, M - 1)
@@ -572,16 +579,10 @@ def check_log(case, codec, x, d, body, blocks):
 
 
 def check_mulaw(case, codec, x, d, body, blocks):
-    m_b = meta_floats(body, blocks.count)
-    assert_equal(m_b, blocks.reduce(np.maximum, np.abs(x)), "mulaw scale must be max |x|")
     K = (1 << (case.bits - 1)) - 1
     mu = float(case.options.get("mu", 255.0))
     l1p = math.log1p(mu)
-    m = blocks.expand(m_b)
-    ad, ax = np.abs(d), np.abs(x)
-    assert_all(np.where(x == 0, d == 0, True), "zero must decode to 0", d, x, names=("d", "x"))
-    assert_all((d == 0) | (np.sign(d) == np.sign(x)), "mulaw flipped a sign", d, x, names=("d", "x"))
-    assert_all(ad <= m, "|decoded| above the block max", d, m, names=("d", "m"))
+    m, ad, ax = _signed_levels_below_block_max("mulaw", x, d, body, blocks)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(m > 0, ax / np.where(m > 0, m, 1.0), 0.0)
     t = K * np.log1p(mu * r) / l1p            # K |y| in float64
