@@ -13,7 +13,8 @@ With ``exchange="alltoall"`` (or ``"auto"`` choosing it) steps 2-4 become two ph
 cut into W shards, each encoded separately and sent with one all-to-all to the rank owning it;
 the owner decodes the W copies of its shard, averages them, adds its *server* residual, re-encodes
 the mean (new server residual = what that encoding lost) and all-gathers it; every rank decodes
-the W mean shards.  Bytes sent per rank: 2(W-1)/W x payload instead of (W-1) x payload.
+the W mean shards.  Bytes sent per rank: 2(W-1)/W x payload instead of (W-1) x payload (more
+where the mean is re-encoded wider than the payload: sign / ternary means at 2 bits).
 
 Usage (torch style, like ``powerSGD_hook``)::
 
@@ -240,7 +241,8 @@ class QuantizedHookState:
 
         Keys: ``steps`` (synchronised iterations), ``payload_bytes`` (bytes of this rank's
         payloads; two-phase: its W shard payloads), ``wire_bytes_sent`` (bytes this rank sends at
-        this world size: all-gather (W-1) x payload, two-phase 2 (W-1) x shard payload), ``fp32_bytes`` (4 bytes per gradient value: what an fp32 payload
+        this world size: all-gather (W-1) x payload, two-phase (W-1) x (shard payload + re-encoded
+        mean payload)), ``fp32_bytes`` (4 bytes per gradient value: what an fp32 payload
         would have been), ``compression_ratio`` (fp32_bytes / payload_bytes), ``nmse`` (last step:
         sum of squared quantization errors / sum of squared inputs, over all buckets),
         ``fp32_allreduce_wire_bytes`` (what a ring fp32 allreduce sends per rank: 2(W-1)/W x 4

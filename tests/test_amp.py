@@ -58,11 +58,12 @@ def _amp_run(rank, world, codec, bits, block_size, exch, dtype_name):
         grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
         scaler.step(opt)
         scaler.update()
+        res_after = _residuals(state)
         log.append({"loss": float(loss.float()), "grads_finite": grads_finite,
                     "params_unchanged": all(torch.equal(a, p) for a, p in zip(before, model.parameters())),
                     "scale": (scale_before, scaler.get_scale()),
-                    "residuals_unchanged": all(torch.equal(v, _residuals(state)[k]) for k, v in res_before.items()),
-                    "residuals_finite": all(bool(torch.isfinite(v).all()) for v in _residuals(state).values()),
+                    "residuals_unchanged": all(torch.equal(v, res_after[k]) for k, v in res_before.items()),
+                    "residuals_finite": all(bool(torch.isfinite(v).all()) for v in res_after.values()),
                     "has_residuals": bool(res_before)})
     return {"log": log, "params": [p.detach().clone() for p in model.parameters()], "stats": state.stats(),
             "eval": (first_eval, eval_loss())}
