@@ -56,7 +56,8 @@ DEFAULT_CONFIGS = ["fp32", "fp16_hook", "powersgd", "quant_pertensor",
 _FAILED: list = []
 RESULT_KEYS = ("config", "kind", "status", "error", "step_s", "step_p10_s", "step_p90_s", "compute_s", "comm_s",
                "bytes_per_step", "bytes_source", "tc_bytes_per_step", "compression_ratio", "speedup_vs_fp32",
-               "ideal_speedup", "fraction_of_ideal", "tc_vs_accounted", "final_loss", "test_accuracy", "note")
+               "ideal_speedup", "fraction_of_ideal", "tc_vs_accounted", "final_loss", "test_accuracy", "note",
+               "hook_s", "callback_s", "encode_hidden", "timeline")
 
 
 # ================================================================================================
@@ -235,6 +236,54 @@ def _time_steps(ddp, task, opt, start, count, sync: bool):
     return t.tolist(), loss
 
 
+def encode_hidden(timeline: list) -> float | None:
+    """Fraction of the time spent encoding buckets 1..K-1 (inside the hook) during which a collective
+    of an earlier bucket of the same step was in flight (issued, not yet completed): the encoding
+    that overlaps communication instead of delaying it.  None with fewer than two buckets."""
+    spans = [(e["enter"], e["launched"], e["received"]) for e in timeline
+             if None not in (e["enter"], e["launched"], e["received"])]
+    total = hidden = 0.0
+    for k in range(1, len(spans)):
+        a, b, _ = spans[k]
+        busy = sorted((max(a, s[1]), min(b, s[2])) for s in spans[:k] if s[1] < b and s[2] > a)
+        covered, end = 0.0, a
+        for lo, hi in busy:  # length of the union of the in-flight intervals inside [a, b]
+            lo = max(lo, end)
+            if hi > lo:
+                covered += hi - lo
+                end = hi
+        total += b - a
+        hidden += covered
+    return hidden / total if total > 0 else None
+
+
+def format_timeline(config: str, timeline: list) -> str:
+    """One line per bucket: when encoding ran (E), the collective was in flight (~) and decoding /
+    later phases ran (D), on a 60-column axis over the step's hook-to-done span."""
+    if not timeline:
+        return f"{config}: no timeline"
+    end = max((e["done"] or 0.0) for e in timeline) or 1.0
+    cols = 60
+
+    def at(t):
+        return min(cols - 1, int(t / end * cols))
+    lines = [f"{config}: last timed step, {1000 * end:.1f} ms from the first hook call to the last mean "
+             f"(E encode in hook, ~ collective in flight, D decode/later phases)"]
+    for e in timeline:
+        bar = [" "] * cols
+        if None not in (e["enter"], e["launched"], e["received"], e["done"]):
+            for i in range(at(e["launched"]), at(e["received"]) + 1):
+                bar[i] = "~"
+            for i in range(at(e["received"]), at(e["done"]) + 1):
+                bar[i] = "D"
+            for i in range(at(e["enter"]), at(e["launched"]) + 1):
+                bar[i] = "E"
+        lines.append(f"  bucket {e['bucket']:>2} {e['numel']:>10,} {e['mode'] or '':>12} |{''.join(bar)}| "
+                     f"hook {1000 * (e['launched'] - e['enter']):.1f} ms, callbacks {1000 * e['callback_s']:.1f} ms"
+                     if e["launched"] is not None and e["enter"] is not None else f"  bucket {e['bucket']}: incomplete")
+    return "\n".join(lines)
+
+
 def _progress(rank, text):
     beat = os.environ.get("DDP_QHOOKS_BENCH_HEARTBEAT")
     if beat:  # the launcher's watchdog: a group that stops making progress is reported as hung
@@ -326,6 +375,10 @@ def run_worker(args) -> list[dict] | None:
                 row["bytes_per_step"] = (after["wire_bytes_sent"] - before["wire_bytes_sent"]) / args.steps
                 row["bytes_source"] = "package (wire_bytes_sent)"
                 row["compression_ratio"] = after["compression_ratio"]
+                row["hook_s"] = (after["hook_seconds"] - before["hook_seconds"]) / args.steps
+                row["callback_s"] = (after["callback_seconds"] - before["callback_seconds"]) / args.steps
+                row["timeline"] = state.timeline()  # the last timed step
+                row["encode_hidden"] = encode_hidden(row["timeline"])
             else:
                 row["bytes_per_step"], row["bytes_source"] = _analytic_bytes(cfg["spec"], model, world)
             if tc0 is not None and tc1 is not None:
@@ -400,6 +453,7 @@ COLUMNS = [("config", "config", "{}"), ("status", "status", "{}"), ("step_s", "s
            ("tc_vs_accounted", "tc vs acct", "{:+.1%}"),
            ("compression_ratio", "ratio", "{:.1f}x"), ("speedup_vs_fp32", "speedup", "{:.2f}x"),
            ("ideal_speedup", "ideal", "{:.2f}x"), ("fraction_of_ideal", "of ideal", "{:.0%}"),
+           ("hook_s", "hook ms", "ms"), ("callback_s", "cb ms", "ms"), ("encode_hidden", "enc hidden", "{:.0%}"),
            ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}")]
 
 
@@ -431,6 +485,11 @@ def format_table(result: dict, markdown: bool) -> str:
     if any(r.get("tc_vs_accounted") is not None for r in rows):
         notes.append(f"tc vs acct: tc's bytes sent per step vs the accounted bytes x {TCP_FRAMING:.4f} "
                      "(TCP/IP/Ethernet framing of 1448-byte segments on a 1500-byte MTU link)")
+    if any(r.get("hook_s") is not None for r in rows):
+        notes.append("hook ms: time per step inside the hook calls (encoding; DDP's autograd thread waits); cb ms: in "
+                     "completion callbacks (decoding, re-encoding; on Gloo's threads); enc hidden: share of the "
+                     "encoding of buckets after the first that ran while an earlier bucket's collective was in flight "
+                     "(last timed step; `--timeline` prints it)")
     if markdown:
         table = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
                           ["| " + " | ".join(b) + " |" for b in body])
@@ -458,10 +517,11 @@ def write_outputs(result: dict, outdir: str) -> list[str]:
     paths.append(path)
     path = os.path.join(outdir, "bench.csv")
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(RESULT_KEYS))
+        keys = [k for k in RESULT_KEYS if k != "timeline"]  # per-bucket lists: bench.json only
+        w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in result["rows"]:
-            w.writerow({k: r.get(k) for k in RESULT_KEYS})
+            w.writerow({k: r.get(k) for k in keys})
     paths.append(path)
     path = os.path.join(outdir, "bench.md")
     with open(path, "w") as f:
@@ -567,6 +627,10 @@ def _param_count(args) -> int:
 def _report(result: dict, args) -> None:
     print(describe(result))
     print(format_table(result, args.markdown))
+    if args.timeline:
+        for r in result["rows"]:
+            if r.get("timeline"):
+                print("\n" + format_timeline(r["config"], r["timeline"]))
     if args.output:
         for path in write_outputs(result, args.output):
             print(f"wrote {path}")
@@ -740,6 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: Debian package path)")
     p.add_argument("--output", default="bench_results", help="directory for bench.json/.csv/.md/.png ('' = none)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--timeline", action="store_true",
+                   help="also print each configuration's per-bucket timeline of the last timed step")
     p.add_argument("--cpu", action="store_true", help="use Gloo on CPU even if CUDA is available")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)

@@ -5,13 +5,18 @@
 * :class:`InOrder`: launches second-phase collectives in bucket order on every rank;
 * the byte counts :func:`choose` uses to pick an exchange per bucket;
 * a one-off agreement check that every rank uses the same configuration, so a misconfigured rank
-  produces the same clear error everywhere instead of a hang or garbage.
+  produces the same clear error everywhere instead of a hang or garbage;
+* :func:`then`: ``Future.then`` for Python callbacks, drained at interpreter exit (see there).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import json
 import threading
+import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -19,7 +24,7 @@ import torch.distributed as dist
 from .codecs.wire import fingerprint
 
 __all__ = ["EXCHANGES", "world_size", "rank", "allgather_async", "allreduce_async", "alltoall_async", "InOrder", "choose",
-           "shard_bounds", "check_agreement", "ConfigMismatchError", "timeout_of", "new_group", "subgroups"]
+           "shard_bounds", "check_agreement", "ConfigMismatchError", "timeout_of", "new_group", "subgroups", "then"]
 
 # how a bucket's payloads travel between ranks:
 #   allgather  every rank receives every other rank's payload: (W-1) x payload bytes sent per rank
@@ -204,3 +209,39 @@ def check_agreement(config, device, group=None, local_error: str | None = None) 
     differing = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
     table = "; ".join(f"rank {r}: " + ", ".join(f"{k}={c.get(k)!r}" for k in differing) for r, c in enumerate(configs))
     raise ConfigMismatchError(f"ddp_qhooks: ranks are configured differently ({', '.join(differing)} differ): {table}")
+
+
+# -- Python callbacks on backend threads vs interpreter exit ---------------------------------------
+# A Gloo worker thread runs a future's Python callback, completes the chained future, and only then
+# drops its reference to the callable, which needs the GIL.  The training loop, woken by the chained
+# future, can reach the end of the script and start finalizing the interpreter in between: the
+# worker then cannot take the GIL, its thread is unwound inside a noexcept destructor and the whole
+# process aborts ("terminate called without an active exception", SIGABRT after a successful run;
+# 1 in ~25 runs of the quickstart on a loaded 2-core machine).  destroy_process_group() does not
+# help: DDP and the hook state still hold the group, so its threads outlive it.  Every callable
+# handed to a future is therefore tracked until the backend releases it, and an exit handler waits
+# (GIL released) until all are released, bounded for collectives that never complete.
+_pending_callbacks: set = set()
+EXIT_DRAIN_S = 2.0
+
+
+def then(fut: torch.futures.Future, callback) -> torch.futures.Future:
+    """``fut.then(callback)``, with ``callback`` tracked until the backend thread drops it."""
+    _pending_callbacks.add(weakref.ref(callback, _pending_callbacks.discard))
+    return fut.then(callback)
+
+
+def _drain_callbacks(timeout: float = EXIT_DRAIN_S) -> int:
+    """Wait until no tracked callback is held by a backend thread (or ``timeout`` passed); returns
+    how many are still held."""
+    deadline = time.monotonic() + timeout
+    collected = False
+    while _pending_callbacks and time.monotonic() < deadline:
+        time.sleep(0.001)  # releases the GIL for the backend thread
+        if not collected and _pending_callbacks:
+            gc.collect()  # callables kept only by reference cycles of finished steps
+            collected = True
+    return len(_pending_callbacks)
+
+
+atexit.register(_drain_callbacks)

@@ -27,6 +27,7 @@ or simply ``state = ddp_qhooks.register(ddp, codec="stochastic", bits=4)``.
 import logging
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Set, Tuple
@@ -233,7 +234,10 @@ class QuantizedHookState:
     # -- stats -----------------------------------------------------------------------------------
     def _reset_stats(self) -> None:
         self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0}
-        self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0, "modes": {}}
+        self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0, "modes": {}, "timeline": []}
+        # seconds, not checkpointed: inside hook calls (the autograd thread waits) and inside
+        # completion callbacks (decode / re-encode on the backend's threads)
+        self._timing = {"hook_seconds": 0.0, "callback_seconds": 0.0}
         self._new_step()
 
     def stats(self) -> dict:
@@ -249,7 +253,11 @@ class QuantizedHookState:
         bytes per value), ``exchange`` (as configured), ``exchange_last_step`` (buckets per exchange
         used, e.g. ``{"alltoall": 3, "allgather": 1}``), ``exchange_reason`` (why, per exchange
         used), plus ``payload_bytes_last_step``, ``buckets_last_step``, ``hook_calls``,
-        ``nonfinite_steps``, ``world_size``, ``codec`` and ``bits``.
+        ``nonfinite_steps``, ``world_size``, ``codec`` and ``bits``.  Time (seconds, since the state
+        was built, not checkpointed): ``hook_seconds`` spent inside hook calls (encoding: the
+        autograd thread waits for it) and ``callback_seconds`` inside completion callbacks
+        (decoding, re-encoding: on the backend's threads, overlapping later buckets); the last
+        step's per-bucket timeline is :meth:`timeline`.
         """
         t = self._totals
         w = self._world_size()
@@ -271,7 +279,19 @@ class QuantizedHookState:
             "world_size": w,
             "codec": self.codec.name,
             "bits": self.codec.bits,
+            "hook_seconds": self._timing["hook_seconds"],
+            "callback_seconds": self._timing["callback_seconds"],
         }
+
+    def timeline(self) -> list:
+        """Per-bucket timings of the last completed step, in bucket order: dicts with ``bucket``,
+        ``numel``, ``mode`` and the seconds since the step's first hook call at which the hook was
+        entered (``enter``), returned its future (``launched``: encoding done, first collective
+        issued), the first collective completed (``received``) and the bucket's mean was ready
+        (``done``); ``callback_s``: time spent in its completion callbacks.  Encoding of bucket k+1
+        overlaps the collective of bucket k when its ``[enter, launched]`` falls inside k's
+        ``[launched, received]``."""
+        return [dict(e) for e in self._last["timeline"]]
 
     def _world_size(self) -> int:
         return exchange.world_size(self.process_group) if dist.is_initialized() else 0
@@ -587,7 +607,7 @@ class QuantizedHookState:
         if self.measure_error and not self._step_nonfinite:
             nmse = self._step_err / self._step_inp if self._step_inp > 0 else (0.0 if self._step_err == 0 else float("inf"))
         self._last = {"nmse": nmse, "payload_bytes": self._step_payload, "buckets": self._step_buckets,
-                      "modes": dict(self._step_modes)}
+                      "modes": dict(self._step_modes), "timeline": _timeline(self._step_events)}
         self._new_step()
         for sig in [s for s in self._buckets if s not in self._used_this_step]:
             del self._buckets[sig]  # layouts DDP no longer uses (e.g. before the bucket rebuild)
@@ -597,6 +617,7 @@ class QuantizedHookState:
         self._step_err = self._step_inp = 0.0
         self._step_payload = self._step_buckets = 0
         self._step_modes = {}
+        self._step_events = {}
         self._step_nonfinite = False
         self._calls = self._done = 0
         self._last_seen = False
@@ -607,6 +628,17 @@ class QuantizedHookState:
 def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Quantize the bucket, exchange packed payloads (all-gather or two-phase, see
     ``state.exchange``), return the decoded mean."""
+    t0 = time.perf_counter()
+    with state._lock:  # this step's record: the step may end inside _hook (a collective done inline)
+        events = state._step_events.setdefault(bucket.index(), {})
+        events["enter"] = t0
+    fut = _hook(state, bucket, events)
+    with state._lock:
+        state._timing["hook_seconds"] += time.perf_counter() - t0
+    return fut
+
+
+def _hook(state: QuantizedHookState, bucket: dist.GradBucket, events: dict) -> torch.futures.Future[torch.Tensor]:
     if state._needs_bind:
         raise RuntimeError("ddp_qhooks: this hook state was unpickled; call state.bind(ddp_model.module) before "
                            "training so residuals are matched to the right parameters")
@@ -642,9 +674,9 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     # payload later) and staged: committed only once the whole step is known to be finite
     err = state.memory.staging(signature) if residual is not None else b.scratch
     if b.mode == "alltoall":
-        return _two_phase(state, bucket, b, x, buf, err, held, key, signature)
+        return _two_phase(state, bucket, b, x, buf, err, held, key, signature, events)
     if b.mode == "hierarchical":
-        return _hierarchical(state, bucket, b, x, buf, err, key, signature)
+        return _hierarchical(state, bucket, b, x, buf, err, key, signature, events)
     state._in_order.submit(bucket.index())  # nothing to launch later, but later buckets may wait on it
     state._in_order_node.submit(bucket.index())
     body = b.payload[HEADER_BYTES:HEADER_BYTES + b.body_nbytes]
@@ -656,6 +688,7 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
     validate = buf.device.type == "cpu" or state.step < 3
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
+        t0 = _received(state, bucket.index())
         fut.value()  # re-raises a failed collective
         rows = b.gathered.view(world, -1)
         nonfinite = _nonfinite_rows(state, rows, b.layout.numel, validate)
@@ -666,14 +699,16 @@ def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket)
         else:
             bodies = [rows[r, HEADER_BYTES:HEADER_BYTES + b.body_nbytes] for r in range(world)]
             state.codec.decode(bodies, b.layout, buf, divisor=world)
-        _bucket_done(state, info if err is not None else None, nonfinite, signature if residual is not None else None)
+        _bucket_done(state, info if err is not None else None, nonfinite, signature if residual is not None else None,
+                     index=bucket.index(), started=t0, layout=b.layout, mode=b.mode)
         return buf
 
-    return exchange.allgather_async(b.payload, b.gathered, group).then(finish)
+    events["launched"] = time.perf_counter()  # (the collective may complete, and the step end, inline)
+    return exchange.then(exchange.allgather_async(b.payload, b.gathered, group), finish)
 
 
 def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, buf: torch.Tensor, err, held, key: int,
-               signature) -> torch.futures.Future:
+               signature, events: dict) -> torch.futures.Future:
     sh = b.shards
     state._in_order_node.submit(bucket.index())  # no third phase
     group = state.process_group
@@ -713,7 +748,8 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
                 state.server_codec.decode([rows[s, HEADER_BYTES:HEADER_BYTES + sh.mean_bodies[s]]], layout,
                                           buf[start:end])
         _bucket_done(state, worker_info, nonfinite, signature if err is not None and state.error_feedback else None,
-                     server_signature=signature if server is not None else None)
+                     server_signature=signature if server is not None else None, index=bucket.index(),
+                     started=t_last[0], layout=b.layout, mode=b.mode)
         return buf
 
     def reduce_own_shard() -> None:
@@ -732,15 +768,17 @@ def _two_phase(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, b
             _restore_held(server_err, held2)
         own[3] = 0 if info2.finite else FLAG_NONFINITE
 
-    last = _last_phase(result, assemble)
+    t_last = [None]
+    last = _last_phase(result, assemble, state, bucket.index(), t_last)
     first = _next_phase(result, state._in_order, bucket.index(), reduce_own_shard,
-                        lambda: exchange.allgather_async(own, sh.gathered, state._second_group), last)
-    exchange.alltoall_async(sh.send, sh.recv, group).then(first)
+                        lambda: exchange.allgather_async(own, sh.gathered, state._second_group), last, state)
+    events["launched"] = time.perf_counter()
+    exchange.then(exchange.alltoall_async(sh.send, sh.recv, group), first)
     return _surfaced(result)
 
 
 def _hierarchical(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor, buf: torch.Tensor, err, key: int,
-                 signature) -> torch.futures.Future:
+                  signature, events: dict) -> torch.futures.Future:
     """Full-precision allreduce inside the node (residuals already added: a residual anywhere in the
     bucket enters the node sum exactly), then this rank quantizes its chunk of the node sum and
     all-gathers it with the same-numbered ranks of the other nodes, decodes their mean, and the
@@ -770,7 +808,8 @@ def _hierarchical(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor
             buf.fill_(float("nan"))
         info = info_box.get("info")
         _bucket_done(state, info if err is not None else None, nonfinite,
-                     signature if err is not None and state.error_feedback else None)
+                     signature if err is not None and state.error_feedback else None, index=bucket.index(),
+                     started=t_last[0], layout=b.layout, mode=b.mode)
         return buf
 
     def mean_chunk() -> None:
@@ -788,12 +827,14 @@ def _hierarchical(state: QuantizedHookState, bucket, b: _Bucket, x: torch.Tensor
         info_box["info"] = info
         ch.payload[3] = 0 if info.finite else FLAG_NONFINITE
 
-    last = _last_phase(result, assemble)
+    t_last = [None]
+    last = _last_phase(result, assemble, state, bucket.index(), t_last)
     middle = _next_phase(result, state._in_order_node, bucket.index(), mean_chunk,
-                         lambda: exchange.allgather_async(ch.mean, ch.node_means, second), last)
+                         lambda: exchange.allgather_async(ch.mean, ch.node_means, second), last, state)
     first_cb = _next_phase(result, state._in_order, bucket.index(), quantize_chunk,
-                           lambda: exchange.allgather_async(ch.payload, ch.gathered, across), middle)
-    exchange.allreduce_async(x, first).then(first_cb)
+                           lambda: exchange.allgather_async(ch.payload, ch.gathered, across), middle, state)
+    events["launched"] = time.perf_counter()
+    exchange.then(exchange.allreduce_async(x, first), first_cb)
     return _surfaced(result)
 
 
@@ -801,14 +842,15 @@ def _surfaced(result: torch.futures.Future) -> torch.futures.Future:
     """DDP's reducer reads a hook future's value as a tensor; a future completed by
     ``set_exception`` reached it as "Unable to cast <message> to Tensor".  A chained future re-raises
     the exception, which DDP reports as "Got the following error when running the callback: ..."."""
-    return result.then(lambda fut: fut.value())
+    return exchange.then(result, lambda fut: fut.value())
 
 
-def _next_phase(result: torch.futures.Future, in_order: InOrder, index: int, work, start, then):
+def _next_phase(result: torch.futures.Future, in_order: InOrder, index: int, work, start, then, state):
     """A completion callback: run ``work()`` (decode / re-encode), then issue the next collective
     ``start()`` in bucket order and continue with ``then``.  Any failure goes to ``result``, so DDP
     raises instead of waiting forever, and releases later buckets waiting on this one."""
     def callback(fut: torch.futures.Future) -> None:
+        t0 = _received(state, index)
         try:
             fut.value()  # re-raises a failed collective
             work()
@@ -816,19 +858,23 @@ def _next_phase(result: torch.futures.Future, in_order: InOrder, index: int, wor
             in_order.submit(index)
             result.set_exception(exc)
             return
+        finally:
+            _callback_time(state, index, t0)
 
         def launch() -> None:
             try:
-                start().then(then)
+                exchange.then(start(), then)
             except BaseException as exc:  # noqa: BLE001
                 result.set_exception(exc)
         in_order.submit(index, launch)
     return callback
 
 
-def _last_phase(result: torch.futures.Future, work):
-    """The final completion callback: ``result`` gets ``work()``'s tensor or its exception."""
+def _last_phase(result: torch.futures.Future, work, state, index: int, started: list):
+    """The final completion callback: ``result`` gets ``work()``'s tensor or its exception.
+    ``started[0]``: when it began (for the timing kept by ``_bucket_done``)."""
     def callback(fut: torch.futures.Future) -> None:
+        started[0] = time.perf_counter()
         try:
             fut.value()
             result.set_result(work())
@@ -860,8 +906,43 @@ def _nonfinite_rows(state: QuantizedHookState, rows: torch.Tensor, numel: Option
     return any(f & FLAG_NONFINITE for f in flags)
 
 
-def _bucket_done(state: QuantizedHookState, info, nonfinite: bool, signature, server_signature=None) -> None:
+def _received(state: QuantizedHookState, index: int) -> float:
+    """Stamp the first completed collective of a bucket; returns now."""
+    now = time.perf_counter()
+    with state._lock:
+        state._step_events.setdefault(index, {}).setdefault("received", now)
+    return now
+
+
+def _callback_time(state: QuantizedHookState, index: int, started: float) -> None:
+    spent = time.perf_counter() - started
+    with state._lock:
+        state._timing["callback_seconds"] += spent
+        ev = state._step_events.setdefault(index, {})
+        ev["callback_s"] = ev.get("callback_s", 0.0) + spent
+
+
+def _timeline(events: dict) -> list:
+    if not events:
+        return []
+    origin = min(e.get("enter", float("inf")) for e in events.values())
+    rows = []
+    for index in sorted(events):
+        e = events[index]
+        row = {"bucket": index, "numel": e.get("numel"), "mode": e.get("mode"), "callback_s": e.get("callback_s", 0.0)}
+        for k in ("enter", "launched", "received", "done"):
+            row[k] = e[k] - origin if k in e else None
+        rows.append(row)
+    return rows
+
+
+def _bucket_done(state: QuantizedHookState, info, nonfinite: bool, signature, server_signature=None, *,
+                 index: int, started: float, layout: Layout, mode: str) -> None:
+    now = time.perf_counter()
     with state._lock:  # Gloo runs callbacks on several threads, in any order
+        state._timing["callback_seconds"] += now - started
+        ev = state._step_events.setdefault(index, {})
+        ev.update(done=now, numel=layout.numel, mode=mode, callback_s=ev.get("callback_s", 0.0) + now - started)
         if info is not None and state.measure_error and not nonfinite and info.error_sq is not None:
             state._step_err += info.error_sq
             state._step_inp += info.input_sq

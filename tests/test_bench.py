@@ -28,7 +28,7 @@ def _run(args, tmp_path):
 def test_smoke_local_processes_and_json_schema(tmp_path):
     result, stdout, out = _run(["--params", "2e5", "--steps", "3", "--warmup", "3", "--timeout", "120",
                                 "--configs", "fp32", "fp16_hook", "powersgd", "quant_pertensor", "stochastic:4",
-                                "sign", "topk:8,ratio=0.05"], tmp_path)
+                                "sign", "topk:8,ratio=0.05", "--timeline"], tmp_path)
     assert set(result) == {"meta", "rows"}
     for key in ("task", "params", "world", "backend", "steps", "warmup", "compute_s", "torch", "configs"):
         assert key in result["meta"]
@@ -50,9 +50,32 @@ def test_smoke_local_processes_and_json_schema(tmp_path):
     assert rows["stochastic:4"]["bytes_per_step"] == pytest.approx(numel / 2, rel=0.01)  # (W-1) x payload
     assert rows["stochastic:4"]["bytes_source"].startswith("package")
     assert "fails on this backend" in stdout
+    for name in ("stochastic:4", "sign"):  # time inside the hook and the last step's per-bucket timeline
+        r = rows[name]
+        assert 0 < r["hook_s"] < r["step_s"] and r["callback_s"] > 0
+        assert r["timeline"] and all(e["enter"] <= e["launched"] <= e["received"] <= e["done"] for e in r["timeline"])
+    assert rows["fp32"]["hook_s"] is None and "bucket" in stdout and "hook ms" in stdout  # --timeline printed
     for name in ("bench.json", "bench.csv", "bench.md"):
         assert (out / name).exists()
     assert (out / "bench.md").read_text().count("\n|") >= 8
+
+
+def _span(bucket, enter, launched, received, done=None):
+    return {"bucket": bucket, "numel": 10, "mode": "allgather", "callback_s": 0.0, "enter": enter,
+            "launched": launched, "received": received, "done": received if done is None else done}
+
+
+def test_encode_hidden_is_the_overlap_of_encoding_with_earlier_collectives():
+    # bucket 1 encodes during [2, 6]; bucket 0's collective is in flight during [1, 4]: half hidden
+    assert bench.encode_hidden([_span(0, 0, 1, 4), _span(1, 2, 6, 9)]) == pytest.approx(0.5)
+    # bucket 2 encodes during [6, 10]; in flight: bucket 0 [1, 7] and bucket 1 [6, 8] overlap -> union [6, 8]
+    # counted once: bucket 1 hidden 2 of 4 (bucket 0 in flight [2, 6] -> 4 of 4), bucket 2: [6, 7] u [6, 8] = 2 of 4
+    tl = [_span(0, 0, 1, 7), _span(1, 2, 6, 8), _span(2, 6, 10, 12)]
+    assert bench.encode_hidden(tl) == pytest.approx((4 + 2) / 8)
+    assert bench.encode_hidden([_span(0, 0, 1, 2), _span(1, 3, 4, 5)]) == 0.0  # collective done before
+    assert bench.encode_hidden([_span(0, 0, 1, 2)]) is None
+    text = bench.format_timeline("x", tl)
+    assert text.count("bucket") == 3 and "E" in text and "~" in text
 
 
 def test_bad_configuration_fails_before_starting(tmp_path):

@@ -76,7 +76,7 @@ def _w_run(rank, world, codec, bits, options, exchange, bucket_cap_mb, nan_step=
             opt.step()
     sd = state.state_dict()
     names = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    return {"calls": calls, "stats": state.stats(),
+    return {"calls": calls, "stats": state.stats(), "timeline": state.timeline(),
             "residuals": {names[n]: t for n, t in sd["residuals"].items()},
             "server": {names[n]: t for n, t in sd["server_residuals"].items()},
             "state_dict": sd}
@@ -257,6 +257,33 @@ def test_bytes_and_choice_reported(case_run):
     assert sd["server_residuals"] and any(float(t.abs().sum()) > 0 for t in sd["server_residuals"].values())
 
 
+def _check_timeline(run, modes):
+    """The last step's per-bucket timings: one row per bucket of that step, in bucket order, each
+    entered -> launched -> received -> done, and the time totals cover them."""
+    tl, st = run["timeline"], run["stats"]
+    last = [c for c in run["calls"] if c["step"] == STEPS - 1]
+    assert [e["bucket"] for e in tl] == sorted(c["index"] for c in last)
+    assert [e["numel"] for e in tl] == [sum(c["numels"]) for c in sorted(last, key=lambda c: c["index"])]
+    assert {e["mode"] for e in tl} <= set(modes) and tl[0]["enter"] == 0.0
+    for e in tl:
+        assert 0.0 <= e["enter"] <= e["launched"] <= e["received"] <= e["done"], e
+        assert 0.0 < e["callback_s"] <= e["done"] - e["launched"] + 1e-6
+    assert st["hook_seconds"] >= sum(e["launched"] - e["enter"] for e in tl) > 0
+    assert st["callback_seconds"] >= sum(e["callback_s"] for e in tl) - 1e-9
+
+
+def test_timeline_and_time_totals(case_run):
+    (world, codec, bits, options, cap), runs = case_run
+    for run in runs:
+        _check_timeline(run, ("alltoall", "allgather"))
+
+
+def test_timeline_all_gather():
+    for run in _dist.results(_w_run, 2, "uniform", 4, {}, "allgather", 1e-5):
+        _check_timeline(run, ("allgather",))
+        assert len(run["timeline"]) > 2
+
+
 def _w_plain_vs_none(rank, world):
     out = {}
     for name in ("plain", "none"):
@@ -410,6 +437,7 @@ def test_hierarchical_equals_independent_replay(world, lpn, codec, bits, options
             assert torch.equal(runs[q]["residuals"][k], ref), f"residual of param {k} on rank {q}"
         st = runs[q]["stats"]
         assert st["exchange_last_step"].get("hierarchical", 0) >= 1 and "node(s)" in st["exchange_reason"]
+        _check_timeline(runs[q], ("hierarchical", "allgather"))
 
 
 def _w_hier_plain(rank, world):
