@@ -25,7 +25,8 @@ import torch
 from .codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
 
 QUANTIZERS = ("uniform", "stochastic")  # the codecs with a compile=True option
-DEFAULT_CODECS = ("uniform", "stochastic", "fp16", "bf16", "none")
+DEFAULT_CODECS = ("uniform", "stochastic", "sign", "ternary", "qsgd", "log", "mulaw", "adaptive", "kmeans", "topk",
+                  "fp16", "bf16", "none")
 
 
 def _bits_for(name: str, bits_list) -> list:
@@ -91,19 +92,24 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
             codec = make_codec(base, bits=bits or 8, **opts)
             body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8, device=device)
         out = torch.empty_like(x)
+        err = torch.empty_like(x)
         enc_t = _timer(lambda: codec.encode(x, body, layout, key=1), sync)
+        # what the hook runs with error feedback: the encoder also writes the residual x - deq(q)
+        ef_t = _timer(lambda: codec.encode(x, body, layout, key=1, error_out=err), sync) if name != "naive-torch" \
+            else None
         dec_t = _timer(lambda: codec.decode([body], layout, out), sync)
         for _ in range(2):
-            enc_t(), dec_t()
+            enc_t(), dec_t(), ef_t and ef_t()
         if name.endswith("+compile") and _fused._broken:
             rows.append({"codec": name, "bits": codec.bits, "unavailable": "compile failed, see the warning above"})
             continue
         # baselines interleaved with the codec, so drifting machine speed hits both alike
-        t = {"clone": [], "copy": [], "enc": [], "dec": []}
+        t = {"clone": [], "copy": [], "enc": [], "dec": [], "ef": []}
         for _ in range(repeat):
-            for k, fn in (("clone", clone_t), ("enc", enc_t), ("copy", copy_t), ("dec", dec_t)):
-                t[k].append(fn())
-        m = {k: statistics.median(v) for k, v in t.items()}
+            for k, fn in (("clone", clone_t), ("enc", enc_t), ("copy", copy_t), ("dec", dec_t), ("ef", ef_t)):
+                if fn is not None:
+                    t[k].append(fn())
+        m = {k: statistics.median(v) for k, v in t.items() if v}
         if name == "naive-torch":
             # its own allocations push clone() onto fresh pages; compare with the codec rows' clone
             m["clone"] = statistics.median(all_clone) if all_clone else m["clone"]
@@ -112,12 +118,15 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
             all_copy += t["copy"]
         rows.append({"codec": name, "bits": codec.bits, "encode_gbs": gbs(m["enc"]), "decode_gbs": gbs(m["dec"]),
                      "encode_vs_clone": m["clone"] / m["enc"], "decode_vs_clone": m["clone"] / m["dec"],
-                     "encode_vs_copy": m["copy"] / m["enc"], "decode_vs_copy": m["copy"] / m["dec"]})
+                     "encode_vs_copy": m["copy"] / m["enc"], "decode_vs_copy": m["copy"] / m["dec"],
+                     "encode_ef_gbs": gbs(m["ef"]) if "ef" in m else None,
+                     "encode_ef_vs_clone": m["clone"] / m["ef"] if "ef" in m else None})
     return {"clone_gbs": gbs(statistics.median(all_clone)), "copy_gbs": gbs(statistics.median(all_copy)), "rows": rows}
 
 
 def format_table(result, markdown: bool) -> str:
-    head = ["codec", "bits", "encode GB/s", "decode GB/s", "enc/clone", "dec/clone", "enc/copy", "dec/copy"]
+    head = ["codec", "bits", "encode GB/s", "decode GB/s", "enc/clone", "dec/clone", "enc/copy", "dec/copy",
+            "enc+EF GB/s", "enc+EF/clone"]
     lines = []
     for r in result["rows"]:
         if "unavailable" in r:
@@ -125,7 +134,9 @@ def format_table(result, markdown: bool) -> str:
             continue
         lines.append([r["codec"], str(r["bits"]), f"{r['encode_gbs']:.2f}", f"{r['decode_gbs']:.2f}",
                       f"{r['encode_vs_clone']:.2f}", f"{r['decode_vs_clone']:.2f}",
-                      f"{r['encode_vs_copy']:.2f}", f"{r['decode_vs_copy']:.2f}"])
+                      f"{r['encode_vs_copy']:.2f}", f"{r['decode_vs_copy']:.2f}",
+                      "–" if r["encode_ef_gbs"] is None else f"{r['encode_ef_gbs']:.2f}",
+                      "–" if r["encode_ef_vs_clone"] is None else f"{r['encode_ef_vs_clone']:.2f}"])
     title = f"clone: {result['clone_gbs']:.2f} GB/s, copy_: {result['copy_gbs']:.2f} GB/s"
     if markdown:
         out = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

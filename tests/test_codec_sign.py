@@ -188,7 +188,7 @@ def test_internal_paths(monkeypatch, path, mode):
         out = decode(codec, [body], layout)
         check_body(codec, x, layout, body, out)
         assert torch.equal(err, x - out)
-        np.testing.assert_allclose(info.error_sq, float(np.sum(f64(err) ** 2)), rtol=1e-12)
+        np.testing.assert_allclose(info.error_sq, float(np.sum(f64(err) ** 2)), rtol=1e-5)  # float32 sums where safe
         if path == "accelerator" or mode == "stochastic":   # scaled: float64 sums in another order
             assert torch.equal(body, ref_body)
         bodies = [body, encode(codec, -2 * x, layout, key=4)[0], ref_body]
@@ -356,7 +356,7 @@ def test_huge_and_tiny_values(block_size, mode):
             assert bool(torch.isfinite(out).all())
             check_body(codec, x, layout, body, out)
             assert torch.equal(err, x - out)
-            np.testing.assert_allclose(info.input_sq, float(np.sum(f64(x) ** 2)), rtol=1e-12)
+            np.testing.assert_allclose(info.input_sq, float(np.sum(f64(x) ** 2)), rtol=1e-5)
             # a residual overflows only where documented: a stochastic flip with a > FP32_MAX / 2
             a = np.repeat(ref_scales(body.numpy(), len(lengths)), lengths)
             flipped = np.sign(f64(out)) != np.sign(f64(x))
@@ -418,8 +418,8 @@ def test_error_out_and_stats(numels, mode):
         assert info.finite
         assert torch.equal(err, x - out)
         xd, ed = f64(x), f64(err)
-        np.testing.assert_allclose(info.input_sq, float(np.sum(xd ** 2)), rtol=1e-12)
-        np.testing.assert_allclose(info.error_sq, float(np.sum(ed ** 2)), rtol=1e-12)
+        np.testing.assert_allclose(info.input_sq, float(np.sum(xd ** 2)), rtol=1e-5)
+        np.testing.assert_allclose(info.error_sq, float(np.sum(ed ** 2)), rtol=1e-5)
         assert torch.equal(encode(codec, x, layout, key=17)[0], body)
         err16 = torch.zeros(layout.numel, dtype=torch.bfloat16)
         codec.encode(x, torch.zeros_like(body), layout, key=17, error_out=err16)

@@ -223,7 +223,7 @@ def test_internal_paths(monkeypatch, path, rounding, packing):
         out = decode(codec, [body], layout)
         check_body(codec, x, layout, body, out)
         assert torch.equal(err, x - out)
-        np.testing.assert_allclose(info.error_sq, float(np.sum(f64(err) ** 2)), rtol=1e-12)
+        np.testing.assert_allclose(info.error_sq, float(np.sum(f64(err) ** 2)), rtol=1e-5)  # float32 sums where safe
         if path == "accelerator" or rounding == "stochastic":   # threshold: float64 sums in another order
             assert torch.equal(body, ref_body)
         bodies = [body, encode(codec, -2 * x, layout, key=4)[0], ref_body]
@@ -429,7 +429,7 @@ def test_huge_and_tiny_values(block_size, rounding, packing):
             check_body(codec, x, layout, body, out)
             assert torch.equal(err, x - out)
             assert math.isfinite(info.error_sq) and math.isfinite(info.input_sq)
-            np.testing.assert_allclose(info.input_sq, float(np.sum(f64(x) ** 2)), rtol=1e-12)
+            np.testing.assert_allclose(info.input_sq, float(np.sum(f64(x) ** 2)), rtol=1e-5)
             bodies.append(body)
         # the mean of three huge payloads does not overflow; subnormal shares keep their precision
         mean = decode(codec, bodies, layout, divisor=3)
@@ -475,8 +475,8 @@ def test_error_out_and_stats(numels, rounding, packing):
         assert info.finite
         assert torch.equal(err, x - out)          # the same float32 products as the decoder
         xd, ed = f64(x), f64(err)
-        np.testing.assert_allclose(info.input_sq, float(np.sum(xd ** 2)), rtol=1e-12)
-        np.testing.assert_allclose(info.error_sq, float(np.sum(ed ** 2)), rtol=1e-12)
+        np.testing.assert_allclose(info.input_sq, float(np.sum(xd ** 2)), rtol=1e-5)
+        np.testing.assert_allclose(info.error_sq, float(np.sum(ed ** 2)), rtol=1e-5)
         assert torch.equal(encode(codec, x, layout, key=17)[0], body)
         # a half-precision error buffer receives the same residual, rounded
         err16 = torch.zeros(layout.numel, dtype=torch.bfloat16)

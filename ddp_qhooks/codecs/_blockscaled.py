@@ -11,7 +11,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
-from .base import Codec, EncodeInfo, Layout
+from .base import Codec, EncodeInfo, Layout, sum_sq_checked
 from .blocks import blocks_for, check_block_size
 from .options import as_int
 from .packing import STRIPE
@@ -80,6 +80,22 @@ def _negative(x: torch.Tensor, out: torch.Tensor) -> None:
         np.less(x.numpy(), np.float32(0), out=out.numpy())
     else:
         torch.lt(x, 0, out=out)
+
+
+def _abs(t: torch.Tensor) -> torch.Tensor:
+    """``|t|`` in place."""
+    if _numpy(t):
+        np.abs(t.numpy(), out=t.numpy())
+        return t
+    return t.abs_()
+
+
+def _shift_left(flags: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = flags << shift`` for bool tensors, as uint8 (0, 1 or 2)."""
+    if _numpy(out):
+        np.left_shift(flags.numpy().view(np.uint8), shift.numpy().view(np.uint8), out=out.numpy())
+    else:
+        torch.bitwise_left_shift(flags.view(torch.uint8), shift.view(torch.uint8), out=out)
 
 
 def _mask(t: torch.Tensor, keep: torch.Tensor) -> None:
@@ -153,6 +169,9 @@ class BlockScaledCodec(Codec):
     # -- per-block statistics, in pieces ---------------------------------------------------------
     def _block_absmax(self, xf, layout, s) -> torch.Tensor:
         nb = blocks_for(layout, self.block_size).count
+        if nb == 1:  # one read of the bucket, nothing written: max|x| = max(-min, max); NaN propagates
+            lo, hi = torch.aminmax(xf)
+            return torch.maximum(-lo, hi).view(1)
         scales = torch.zeros(nb, dtype=torch.float32, device=xf.device)
         parts, size = self._pieces(layout, xf.device)
         t_all = s.get("f32", size, torch.float32)
@@ -204,24 +223,24 @@ class BlockScaledCodec(Codec):
 
     def _residual(self, xf, layout, scales, units, s, error_out) -> EncodeInfo:
         """``error_out = x - a * unit``: the same float32 products as a decoder of this one body
-        with divisor 1; squared sums in float64 (huge values overflow float32, tiny ones underflow)."""
+        with divisor 1; squared sums (statistics) in float32 per cache-resident piece, again in
+        float64 where that overflowed or underflowed (``base.sum_sq_checked``)."""
         n = xf.numel()
         direct = error_out.dtype == torch.float32 and error_out.is_contiguous()
         err = error_out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=xf.device)
         parts, _ = self._pieces(layout, xf.device)
-        err_sq = torch.zeros((), dtype=torch.float64, device=xf.device)
-        inp_sq = torch.zeros((), dtype=torch.float64, device=xf.device)
+        err_sq = inp_sq = 0.0
         for start, rows, cols, b in parts:
             m = rows * cols
             xv = xf[start:start + m].view(rows, cols)
             e = err[start:start + m].view(rows, cols)
             torch.mul(units[start:start + m].view(rows, cols), scales[b:b + rows, None], out=e)
             torch.sub(xv, e, out=e)
-            err_sq += torch.linalg.vector_norm(e, dtype=torch.float64) ** 2
-            inp_sq += torch.linalg.vector_norm(xv, dtype=torch.float64) ** 2
+            err_sq += sum_sq_checked(e.view(-1))  # while the piece is in cache
+            inp_sq += sum_sq_checked(xv.reshape(-1))
         if not direct:
             error_out.copy_(err.view(error_out.shape))
-        return EncodeInfo(True, float(err_sq), float(inp_sq))
+        return EncodeInfo(True, err_sq, inp_sq)
 
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:

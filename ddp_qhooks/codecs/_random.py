@@ -20,6 +20,8 @@ ever producing L + 1, and need no clamp.  That moves a 2**-10 fraction of the di
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 POOL_SIZE = 1 << 20
@@ -80,3 +82,33 @@ def param_dither(layout, key: int, device) -> torch.Tensor:
     for off, n, pkey in zip(layout.param_offsets(), layout.param_numels, layout.param_keys):
         fill_dither(d[off:off + n], splitmix64(key, pkey))
     return d
+
+
+class PieceDither:
+    """:func:`param_dither`'s values, piece by piece, without a bucket-sized tensor: a piece inside
+    one parameter is a view of the pool (no copy); one spanning parameters is assembled in a
+    caller's scratch buffer (of at least ``length`` values)."""
+
+    def __init__(self, layout, key: int, device):
+        self.pool = dither_pool(device)
+        self.offsets = layout.param_offsets()
+        self.ends = [o + n for o, n in zip(self.offsets, layout.param_numels)]
+        self.starts = [offset(splitmix64(key, pkey)) for pkey in layout.param_keys]
+
+    def piece(self, start: int, length: int, scratch: torch.Tensor) -> torch.Tensor:
+        i = bisect.bisect_right(self.offsets, start) - 1
+        while self.ends[i] <= start:  # skip empty parameters sharing this offset
+            i += 1
+        if start + length <= self.ends[i] and length <= POOL_SIZE:
+            s = (self.starts[i] + start - self.offsets[i]) % POOL_SIZE
+            return self.pool[s:s + length]  # the pool is stored twice: a window never wraps
+        out = scratch[:length]
+        pos = start
+        while pos < start + length:
+            while self.ends[i] <= pos:
+                i += 1
+            take = min(self.ends[i], start + length, pos + POOL_SIZE) - pos
+            s = (self.starts[i] + pos - self.offsets[i]) % POOL_SIZE
+            out[pos - start:pos - start + take].copy_(self.pool[s:s + take])
+            pos += take
+        return out

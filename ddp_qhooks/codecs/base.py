@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
+import math
+
 import torch
 
 __all__ = ["Codec", "Layout", "EncodeInfo"]
@@ -146,4 +148,15 @@ def sum_sq(t: torch.Tensor, magnitude: float) -> float:
     squares underflow."""
     if t.dtype != torch.float32 or magnitude * magnitude * t.numel() >= SQ_LIMIT or 0 < magnitude < SQ_TINY:
         t = t.double()
+    return float(torch.dot(t, t))
+
+
+def sum_sq_checked(t: torch.Tensor) -> float:
+    """Sum of squares when no bound on the magnitudes is at hand: float32 first (fast), again in
+    float64 when that overflowed or may have underflowed."""
+    if t.dtype == torch.float32:
+        total = float(torch.dot(t, t))
+        if math.isfinite(total) and total > SQ_TINY:
+            return total
+    t = t.double()
     return float(torch.dot(t, t))

@@ -95,7 +95,7 @@ class SignCodec(BlockScaledCodec):
         if not self.stochastic:
             _negative(xf, negative)  # exact zeros (and -0.0) get bit 0: +a
             return
-        dither = _random.param_dither(layout, key, xf.device)
+        dither = _random.PieceDither(layout, key, xf.device)
         parts, size = self._pieces(layout, xf.device)
         t_all = s.get("f32", size, torch.float32)
         flip_all = s.get("f32b", size, torch.float32)
@@ -104,7 +104,7 @@ class SignCodec(BlockScaledCodec):
             t = torch.div(xf[start:start + m].view(rows, cols), scales[b:b + rows, None], out=t_all[:m].view(rows, cols))
             # 2u - 1 in (-1, 1) is exact in float32 on the dither grid; P(x/a <= 2u - 1) = (1 - x/a) / 2,
             # the probability of -a.  An all-zero block gives 0/0 = NaN, which compares False: +0
-            flip = torch.mul(dither[start:start + m], 2, out=flip_all[:m]).sub_(1).view(rows, cols)
+            flip = torch.mul(dither.piece(start, m, flip_all), 2, out=flip_all[:m]).sub_(1).view(rows, cols)
             _le(t, flip, negative[start:start + m].view(rows, cols))
 
     def _pack(self, codes, out):

@@ -61,7 +61,7 @@ import numbers
 import torch
 
 from . import _random
-from ._blockscaled import BlockScaledCodec, _gt, _mask, _negative
+from ._blockscaled import BlockScaledCodec, _abs, _gt, _mask, _negative, _shift_left
 from .blocks import blocks_for
 from .options import check_choice
 from .packing import (
@@ -124,7 +124,8 @@ class TernaryCodec(BlockScaledCodec):
         keep_all = s.get("keep", size, torch.bool)
         neg_all = s.get("neg", size, torch.bool)
         if self.stochastic:
-            dither = _random.param_dither(layout, key, xf.device)
+            dither = _random.PieceDither(layout, key, xf.device)
+            dither_buf = s.get("dither", size, torch.float32)
         else:
             # v > delta  <=>  v > (delta rounded down to float32), for every float32 v
             bound = delta.float()
@@ -134,21 +135,25 @@ class TernaryCodec(BlockScaledCodec):
         for start, rows, cols, b in parts:
             m = rows * cols
             xv = xf[start:start + m].view(rows, cols)
-            t = torch.abs(xv, out=t_all[:m].view(rows, cols))
             keep = keep_all[:m].view(rows, cols)
-            if self.stochastic:
-                torch.div(t, scales[b:b + rows, None], out=t)
-                _gt(t, dither[start:start + m].view(rows, cols), keep)
-            else:
-                _gt(t, bound[b:b + rows, None], keep)
-                _mask(t, keep)
-                if rows == 1:
-                    count[b:b + 1] += keep.sum()
-                    kept[b:b + 1] += t.sum(dtype=torch.float64)
-                else:
-                    torch.sum(keep, 1, out=count[b:b + rows])
-                    torch.sum(t, 1, dtype=torch.float64, out=kept[b:b + rows])
             neg = neg_all[:m].view(rows, cols)
+            if self.stochastic:
+                # |x| / a == |x / a| exactly (division is sign-symmetric), so one pass over x gives
+                # both the sign and the keep probability; 0/0 of an all-zero block is NaN: code 0
+                t = torch.div(xv, scales[b:b + rows, None], out=t_all[:m].view(rows, cols))
+                _negative(t, neg)
+                _gt(_abs(t), dither.piece(start, m, dither_buf).view(rows, cols), keep)
+                _shift_left(keep, neg, codes[start:start + m].view(rows, cols))  # 0, 1 << 0 = 1 (+a), 1 << 1 = 2 (-a)
+                continue
+            t = torch.abs(xv, out=t_all[:m].view(rows, cols))
+            _gt(t, bound[b:b + rows, None], keep)
+            _mask(t, keep)
+            if rows == 1:
+                count[b:b + 1] += keep.sum()
+                kept[b:b + 1] += t.sum(dtype=torch.float64)
+            else:
+                torch.sum(keep, 1, out=count[b:b + rows])
+                torch.sum(t, 1, dtype=torch.float64, out=kept[b:b + rows])
             _negative(xv, neg)
             neg.logical_and_(keep)
             # code = keep + (keep and negative): 0, 1 (+a) or 2 (-a)
