@@ -158,5 +158,9 @@ def sum_sq_checked(t: torch.Tensor) -> float:
         total = float(torch.dot(t, t))
         if math.isfinite(total) and total > SQ_TINY:
             return total
+        if total == 0 and t.numel():
+            lo, hi = torch.aminmax(t)
+            if float(lo) == 0 == float(hi):  # truly zero (the residual of an exact codec), not underflow
+                return 0.0
     t = t.double()
     return float(torch.dot(t, t))

@@ -15,11 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .base import Codec, EncodeInfo, Layout
-
-
-def _sq(t: torch.Tensor) -> float:
-    return float(torch.dot(t.double(), t.double()))  # float64: |x| > 1.8e19 would overflow float32
+from .base import Codec, EncodeInfo, Layout, sum_sq_checked as _sq
 
 
 class CastCodec(Codec):
