@@ -1,0 +1,312 @@
+"""Convergence study: does a model still reach fp32 accuracy with each codec, and how fast?
+
+    python -m ddp_qhooks.study                                   # every codec +- EF, 3 seeds, 4 ranks
+    python -m ddp_qhooks.study --configs fp32 stochastic:4 "sign,lr=0.01" --seeds 0 --steps 200
+    python -m ddp_qhooks.study --netsim 200mbit                  # + accuracy vs wall time at 200 Mbit/s (root)
+
+Trains ``data.SmallCNN`` on Fashion-MNIST (Debian package dataset-fashion-mnist) with W local Gloo
+ranks for a fixed budget of steps, for fp32 allreduce and every configuration (the bench's syntax:
+``codec[:bits][,option=value...][,ef=0]``, plus ``lr=X`` to give a configuration its own learning
+rate), over several seeds.  Every configuration of a seed starts from the same weights and sees the
+same minibatches (rank r, step t: a fixed draw), so differences are the codec's.  Records, every
+``--eval-every`` steps: the training loss (mean over the ranks' last steps), the test accuracy and
+the bytes each rank has sent (the package's ``wire_bytes_sent``; fp32: a ring allreduce,
+2(W-1)/W x 4 bytes per value).  With ``--netsim RATE`` the step time of every configuration is
+measured by the bench on W namespaced hosts joined by RATE links, giving accuracy vs wall time.
+
+Outputs (``--output``, default ``study_results``): ``study.json`` (every curve), ``study.md`` (the
+table: final accuracy mean +- std over seeds, difference to fp32, MB sent per rank, time to the
+budget at RATE), ``study.png`` when matplotlib is installed (loss curves, accuracy vs bytes,
+accuracy vs wall time).  Not a test: it prints numbers; tests/test_study.py runs a small version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import data
+from .bench import FashionMnistTask, _register, parse_config
+
+# every codec at its main widths, with and without error feedback, and the recipes that work
+# (sign: its per-value magnitude is the block's mean |x|, so it needs a smaller step: README)
+DEFAULT_CONFIGS = (
+    "fp32",
+    "stochastic:8", "stochastic:8,ef=0", "stochastic:4", "stochastic:4,ef=0", "stochastic:2", "stochastic:2,ef=0",
+    "uniform:4", "uniform:4,ef=0", "qsgd:4,block_size=32", "qsgd:4,block_size=512,ef=0",
+    "log:4", "log:4,ef=0", "mulaw:4", "mulaw:4,ef=0", "adaptive:4",
+    "kmeans:2", "kmeans:2,ef=0", "ternary,block_size=256", "ternary,block_size=256,ef=0",
+    "sign,block_size=256,lr=0.01", "sign,block_size=256,lr=0.01,ef=0",
+    "topk:8,ratio=0.05", "topk:8,ratio=0.05,ef=0", "fp16", "bf16",
+)
+TARGETS = (  # (configuration, reference, allowed loss in accuracy points): the issue's targets
+    ("stochastic:8", "fp32", 0.5), ("stochastic:4", "fp32", 0.5),
+    ("sign,block_size=256,lr=0.01", "fp32", 1.0), ("ternary,block_size=256", "fp32", 1.0),
+)
+
+
+def split_lr(spec: str, default_lr: float) -> tuple[str, float]:
+    """``spec`` without its ``lr=`` option (the bench does not know it), and the learning rate."""
+    parts = [p for p in spec.split(",")]
+    lr = default_lr
+    kept = [parts[0]]
+    for p in parts[1:]:
+        key, eq, value = p.partition("=")
+        if key.strip() == "lr" and eq:
+            try:
+                lr = float(value)
+            except ValueError:
+                raise ValueError(f"configuration {spec!r}: lr must be a number, got {value!r}") from None
+            if not lr > 0:
+                raise ValueError(f"configuration {spec!r}: lr must be > 0, got {value!r}")
+        else:
+            kept.append(p)
+    return ",".join(kept), lr
+
+
+def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict:
+    bench_spec, lr = split_lr(spec, lr)
+    cfg = parse_config(bench_spec)
+    task = FashionMnistTask(args.batch, rank, torch.device("cpu"), args.data)
+    torch.manual_seed(seed)
+    model = data.SmallCNN()
+    ddp = DDP(model)
+    state = _register(ddp, cfg, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    numel = sum(p.numel() for p in model.parameters())
+    fp32_bytes_per_step = 2 * (world - 1) / world * 4 * numel
+    curve, recent = [], []
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        x, y = task.batch_for(1_000_003 * seed + step)
+        loss = task.loss(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        recent.append(float(loss.detach()))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            mean = torch.tensor([statistics.fmean(recent)], dtype=torch.float64)
+            dist.all_reduce(mean)
+            recent = []
+            sent = state.stats()["wire_bytes_sent"] if state is not None else fp32_bytes_per_step * (step + 1)
+            acc = task.evaluate(model) if rank == 0 else None
+            curve.append({"step": step + 1, "loss": float(mean) / world, "test_accuracy": acc, "bytes_sent": sent})
+    finite = math.isfinite(curve[-1]["loss"])
+    return {"config": spec, "seed": seed, "lr": lr, "curve": curve, "diverged": not finite,
+            "final_accuracy": curve[-1]["test_accuracy"], "bytes_sent": curve[-1]["bytes_sent"],
+            "train_s": time.perf_counter() - t0}
+
+
+def _entry(rank, world, port, configs, seed, args, out_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        runs = []
+        for spec in configs:
+            if rank == 0:
+                print(f"  seed {seed}: {spec} ...", file=sys.stderr, flush=True)
+            try:
+                runs.append(_train(rank, world, spec, args.lr, seed, args))
+            except Exception as exc:  # a diverging or failing configuration must not stop the others
+                runs.append({"config": spec, "seed": seed, "error": f"{type(exc).__name__}: {exc}"})
+                dist.barrier()
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(runs, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_all(args) -> list[dict]:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="ddp_qhooks_study_") as tmp:
+        for seed in args.seeds:
+            out = os.path.join(tmp, f"seed{seed}.json")
+            mp.start_processes(_entry, args=(args.world, _free_port(), list(args.configs), seed, args, out),
+                               nprocs=args.world, join=True, start_method="spawn")
+            with open(out) as f:
+                runs += json.load(f)
+    return runs
+
+
+def step_times(args) -> dict:
+    """Median step time of every configuration at ``args.netsim``, measured by the bench on
+    ``args.world`` namespaced hosts (one rank each)."""
+    specs = {split_lr(c, args.lr)[0] for c in args.configs}
+    with tempfile.TemporaryDirectory(prefix="ddp_qhooks_study_net_") as tmp:
+        argv = [sys.executable, "-m", "ddp_qhooks.bench", "--task", "fmnist", "--netsim", args.netsim,
+                "--nodes", str(args.world), "--steps", "10", "--warmup", "3", "--train-steps", "0",
+                "--batch", str(args.batch), "--output", tmp, "--configs", *sorted(specs)]
+        if args.data:
+            argv += ["--data", args.data]
+        res = subprocess.run(argv, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"the bench failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+        with open(os.path.join(tmp, "bench.json")) as f:
+            rows = json.load(f)["rows"]
+    return {r["config"]: r["step_s"] for r in rows if r["status"] == "ok"}
+
+
+def summarize(runs: list[dict], step_s: dict | None, lr: float) -> list[dict]:
+    by = {}
+    for r in runs:
+        by.setdefault(r["config"], []).append(r)
+    fp32 = [r["final_accuracy"] for r in by.get("fp32", []) if "error" not in r]
+    base = statistics.fmean(fp32) if fp32 else None
+    rows = []
+    for spec, rs in by.items():
+        ok = [r for r in rs if "error" not in r and not r["diverged"]]
+        accs = [100 * r["final_accuracy"] for r in ok]
+        bench_spec, _ = split_lr(spec, lr)
+        row = {"config": spec, "seeds": len(rs), "finished": len(ok),
+               "accuracy": statistics.fmean(accs) if accs else None,
+               "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
+               "vs_fp32": statistics.fmean(accs) - 100 * base if accs and base is not None else None,
+               "mb_sent": statistics.fmean(r["bytes_sent"] for r in ok) / 1e6 if ok else None,
+               "step_s": (step_s or {}).get(bench_spec),
+               "errors": sorted({r.get("error", "diverged (loss not finite)") for r in rs if r not in ok})}
+        if row["step_s"] is not None and ok:
+            row["wall_s"] = row["step_s"] * ok[0]["curve"][-1]["step"]
+        rows.append(row)
+    return rows
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """One line per target of the issue: met / missed, with the numbers."""
+    acc = {r["config"]: r for r in rows}
+    lines = []
+    for spec, ref, points in TARGETS:
+        a, b = acc.get(spec), acc.get(ref)
+        if not a or not b or a["accuracy"] is None or b["accuracy"] is None:
+            continue
+        diff = a["accuracy"] - b["accuracy"]
+        lines.append(f"{spec}: {diff:+.2f} pt vs {ref} (target within {points} pt): {'met' if diff >= -points else 'MISSED'}")
+    for with_ef in ("sign,block_size=256,lr=0.01",):
+        a, b = acc.get(with_ef), acc.get(with_ef + ",ef=0")
+        if a and b and a["accuracy"] is not None:
+            worse = b["accuracy"] is None or b["accuracy"] < a["accuracy"] - 2 * max(a["accuracy_std"], b["accuracy_std"] or 0)
+            without = "diverged" if b["accuracy"] is None else f"{b['accuracy']:.2f}"
+            lines.append(f"{with_ef} without EF: {without} vs {a['accuracy']:.2f} with EF: "
+                         f"{'measurably worse' if worse else 'NOT measurably worse'}")
+    return lines
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["config", "seeds", "test acc %", "vs fp32 (pt)", "MB sent/rank", "step ms @net", "time to budget"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}"
+        cells = [r["config"], f"{r['finished']}/{r['seeds']}", acc,
+                 "–" if r["vs_fp32"] is None else f"{r['vs_fp32']:+.2f}",
+                 "–" if r["mb_sent"] is None else f"{r['mb_sent']:.1f}",
+                 "–" if r["step_s"] is None else f"{1000 * r['step_s']:.1f}",
+                 f"{r['wall_s']:.0f} s" if r.get("wall_s") is not None else "–"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(runs: list[dict], step_s: dict | None, lr: float, path: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = 3 if step_s else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    colors = {}
+    for r in runs:
+        if "error" in r:
+            continue
+        c = colors.setdefault(r["config"], f"C{len(colors) % 10}")
+        label = r["config"] if r["seed"] == min(x["seed"] for x in runs if x["config"] == r["config"]) else None
+        steps = [p["step"] for p in r["curve"]]
+        acc = [100 * p["test_accuracy"] for p in r["curve"]]
+        axes[0].plot(steps, [p["loss"] for p in r["curve"]], color=c, label=label, lw=0.8)
+        axes[1].plot([p["bytes_sent"] / 1e6 for p in r["curve"]], acc, color=c, lw=0.8)
+        t = (step_s or {}).get(split_lr(r["config"], lr)[0])
+        if panels == 3 and t:
+            axes[2].plot([s * t for s in steps], acc, color=c, lw=0.8)
+    axes[0].set(xlabel="step", ylabel="training loss", yscale="log")
+    axes[1].set(xlabel="MB sent per rank", ylabel="test accuracy %", xscale="log")
+    if panels == 3:
+        axes[2].set(xlabel="wall time at the simulated link (s)", ylabel="test accuracy %")
+    fig.legend(loc="lower center", ncol=6, fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddp_qhooks.study", description=__doc__.split("\n")[0])
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                   help="fp32 or codec[:bits][,option=value...][,ef=0][,lr=X] (default: every codec +- EF)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--world", type=int, default=4, help="local Gloo ranks (default 4)")
+    p.add_argument("--steps", type=int, default=600, help="training steps per run (the fixed budget)")
+    p.add_argument("--batch", type=int, default=64, help="minibatch per rank")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9) unless a config sets lr=")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between curve points")
+    p.add_argument("--netsim", default=None, metavar="RATE", help="also measure step times at RATE (root, iproute2)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: Debian package path)")
+    p.add_argument("--output", default="study_results", help="directory for study.json/.md/.png")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    for spec in args.configs:
+        parse_config(split_lr(spec, args.lr)[0])  # bad configurations fail here, before anything starts
+    if args.steps < 1 or args.eval_every < 1 or args.world < 1:
+        raise SystemExit("--steps, --eval-every and --world must be >= 1")
+    data.find_dir(args.data)  # a clear error naming the Debian package when the data is missing
+    if args.netsim:
+        from .netsim import check_environment, parse_rate
+        parse_rate(args.netsim)
+        check_environment()
+    runs = train_all(args)
+    step_s = step_times(args) if args.netsim else None
+    rows = summarize(runs, step_s, args.lr)
+    targets = check_targets(rows)
+    desc = (f"Fashion-MNIST, data.SmallCNN, {args.world} Gloo ranks, {args.steps} steps x {args.batch} per rank, "
+            f"SGD momentum 0.9, lr {args.lr} unless set, seeds {' '.join(map(str, args.seeds))}"
+            + (f", step times at {args.netsim} between {args.world} namespaced hosts" if args.netsim else ""))
+    table = format_table(rows)
+    print(desc)
+    print(table)
+    for line in targets:
+        print(line)
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "study.json"), "w") as f:
+            json.dump({"meta": {**vars(args), "torch": torch.__version__}, "rows": rows, "runs": runs,
+                       "step_s": step_s, "targets": targets}, f, indent=1)
+        with open(os.path.join(args.output, "study.md"), "w") as f:
+            f.write(desc + "\n\n" + table + "\n\n" + "\n".join(f"* {t}" for t in targets) + "\n")
+        png = plot(runs, step_s, args.lr, os.path.join(args.output, "study.png"))
+        print(f"wrote {args.output}/study.json, study.md" + (", study.png" if png else " (no matplotlib: no plot)"))
+
+
+if __name__ == "__main__":
+    main()

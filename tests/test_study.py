@@ -1,0 +1,47 @@
+"""The convergence study, small: one seed, 2 ranks, 150 steps, one configuration per codec family,
+each above a loose accuracy floor (the full study is run on demand: README, results/study/)."""
+import json
+
+import pytest
+
+from ddp_qhooks import data, study
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not data.available(), reason="Debian package dataset-fashion-mnist not installed")]
+
+
+def test_split_lr():
+    assert study.split_lr("sign,block_size=256,lr=0.01,ef=0", 0.05) == ("sign,block_size=256,ef=0", 0.01)
+    assert study.split_lr("stochastic:4", 0.05) == ("stochastic:4", 0.05)
+    with pytest.raises(ValueError, match="lr must be"):
+        study.split_lr("sign,lr=fast", 0.05)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        study.split_lr("sign,lr=-1", 0.05)
+
+
+def test_short_run_every_family_learns(tmp_path, capsys):
+    configs = ["fp32", "stochastic:4", "qsgd:4,block_size=32", "log:4", "kmeans:2", "ternary,block_size=256",
+               "sign,block_size=256,lr=0.01", "topk:8,ratio=0.05"]
+    study.main(["--configs", *configs, "--seeds", "0", "--world", "2", "--steps", "150", "--eval-every", "50",
+                "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "study.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == configs
+    numel = sum(p.numel() for p in data.SmallCNN().parameters())
+    for spec, r in rows.items():
+        assert r["finished"] == 1 and not r["errors"], r
+        assert r["accuracy"] > 70.0, f"{spec}: {r['accuracy']:.1f} % after 150 steps"  # chance is 10 %
+    runs = {r["config"]: r for r in result["runs"]}
+    assert runs["sign,block_size=256,lr=0.01"]["lr"] == 0.01 and runs["fp32"]["lr"] == 0.05  # per-config lr
+    for spec, r in runs.items():
+        steps = [p["step"] for p in r["curve"]]
+        assert steps == [50, 100, 150]
+        assert r["curve"][-1]["loss"] < r["curve"][0]["loss"] * 1.05, spec
+        sent = [p["bytes_sent"] for p in r["curve"]]
+        assert sent == sorted(sent) and sent[0] > 0
+    # bytes: fp32 is a ring allreduce (2(W-1)/W x 4 bytes per value per step); 4-bit about 8x less
+    assert runs["fp32"]["bytes_sent"] == pytest.approx(150 * 4 * numel)
+    assert 6 < runs["fp32"]["bytes_sent"] / runs["stochastic:4"]["bytes_sent"] < 9
+    assert "| config |" in out and (tmp_path / "study.md").exists()
+    assert "vs fp32" in (tmp_path / "study.md").read_text()
