@@ -47,8 +47,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import data
 from .codecs import CODECS
+from .local_sgd import LocalSGD, local_phase_hook
 
 BUILTINS = ("fp32", "fp16_hook", "bf16_hook", "powersgd", "quant_pertensor")
+# options that turn a configuration into local SGD / DiLoCo (ddp_qhooks.LocalSGD) instead of a gradient hook
+LOCAL_OPTIONS = ("local_steps", "outer", "outer_lr", "outer_momentum", "fragments")
 DEFAULT_CONFIGS = ["fp32", "fp16_hook", "powersgd", "quant_pertensor",
                    "stochastic:8", "stochastic:4", "stochastic:2", "uniform:1", "stochastic:1,ef=0",
                    "stochastic:4,ef=0", "uniform:2,block_size=256", "qsgd:4,block_size=512,ef=0",
@@ -57,7 +60,7 @@ _FAILED: list = []
 RESULT_KEYS = ("config", "kind", "status", "error", "step_s", "step_p10_s", "step_p90_s", "compute_s", "comm_s",
                "bytes_per_step", "bytes_source", "tc_bytes_per_step", "compression_ratio", "speedup_vs_fp32",
                "ideal_speedup", "fraction_of_ideal", "tc_vs_accounted", "final_loss", "test_accuracy", "note",
-               "hook_s", "callback_s", "encode_hidden", "timeline")
+               "hook_s", "callback_s", "encode_hidden", "timeline", "fewer_bytes_than_fp32")
 
 
 # ================================================================================================
@@ -73,7 +76,7 @@ def parse_config(spec: str) -> dict:
     if codec not in CODECS:
         raise ValueError(f"unknown configuration {spec!r}: use one of {', '.join(BUILTINS)} or "
                          f"<codec>[:<bits>][,option=value...] with codec in {', '.join(CODECS)}")
-    options, ef = {}, True
+    options, ef, local = {}, True, {}
     for opt in opts:
         key, eq, value = opt.partition("=")
         if not eq:
@@ -81,11 +84,18 @@ def parse_config(spec: str) -> dict:
         if key == "ef":
             ef = value not in ("0", "false", "False", "no")
             continue
-        options[key] = _literal(value)
+        (local if key in LOCAL_OPTIONS else options)[key] = _literal(value)
     cfg = {"spec": spec, "kind": "ours", "codec": codec, "bits": int(bits) if bits else 8, "options": options,
            "error_feedback": ef}
     from .hook import QuantizedHookState
     QuantizedHookState(codec=codec, bits=cfg["bits"], error_feedback=ef, **options)  # validate now, clearly
+    if local:
+        if "local_steps" not in local:
+            raise ValueError(f"configuration {spec!r}: {', '.join(sorted(local))} need local_steps=H (local SGD)")
+        from .local_sgd import LocalSGD
+        probe = nn.Sequential(*[nn.Linear(1, 1) for _ in range(64)])
+        LocalSGD(probe, codec=codec, bits=cfg["bits"], error_feedback=ef, **options, **local)  # validate
+        cfg.update(kind="local", local=local)
     return cfg
 
 
@@ -131,12 +141,21 @@ class SyntheticTask:
 
 
 class FashionMnistTask:
-    """data.SmallCNN on Fashion-MNIST; each rank draws its own minibatches from the training set."""
+    """data.SmallCNN on Fashion-MNIST; each rank draws its own minibatches from the training set.
 
-    def __init__(self, batch: int, rank: int, device, path=None):
+    ``noniid=p`` (0 <= p <= 1): a fraction p of every minibatch of rank r comes from its two "home"
+    classes 2r mod 10 and 2r+1 mod 10, the rest from the whole set (p = 0: IID; p = 0.9: each rank
+    sees mostly two classes, the client drift of federated settings)."""
+
+    def __init__(self, batch: int, rank: int, device, path=None, noniid: float = 0.0):
+        if not 0.0 <= noniid <= 1.0:
+            raise ValueError(f"noniid must be a fraction in [0, 1], got {noniid!r}")
         self.x, self.y = data.load("train", path)
         self.xt, self.yt = data.load("test", path)
         self.batch, self.rank, self.device = batch, rank, device
+        self.noniid = noniid
+        home = {(2 * rank) % 10, (2 * rank + 1) % 10}
+        self.home = torch.nonzero(torch.isin(self.y, torch.tensor(sorted(home)))).view(-1)
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -145,6 +164,9 @@ class FashionMnistTask:
     def batch_for(self, step: int):
         g = torch.Generator().manual_seed(7919 * self.rank + step)
         idx = torch.randint(0, self.x.shape[0], (self.batch,), generator=g)
+        if self.noniid:
+            local = round(self.noniid * self.batch)
+            idx[:local] = self.home[torch.randint(0, self.home.numel(), (local,), generator=g)]
         return self.x[idx].to(self.device), self.y[idx].to(self.device)
 
     def loss(self, out, y):
@@ -211,8 +233,9 @@ def _analytic_bytes(spec: str, model: nn.Module, world: int) -> tuple[float | No
     return None, ""
 
 
-def _time_steps(ddp, task, opt, start, count, sync: bool):
-    """Per-step seconds of the slowest rank, ranks aligned by a barrier before each step."""
+def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None):
+    """Per-step seconds of the slowest rank, ranks aligned by a barrier before each step;
+    ``after_step()`` (local SGD's outer synchronization) runs inside the timed step."""
     times, loss = [], None
     for step in range(start, start + count):
         x, y = task.batch_for(step)
@@ -230,6 +253,8 @@ def _time_steps(ddp, task, opt, start, count, sync: bool):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step()
         times.append(time.perf_counter() - t0)
     t = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -342,47 +367,65 @@ def run_worker(args) -> list[dict] | None:
                 ddp_kw["bucket_cap_mb"] = 1e6
                 row["note"] = "one DDP bucket (PowerSGD hangs on Gloo with several)"
             ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kw)
-            state = _register(ddp, cfg, args.warmup)
+            after = None
+            timed = args.steps
+            if cfg["kind"] == "local":
+                ddp.register_comm_hook(None, local_phase_hook)  # no gradient exchange: local steps
+                state = LocalSGD(model, codec=cfg["codec"], bits=cfg["bits"], error_feedback=cfg["error_feedback"],
+                                 **cfg["options"], **cfg["local"])
+                after = state.step
+                h = state.local_steps
+                timed = -(-max(args.steps, 2 * h) // h) * h  # whole rounds: the mean includes every sync
+                row["note"] = (f"local SGD, H={h}: step time and bytes are means over {timed} steps "
+                               f"({timed // h} synchronizations), not medians")
+            else:
+                state = _register(ddp, cfg, args.warmup)
             opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
             for s in range(args.warmup):
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: warm-up {s + 1}/{args.warmup}")
                 _time_steps(ddp, task, opt, s, 1, sync=True)
+            if cfg["kind"] == "local":
+                state.sync()  # start the timed window at a round boundary (all fragments just synced)
+                state.inner_steps = 0
             before = state.stats() if state is not None else None
             tc0 = tc_bytes_sent_here(ifname) if ifname else None
             times, losses = [], []
-            for s in range(args.steps):
-                _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: step {s + 1}/{args.steps}")
-                t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True)
+            for s in range(timed):
+                _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: step {s + 1}/{timed}")
+                t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after)
                 times += t
                 losses.append(float(loss.detach()))
             tc1 = tc_bytes_sent_here(ifname) if ifname else None
-            after = state.stats() if state is not None else None  # the timed steps only
+            stats_after = state.stats() if state is not None else None  # the timed steps only
             for s in range(args.train_steps):
                 if s % 20 == 0:
                     _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: training {s + 1}/{args.train_steps}")
-                _, loss = _time_steps(ddp, task, opt, args.warmup + args.steps + s, 1, sync=True)
+                _, loss = _time_steps(ddp, task, opt, args.warmup + timed + s, 1, sync=True, after_step=after)
                 losses.append(float(loss.detach()))
+            if cfg["kind"] == "local":
+                state.sync()  # evaluate the synchronized model
             final = torch.tensor([statistics.fmean(losses[-5:])], dtype=torch.float64)
             dist.all_reduce(final)
             row["final_loss"] = float(final) / world
             row["test_accuracy"] = task.evaluate(model)
             ordered = sorted(times)
-            row["step_s"] = statistics.median(times)
+            row["step_s"] = statistics.fmean(times) if cfg["kind"] == "local" else statistics.median(times)
             row["step_p10_s"] = ordered[int(0.1 * (len(ordered) - 1))]
             row["step_p90_s"] = ordered[int(math.ceil(0.9 * (len(ordered) - 1)))]
             row["comm_s"] = max(0.0, row["step_s"] - compute_s)
             if state is not None:
-                row["bytes_per_step"] = (after["wire_bytes_sent"] - before["wire_bytes_sent"]) / args.steps
+                row["bytes_per_step"] = (stats_after["wire_bytes_sent"] - before["wire_bytes_sent"]) / timed
                 row["bytes_source"] = "package (wire_bytes_sent)"
-                row["compression_ratio"] = after["compression_ratio"]
-                row["hook_s"] = (after["hook_seconds"] - before["hook_seconds"]) / args.steps
-                row["callback_s"] = (after["callback_seconds"] - before["callback_seconds"]) / args.steps
-                row["timeline"] = state.timeline()  # the last timed step
+                row["compression_ratio"] = stats_after["compression_ratio"]
+                row["hook_s"] = (stats_after["hook_seconds"] - before["hook_seconds"]) / timed
+                row["callback_s"] = (stats_after["callback_seconds"] - before["callback_seconds"]) / timed
+                hook_state = state.hook if cfg["kind"] == "local" else state
+                row["timeline"] = hook_state.timeline()  # the last timed step (last synchronization)
                 row["encode_hidden"] = encode_hidden(row["timeline"])
             else:
                 row["bytes_per_step"], row["bytes_source"] = _analytic_bytes(cfg["spec"], model, world)
             if tc0 is not None and tc1 is not None:
-                row["tc_bytes_per_step"] = (tc1 - tc0) / args.steps
+                row["tc_bytes_per_step"] = (tc1 - tc0) / timed
             del ddp, model, opt, state
         except Exception as exc:  # a hook that fails here (e.g. torch's quantization hook on Gloo)
             # keep the failed DDP alive until exit: destroying a reducer whose hook raised mid-backward
@@ -435,6 +478,8 @@ def _derive(rows: list[dict], ranks_per_host: int = 1) -> None:
         measure = "bytes_per_step"
         if ranks_per_host > 1 and r.get("tc_bytes_per_step") and base.get("tc_bytes_per_step"):
             measure = "tc_bytes_per_step"
+        if base["bytes_per_step"] and r["bytes_per_step"]:
+            r["fewer_bytes_than_fp32"] = base["bytes_per_step"] / r["bytes_per_step"]
         if base[measure] and r[measure] is not None:
             frac = r[measure] / base[measure]
             if r["compression_ratio"] is None:
@@ -451,7 +496,8 @@ COLUMNS = [("config", "config", "{}"), ("status", "status", "{}"), ("step_s", "s
            ("step_p10_s", "p10 ms", "ms"), ("step_p90_s", "p90 ms", "ms"), ("comm_s", "comm ms", "ms"),
            ("bytes_per_step", "MB/step/rank", "mb"), ("tc_bytes_per_step", "tc MB/step", "mb"),
            ("tc_vs_accounted", "tc vs acct", "{:+.1%}"),
-           ("compression_ratio", "ratio", "{:.1f}x"), ("speedup_vs_fp32", "speedup", "{:.2f}x"),
+           ("compression_ratio", "ratio", "{:.1f}x"), ("fewer_bytes_than_fp32", "bytes ÷", "{:.1f}x"),
+           ("speedup_vs_fp32", "speedup", "{:.2f}x"),
            ("ideal_speedup", "ideal", "{:.2f}x"), ("fraction_of_ideal", "of ideal", "{:.0%}"),
            ("hook_s", "hook ms", "ms"), ("callback_s", "cb ms", "ms"), ("encode_hidden", "enc hidden", "{:.0%}"),
            ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}")]
@@ -485,6 +531,9 @@ def format_table(result: dict, markdown: bool) -> str:
     if any(r.get("tc_vs_accounted") is not None for r in rows):
         notes.append(f"tc vs acct: tc's bytes sent per step vs the accounted bytes x {TCP_FRAMING:.4f} "
                      "(TCP/IP/Ethernet framing of 1448-byte segments on a 1500-byte MTU link)")
+    if any(r.get("kind") == "local" for r in rows):
+        notes.append("ratio: payload compression of one exchange; bytes ÷: fp32 DDP's bytes per step / this row's "
+                     "(local SGD exchanges once every H steps)")
     if any(r.get("hook_s") is not None for r in rows):
         notes.append("hook ms: time per step inside the hook calls (encoding; DDP's autograd thread waits); cb ms: in "
                      "completion callbacks (decoding, re-encoding; on Gloo's threads); enc hidden: share of the "

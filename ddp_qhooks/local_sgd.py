@@ -30,7 +30,6 @@ A DDP-wrapped model works too: register :func:`local_phase_hook` (no communicati
 gradient hook.  ``state_dict()`` holds everything needed to resume: the outer start point, the
 outer momentum, the residuals and the counters.
 """
-from __future__ import annotations
 
 import torch
 import torch.distributed as dist

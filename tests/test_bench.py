@@ -28,13 +28,18 @@ def _run(args, tmp_path):
 def test_smoke_local_processes_and_json_schema(tmp_path):
     result, stdout, out = _run(["--params", "2e5", "--steps", "3", "--warmup", "3", "--timeout", "120",
                                 "--configs", "fp32", "fp16_hook", "powersgd", "quant_pertensor", "stochastic:4",
-                                "sign", "topk:8,ratio=0.05", "--timeline"], tmp_path)
+                                "sign", "topk:8,ratio=0.05", "stochastic:4,local_steps=4", "--timeline"], tmp_path)
     assert set(result) == {"meta", "rows"}
     for key in ("task", "params", "world", "backend", "steps", "warmup", "compute_s", "torch", "configs"):
         assert key in result["meta"]
     assert result["meta"]["world"] == 2 and result["meta"]["backend"] == "gloo"
     rows = {r["config"]: r for r in result["rows"]}
-    assert list(rows) == ["fp32", "fp16_hook", "powersgd", "quant_pertensor", "stochastic:4", "sign", "topk:8,ratio=0.05"]
+    assert list(rows) == ["fp32", "fp16_hook", "powersgd", "quant_pertensor", "stochastic:4", "sign", "topk:8,ratio=0.05",
+                          "stochastic:4,local_steps=4"]
+    local = rows["stochastic:4,local_steps=4"]  # local SGD: one 4-bit exchange every 4 steps, averaged over whole rounds
+    assert local["status"] == "ok" and local["kind"] == "local" and "H=4" in local["note"]
+    assert local["bytes_per_step"] == pytest.approx(rows["stochastic:4"]["bytes_per_step"] / 4, rel=0.01)
+    assert local["fewer_bytes_than_fp32"] == pytest.approx(rows["fp32"]["bytes_per_step"] / local["bytes_per_step"])
     for r in rows.values():
         assert set(bench.RESULT_KEYS) <= set(r)
     # torch's per-tensor quantization hook indexes the all_gather future as a stacked tensor: fails on Gloo
@@ -76,6 +81,14 @@ def test_encode_hidden_is_the_overlap_of_encoding_with_earlier_collectives():
     assert bench.encode_hidden([_span(0, 0, 1, 2)]) is None
     text = bench.format_timeline("x", tl)
     assert text.count("bucket") == 3 and "E" in text and "~" in text
+
+
+def test_local_sgd_configurations_are_checked_before_starting():
+    assert bench.parse_config("stochastic:4,local_steps=16,outer=average")["local"] == {"local_steps": 16, "outer": "average"}
+    for spec, msg in (("stochastic:4,outer=average", "need local_steps"), ("stochastic:4,local_steps=0", "local_steps"),
+                      ("stochastic:4,local_steps=8,outer=adam", "outer must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            bench.parse_config(spec)
 
 
 def test_bad_configuration_fails_before_starting(tmp_path):

@@ -136,3 +136,23 @@ def test_bad_arguments_are_clear():
         with pytest.raises(ValueError, match=msg):
             LocalSGD(model, **kw)
     assert ddp_qhooks.LocalSGD is LocalSGD
+
+
+def _w_local_phase(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = _model()
+    ddp = DDP(model)
+    ddp.register_comm_hook(None, ddp_qhooks.local_phase_hook)
+    x, y = _batch(rank, 0)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()
+    plain = _model()
+    torch.nn.functional.mse_loss(plain(x), y).backward()
+    return {"ddp": [p.grad.clone() for p in model.parameters()], "own": [p.grad.clone() for p in plain.parameters()]}
+
+
+def test_local_phase_hook_keeps_each_ranks_own_gradient():
+    runs = _dist.results(_w_local_phase, 2)
+    for r in runs:
+        for a, b in zip(r["ddp"], r["own"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(runs[0]["ddp"][0], runs[1]["ddp"][0])
