@@ -88,7 +88,7 @@ class LocalSGD:
 
     def __init__(self, module: torch.nn.Module, local_steps: int = 16, codec: str = "stochastic", bits: int = 8, *,
                  error_feedback: bool = True, outer: str = "nesterov", outer_lr: float | None = None,
-                 outer_momentum: float = 0.9, fragments: int = 1, process_group=None, exchange: str = "allgather",
+                 outer_momentum: float = 0.9, fragments: int = 1, process_group=None, exchange: str = "auto",
                  seed: int = 0, **codec_options):
         if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
             raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")

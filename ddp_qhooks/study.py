@@ -7,7 +7,8 @@
 Trains ``data.SmallCNN`` on Fashion-MNIST (Debian package dataset-fashion-mnist) with W local Gloo
 ranks for a fixed budget of steps, for fp32 allreduce and every configuration (the bench's syntax:
 ``codec[:bits][,option=value...][,ef=0]``, plus ``lr=X`` to give a configuration its own learning
-rate), over several seeds.  Every configuration of a seed starts from the same weights and sees the
+rate; ``local_steps=H`` makes it local SGD / DiLoCo, evaluated at its last synchronized point), over
+several seeds, optionally on a non-IID split (``--noniid``).  Every configuration of a seed starts from the same weights and sees the
 same minibatches (rank r, step t: a fixed draw), so differences are the codec's.  Records, every
 ``--eval-every`` steps: the training loss (mean over the ranks' last steps), the test accuracy and
 the bytes each rank has sent (the package's ``wire_bytes_sent``; fp32: a ring allreduce,
@@ -39,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import data
 from .bench import FashionMnistTask, _register, parse_config
+from .local_sgd import LocalSGD, local_phase_hook
 
 # every codec at its main widths, with and without error feedback, and the recipes that work
 # (sign: its per-value magnitude is the block's mean |x|, so it needs a smaller step: README)
@@ -76,14 +78,33 @@ def split_lr(spec: str, default_lr: float) -> tuple[str, float]:
     return ",".join(kept), lr
 
 
+@torch.no_grad()
+def _evaluate_synchronized(task, model, sync) -> float:
+    """Test accuracy of the last synchronized point (local SGD: the ranks' local models differ)."""
+    params = [p for frag in sync.fragments for p in frag]
+    local = [p.detach().clone() for p in params]
+    for p, s in zip(params, [s for frag in sync._start for s in frag]):
+        p.copy_(s)
+    acc = task.evaluate(model)
+    for p, v in zip(params, local):
+        p.copy_(v)
+    return acc
+
+
 def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict:
     bench_spec, lr = split_lr(spec, lr)
     cfg = parse_config(bench_spec)
-    task = FashionMnistTask(args.batch, rank, torch.device("cpu"), args.data)
+    task = FashionMnistTask(args.batch, rank, torch.device("cpu"), args.data, noniid=getattr(args, "noniid", 0.0))
     torch.manual_seed(seed)
     model = data.SmallCNN()
     ddp = DDP(model)
-    state = _register(ddp, cfg, 0)
+    sync = None
+    if cfg["kind"] == "local":  # local SGD / DiLoCo: no gradient exchange, an outer sync every H steps
+        ddp.register_comm_hook(None, local_phase_hook)
+        state = sync = LocalSGD(model, codec=cfg["codec"], bits=cfg["bits"], error_feedback=cfg["error_feedback"],
+                                seed=seed, **cfg["options"], **cfg["local"])
+    else:
+        state = _register(ddp, cfg, 0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     numel = sum(p.numel() for p in model.parameters())
     fp32_bytes_per_step = 2 * (world - 1) / world * 4 * numel
@@ -95,13 +116,19 @@ def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        synced = sync.step() if sync is not None else True
         recent.append(float(loss.detach()))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            if step + 1 == args.steps and not synced:
+                sync.sync()  # the final model is a synchronized one (an extra exchange, counted)
             mean = torch.tensor([statistics.fmean(recent)], dtype=torch.float64)
             dist.all_reduce(mean)
             recent = []
             sent = state.stats()["wire_bytes_sent"] if state is not None else fp32_bytes_per_step * (step + 1)
-            acc = task.evaluate(model) if rank == 0 else None
+            if rank:
+                acc = None
+            else:
+                acc = task.evaluate(model) if sync is None else _evaluate_synchronized(task, model, sync)
             curve.append({"step": step + 1, "loss": float(mean) / world, "test_accuracy": acc, "bytes_sent": sent})
     finite = math.isfinite(curve[-1]["loss"])
     return {"config": spec, "seed": seed, "lr": lr, "curve": curve, "diverged": not finite,
@@ -268,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="minibatch per rank")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9) unless a config sets lr=")
     p.add_argument("--eval-every", type=int, default=100, help="steps between curve points")
+    p.add_argument("--noniid", type=float, default=0.0, metavar="P",
+                   help="fraction of each rank's minibatch from its two home classes (0: IID; 0.9: mostly two classes)")
     p.add_argument("--netsim", default=None, metavar="RATE", help="also measure step times at RATE (root, iproute2)")
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: Debian package path)")
     p.add_argument("--output", default="study_results", help="directory for study.json/.md/.png")
@@ -289,7 +318,8 @@ def main(argv=None) -> None:
     step_s = step_times(args) if args.netsim else None
     rows = summarize(runs, step_s, args.lr)
     targets = check_targets(rows)
-    desc = (f"Fashion-MNIST, data.SmallCNN, {args.world} Gloo ranks, {args.steps} steps x {args.batch} per rank, "
+    desc = (f"Fashion-MNIST{f' non-IID (p={args.noniid})' if args.noniid else ''}, data.SmallCNN, {args.world} Gloo "
+            f"ranks, {args.steps} steps x {args.batch} per rank, "
             f"SGD momentum 0.9, lr {args.lr} unless set, seeds {' '.join(map(str, args.seeds))}"
             + (f", step times at {args.netsim} between {args.world} namespaced hosts" if args.netsim else ""))
     table = format_table(rows)

@@ -21,7 +21,7 @@ def test_split_lr():
 
 def test_short_run_every_family_learns(tmp_path, capsys):
     configs = ["fp32", "stochastic:4", "qsgd:4,block_size=32", "log:4", "kmeans:2", "ternary,block_size=256",
-               "sign,block_size=256,lr=0.01", "topk:8,ratio=0.05"]
+               "sign,block_size=256,lr=0.01", "topk:8,ratio=0.05", "stochastic:4,local_steps=10"]
     study.main(["--configs", *configs, "--seeds", "0", "--world", "2", "--steps", "150", "--eval-every", "50",
                 "--output", str(tmp_path)])
     out = capsys.readouterr().out
@@ -43,5 +43,23 @@ def test_short_run_every_family_learns(tmp_path, capsys):
     # bytes: fp32 is a ring allreduce (2(W-1)/W x 4 bytes per value per step); 4-bit about 8x less
     assert runs["fp32"]["bytes_sent"] == pytest.approx(150 * 4 * numel)
     assert 6 < runs["fp32"]["bytes_sent"] / runs["stochastic:4"]["bytes_sent"] < 9
+    # local SGD, H=10: one 4-bit exchange every 10 steps (15 in 150 steps)
+    assert 9 < runs["stochastic:4"]["bytes_sent"] / runs["stochastic:4,local_steps=10"]["bytes_sent"] < 11
     assert "| config |" in out and (tmp_path / "study.md").exists()
     assert "vs fp32" in (tmp_path / "study.md").read_text()
+
+
+def test_noniid_split_gives_each_rank_mostly_its_two_classes():
+    import torch
+
+    from ddp_qhooks.bench import FashionMnistTask
+    for rank in range(4):
+        task = FashionMnistTask(200, rank, "cpu", noniid=0.9)
+        y = torch.cat([task.batch_for(step)[1] for step in range(5)])
+        home = ((y == 2 * rank) | (y == 2 * rank + 1)).float().mean()
+        assert 0.9 <= float(home) < 0.95  # 90 % drawn from the home classes, plus their share of the rest
+    iid = FashionMnistTask(200, 0, "cpu")
+    y = torch.cat([iid.batch_for(step)[1] for step in range(5)])
+    assert float(((y == 0) | (y == 1)).float().mean()) < 0.3
+    with pytest.raises(ValueError, match="noniid"):
+        FashionMnistTask(8, 0, "cpu", noniid=1.5)
