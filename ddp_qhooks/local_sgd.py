@@ -27,9 +27,14 @@ Usage::
         sync.step()                                 # every H steps: exchange + outer step
 
 A DDP-wrapped model works too: register :func:`local_phase_hook` (no communication) instead of a
-gradient hook.  ``state_dict()`` holds everything needed to resume: the outer start point, the
+gradient hook (DDP then also keeps buffers such as BatchNorm statistics equal, broadcasting rank 0's
+every forward); with a plain module, buffers are not synchronized.  A round whose pseudo-gradient is
+not finite on some rank is dropped on every rank (parameters back to the last synchronized point,
+residuals kept, a warning).  ``state_dict()`` holds everything needed to resume: the outer start point, the
 outer momentum, the residuals and the counters.
 """
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -117,6 +122,7 @@ class LocalSGD:
         self.fragments = _split(params, fragments)
         self.inner_steps = 0
         self.syncs = 0
+        self.nonfinite_syncs = 0
         with torch.no_grad():
             if dist.is_initialized():
                 for p in module.parameters():  # the same start everywhere, as DDP's constructor does
@@ -159,6 +165,16 @@ class LocalSGD:
         frag, start = self.fragments[i], self._start[i]
         delta = torch.cat([(s - p.detach()).reshape(-1).float() for s, p in zip(start, frag)])
         mean = quantized_allgather_hook(self.hook, _Fragment(i, frag, delta)).wait()
+        if not bool(torch.isfinite(mean).all()):
+            # some rank's local steps went non-finite: the hook made the mean NaN on every rank and
+            # kept the residuals; every rank drops the round and restarts from the last start point
+            for s, p in zip(start, frag):
+                p.copy_(s)
+            self.nonfinite_syncs += 1
+            warnings.warn(f"LocalSGD: non-finite pseudo-gradient in fragment {i} at inner step {self.inner_steps}: "
+                          "round dropped on every rank, parameters reset to the last synchronized point",
+                          RuntimeWarning, stacklevel=3)
+            return
         saved = [p.grad for p in frag]
         offset = 0
         for s, p in zip(start, frag):
@@ -175,16 +191,19 @@ class LocalSGD:
     # -- reporting and checkpoints ---------------------------------------------------------------
     def stats(self) -> dict:
         """The hook's counters for the pseudo-gradient exchanges (``wire_bytes_sent``,
-        ``compression_ratio``, ...), plus ``inner_steps``, ``syncs``, ``local_steps``, ``fragments``
-        and ``wire_bytes_per_inner_step``."""
+        ``compression_ratio``, ...), plus ``inner_steps``, ``syncs``, ``nonfinite_syncs`` (rounds
+        dropped because a pseudo-gradient was not finite), ``local_steps``, ``fragments`` and
+        ``wire_bytes_per_inner_step``."""
         s = self.hook.stats()
-        s.update(inner_steps=self.inner_steps, syncs=self.syncs, local_steps=self.local_steps,
+        s.update(inner_steps=self.inner_steps, syncs=self.syncs, nonfinite_syncs=self.nonfinite_syncs,
+                 local_steps=self.local_steps,
                  fragments=len(self.fragments),
                  wire_bytes_per_inner_step=s["wire_bytes_sent"] / self.inner_steps if self.inner_steps else 0.0)
         return s
 
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "inner_steps": self.inner_steps, "syncs": self.syncs,
+                "nonfinite_syncs": self.nonfinite_syncs,
                 "start": [[t.detach().cpu().clone() for t in frag] for frag in self._start],
                 "outer": [opt.state_dict() for opt in self._outer], "hook": self.hook.state_dict(),
                 "config": {"local_steps": self.local_steps, "outer": self.outer, "outer_lr": self.outer_lr,
@@ -207,6 +226,7 @@ class LocalSGD:
             opt.load_state_dict(sd)
         self.hook.load_state_dict(state["hook"])
         self.inner_steps, self.syncs = int(state["inner_steps"]), int(state["syncs"])
+        self.nonfinite_syncs = int(state.get("nonfinite_syncs", 0))
 
 
 def _first_rank(process_group) -> int:

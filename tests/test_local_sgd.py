@@ -156,3 +156,43 @@ def test_local_phase_hook_keeps_each_ranks_own_gradient():
         for a, b in zip(r["ddp"], r["own"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(runs[0]["ddp"][0], runs[1]["ddp"][0])
+
+
+def _w_nonfinite(rank, world):
+    import warnings
+    model = _model()
+    sync = LocalSGD(model, local_steps=2, codec="stochastic", bits=4, outer="average")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = {}
+    for step in range(1, 7):
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if step == 3:
+            out["start"] = torch.cat([s.reshape(-1) for f in sync._start for s in f]).clone()
+            out["residual"] = {k: v.clone() for k, v in sync.hook.state_dict()["residuals"].items()}
+            if rank == 1:
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] = float("nan")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sync.step()
+        if step == 4:
+            out["after"] = _flat(model)
+            out["warned"] = any("non-finite pseudo-gradient" in str(w.message) for w in caught)
+            out["residual_after"] = sync.hook.state_dict()["residuals"]
+    out["stats"] = sync.stats()
+    out["final"] = _flat(model)
+    return out
+
+
+def test_nonfinite_round_is_dropped_everywhere():
+    runs = _dist.results(_w_nonfinite, 2)
+    for r in runs:
+        assert r["warned"] and r["stats"]["nonfinite_syncs"] == 1 and r["stats"]["syncs"] == 2
+        assert torch.equal(r["after"], r["start"])  # back to the last synchronized point
+        for k, v in r["residual"].items():
+            assert torch.equal(r["residual_after"][k], v)  # residuals kept
+        assert bool(torch.isfinite(r["final"]).all())
+    assert torch.equal(runs[0]["final"], runs[1]["final"])
