@@ -3,7 +3,7 @@
     python -m ddp_qhooks.microbench                      # 25 MiB bucket, 1 thread, all codecs
     python -m ddp_qhooks.microbench --numel 1048576 --codecs uniform --bits 8 4 --markdown
 
-Rows ``uniform+compile`` / ``stochastic+compile`` use the codecs' ``compile=True`` option (fused
+Rows ``uniform+compile`` / ``stochastic+compile`` / ``sign+compile`` use the codecs' ``compile=True`` option (fused
 kernels built by torch.compile: ~15 s of compilation before the first timed run, needs a C++
 compiler; ``--no-compile`` skips them).  If compilation fails those rows say so and are not timed.
 
@@ -24,7 +24,7 @@ import torch
 
 from .codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
 
-QUANTIZERS = ("uniform", "stochastic")  # the codecs with a compile=True option
+QUANTIZERS = ("uniform", "stochastic", "sign")  # the codecs with a compile=True option
 DEFAULT_CODECS = ("uniform", "stochastic", "sign", "ternary", "qsgd", "log", "mulaw", "adaptive", "kmeans", "topk",
                   "fp16", "bf16", "none")
 
@@ -77,7 +77,7 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
     layout = Layout.flat(numel)
     configs = [(name, bits) for name in codecs for bits in _bits_for(name, bits_list)]
     if compiled and str(device) == "cpu":  # the fused kernels are CPU-only
-        configs += [(name + "+compile", bits) for name in codecs if name in QUANTIZERS for bits in bits_list]
+        configs += [(name + "+compile", bits) for name in codecs if name in QUANTIZERS for bits in _bits_for(name, bits_list)]
     if naive:
         configs.append(("naive-torch", 8))
     for name, bits in configs:

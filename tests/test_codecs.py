@@ -947,3 +947,32 @@ def test_compiled_kernel_matches_eager(name):
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):
         assert not _fused._broken, "a C++ compiler is present, yet the compiled kernel fell back to eager"
+
+
+def test_compiled_sign_is_bitwise_the_eager_path():
+    """sign with compile=True (scaled mode, one scale per bucket): the fused kernel writes the same
+    packed bits and the same residual as the eager path; other settings fall back to it."""
+    g = torch.Generator().manual_seed(12)
+    stripe = 1 << 19
+    for n in (1001, stripe, 2 * stripe + 4099):
+        x = torch.randn(n, generator=g)
+        x[::7], x[::11] = 0.0, -0.0  # exact zeros of both signs get bit 0 (+a)
+        layout = Layout.flat(n)
+        for with_error in (True, False):
+            out = []
+            for codec in (make_codec("sign"), make_codec("sign", compile=True)):
+                body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
+                err = torch.empty(n) if with_error else None
+                info = codec.encode(x, body, layout, error_out=err)
+                out.append((body, err, info))
+            assert torch.equal(out[0][0], out[1][0]), (n, with_error)
+            if with_error:
+                assert torch.equal(out[0][1], out[1][1])
+                assert out[1][2].error_sq == pytest.approx(out[0][2].error_sq, rel=1e-9)
+    assert make_codec("sign", compile=True).config() == make_codec("sign").config()  # a local speed choice
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="compile must be True or False"):
+            make_codec("sign", compile=bad)
+    from ddp_qhooks.codecs import _fused
+    if shutil.which("g++") or shutil.which("c++"):
+        assert not _fused._broken

@@ -38,6 +38,44 @@ def _planar_kernel(bits: int):
     return affine_to_planar
 
 
+def _sign_kernel(with_error: bool):
+    def sign_planar(xs, scale, out, err):
+        # xs: (stripes, 8, m) planes of one stripe each; bit p of out[s, j] is xs[s, p, j] < 0
+        neg = xs < 0
+        acc = neg[:, 0].to(torch.int32)
+        for p in range(1, 8):
+            acc = acc | (neg[:, p].to(torch.int32) << p)
+        out.copy_(acc)
+        if with_error:  # the residual x - (-a if negative else +a), one rounding as in the decoder
+            err.copy_(xs - torch.where(neg, -scale, scale))
+    return sign_planar
+
+
+def sign_planar(xs: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, err: torch.Tensor | None) -> bool:
+    """Sign bits of ``xs`` (shape ``(stripes, 8, m)``) packed into ``out`` (``(stripes, m)``; plane p
+    at bit p), and with ``err`` the residual ``x - a * (+-1)`` for the 0-d float32 ``scale`` a."""
+    return _run_plain(("sign", err is not None), lambda: _sign_kernel(err is not None), xs, scale, out, err)
+
+
+def _run_plain(name, make, *args) -> bool:
+    """Like :func:`_run` for kernels whose arguments are all tensors (or None)."""
+    global _broken
+    if _broken:
+        return False
+    try:
+        with _lock:
+            kernel = _kernels.get(name)
+            if kernel is None:
+                kernel = _kernels[name] = torch.compile(make(), dynamic=True, fullgraph=True)
+        kernel(*args)
+        return True
+    except Exception as exc:  # no compiler, unsupported platform, ...: stay correct, just slower
+        _broken = True
+        warnings.warn(f"ddp_qhooks: compile=True unavailable ({type(exc).__name__}: {exc}); using the eager path",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
 def _run(name, make, *args) -> bool:
     global _broken
     if _broken:

@@ -47,11 +47,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _random
+from . import _fused, _random
 from ._blockscaled import BlockScaledCodec, _le, _negative
+from .base import EncodeInfo, sum_sq_checked
 from .blocks import blocks_for
 from .options import check_choice
-from .packing import pack_codes, packed_nbytes, unpack_codes
+from .packing import STRIPE, pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["SignCodec"]
 
@@ -68,8 +69,12 @@ class SignCodec(BlockScaledCodec):
     body_formula = "4*blocks + ceil(n/8)"
     summary = "1-bit sign per value, one scale per block: mean|x| (EF-signSGD) or unbiased stochastic (max|x|)"
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, mode: str = "scaled"):
+    def __init__(self, bits: int = 8, block_size: int | str | None = None, mode: str = "scaled",
+                 compile: bool = False):
         super().__init__(bits, block_size)
+        if not isinstance(compile, bool):
+            raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
+        self.compile = compile  # a local speed choice: not part of config(), ranks may differ
         self.mode = check_choice(self.name, "mode", mode, MODES)
         self.stochastic = self.mode == "stochastic"
         # |x - q| can reach 2 max|x| (a sign flip), so a residual fed back into the next step can
@@ -78,6 +83,43 @@ class SignCodec(BlockScaledCodec):
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size, "mode": self.mode}
+
+    def encode(self, x, body, layout, key=0, error_out=None):
+        fast = (self.compile and not self.stochastic and self.block_size is None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and x.is_contiguous() and layout.numel >= STRIPE
+                and (error_out is None or (error_out.dtype == torch.float32 and error_out.is_contiguous())))
+        if fast:
+            info = self._encode_compiled(x.detach().view(-1), body, layout, error_out)
+            if info is not None:
+                return info
+        return super().encode(x, body, layout, key, error_out)
+
+    def _encode_compiled(self, xf, body, layout, error_out):
+        """One fused kernel per bucket for the full stripes: sign bits straight into packed bytes
+        and, with ``error_out``, the residual; the same results as the eager path (tested)."""
+        self._check_numel("input", xf, layout)
+        n = layout.numel
+        s = self._scratch_for(xf.device)
+        scales, check, _ = self._scales(xf, layout, s)
+        if not bool(torch.isfinite(check).all()):
+            return EncodeInfo(finite=False)
+        scales.abs_()
+        stripes, m = n // STRIPE, STRIPE // 8
+        full = stripes * STRIPE
+        err = None if error_out is None else error_out.view(-1)
+        if not _fused.sign_planar(xf[:full].view(stripes, 8, m), scales[0], body[4:4 + stripes * m].view(stripes, m),
+                                  None if err is None else err[:full].view(stripes, 8, m)):
+            return None
+        body[:4].copy_(scales.view(torch.uint8))
+        if full < n:  # the last, partial stripe: eager, as in the base class
+            tail = s.get("codes", n - full, torch.uint8)
+            _negative(xf[full:], tail.view(torch.bool))
+            pack_codes(tail, 1, out=body[4 + stripes * m:])
+            if err is not None:
+                torch.sub(xf[full:], self._units(tail).float().mul_(scales[0]), out=err[full:])
+        if err is None:
+            return EncodeInfo()
+        return EncodeInfo(True, sum_sq_checked(err), sum_sq_checked(xf))
 
     def _codes_nbytes(self, numel: int) -> int:
         return packed_nbytes(numel, 1)
