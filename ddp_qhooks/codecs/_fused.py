@@ -40,14 +40,14 @@ def _planar_kernel(bits: int):
 
 def _sign_kernel(with_error: bool):
     def sign_planar(xs, scale, out, err):
-        # xs: (stripes, 8, m) planes of one stripe each; bit p of out[s, j] is xs[s, p, j] < 0
-        neg = xs < 0
-        acc = neg[:, 0].to(torch.int32)
+        # xs: (stripes, 8, m) planes of one stripe each; bit p of out[s, j] is xs[s, p, j] < 0.
+        # The comparison is repeated, not shared: a shared bool tensor gets materialized (2.4x slower)
+        acc = (xs[:, 0] < 0).to(torch.int32)
         for p in range(1, 8):
-            acc = acc | (neg[:, p].to(torch.int32) << p)
+            acc = acc | ((xs[:, p] < 0).to(torch.int32) << p)
         out.copy_(acc)
         if with_error:  # the residual x - (-a if negative else +a), one rounding as in the decoder
-            err.copy_(xs - torch.where(neg, -scale, scale))
+            err.copy_(xs - torch.where(xs < 0, -scale, scale))
     return sign_planar
 
 
