@@ -4,6 +4,7 @@ Runs as is (2 local Gloo workers), under torchrun (one or many nodes, Gloo on CP
 and under SLURM's srun (one task per rank; see slurm/):
 
     python examples/train_fmnist.py --codec stochastic --bits 4
+    python examples/train_fmnist.py --codec stochastic --bits 4 --local-steps 16 --noniid 0.9   # DiLoCo, non-IID
     torchrun --nproc-per-node=4 examples/train_fmnist.py --codec sign --epochs 2
     torchrun --nnodes=2 --node-rank=0 --master-addr=10.0.0.1 --master-port=29500 \\
         --nproc-per-node=1 examples/train_fmnist.py --checkpoint-dir ckpt --resume
@@ -56,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="for --exchange hierarchical outside torchrun (which sets LOCAL_WORLD_SIZE)")
     p.add_argument("--server-bits", type=int, default=None,
                    help="bits of the re-encoded mean in the two-phase exchange (default: the hook's default)")
+    p.add_argument("--local-steps", type=int, default=None, metavar="H",
+                   help="local SGD / DiLoCo: no gradient exchange, the codec quantizes pseudo-gradients every H steps")
+    p.add_argument("--outer", default="nesterov", choices=["nesterov", "average"], help="with --local-steps")
+    p.add_argument("--outer-lr", type=float, default=None, help="with --local-steps (default 0.7 nesterov, 1 average)")
+    p.add_argument("--fragments", type=int, default=1, help="with --local-steps: staggered parameter groups")
+    p.add_argument("--noniid", type=float, default=0.0, metavar="P",
+                   help="fraction of each rank's minibatch drawn from its two home classes (0: IID)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -78,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--block-size must be an integer or 'layer', got {args.block_size!r}")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
+    if args.local_steps is not None and args.codec == "fp32":
+        p.error("--local-steps needs a codec for the pseudo-gradients (--codec none: fp32)")
+    if not 0.0 <= args.noniid <= 1.0:
+        p.error(f"--noniid must be a fraction in [0, 1], got {args.noniid}")
     return args
 
 
@@ -144,7 +156,9 @@ def load_checkpoint(ckpt_dir: str, model, opt, hook_state, world: int, rank: int
     opt.load_state_dict(blob["optimizer"])
     if hook_state is not None and blob["hook"] is not None:
         saved = [os.path.join(step_dir, f"rank{r}.pt") for r in range(blob["world_size"])]
-        if blob["world_size"] != world and all(os.path.exists(f) for f in saved):
+        if isinstance(hook_state, ddp_qhooks.LocalSGD):
+            hook_state.load_state_dict(blob["hook"])  # its hook state resets residuals at another world size
+        elif blob["world_size"] != world and all(os.path.exists(f) for f in saved):
             # another world size: every rank's residuals are here (shared file system), so the hook
             # can redistribute them; with only its own file it resets them (both warn)
             hook_state.load_state_dict([torch.load(f, map_location="cpu", weights_only=True)["hook"] for f in saved])
@@ -171,12 +185,22 @@ def evaluate(model, x, y, rank: int, world: int, device) -> float:
 def train(args, env: launch.Launch) -> dict:
     rank, world, device = env.rank, env.world_size, env.device
     x_train, y_train = data.load("train", args.data)
+    home = torch.nonzero((y_train == (2 * rank) % 10) | (y_train == (2 * rank + 1) % 10)).view(-1)
     x_test, y_test = data.load("test", args.data)
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = data.SmallCNN().to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    hook_state = None
-    if args.codec != "fp32":
+    hook_state = sync = None
+    if args.local_steps is not None:
+        ddp.register_comm_hook(None, ddp_qhooks.local_phase_hook)  # the local phase: no gradient exchange
+        options = {"block_size": args.block_size} if args.block_size is not None else {}
+        if args.exchange is not None:
+            options["exchange"] = args.exchange
+        hook_state = sync = ddp_qhooks.LocalSGD(model, args.local_steps, args.codec, bits=args.bits,
+                                                error_feedback=not args.no_error_feedback, outer=args.outer,
+                                                outer_lr=args.outer_lr, fragments=args.fragments, seed=args.seed,
+                                                **options)
+    elif args.codec != "fp32":
         options = {"seed": args.seed}
         if args.block_size is not None:
             options["block_size"] = args.block_size
@@ -204,9 +228,13 @@ def train(args, env: launch.Launch) -> dict:
         step, path = load_checkpoint(args.checkpoint_dir, model, opt, hook_state, world, rank, device)
         if path is not None:
             log(rank, f"resumed from {os.path.dirname(path)} at step {step}")
-    log(rank, f"training SmallCNN on Fashion-MNIST: {world} ranks ({env.backend}, {env.launcher}), codec "
-              f"{args.codec}{'' if hook_state is None else f' {hook_state.codec.bits}-bit'}, error feedback "
-              f"{'off' if args.no_error_feedback else 'on'}, {steps_per_epoch} steps/epoch, steps {step}..{total_steps}")
+    codec = hook_state.hook.codec if sync is not None else getattr(hook_state, "codec", None)
+    mode = (f"local SGD H={args.local_steps} ({args.outer} outer step, {args.fragments} fragment(s)), "
+            if sync is not None else "")
+    log(rank, f"training SmallCNN on Fashion-MNIST: {world} ranks ({env.backend}, {env.launcher}), {mode}codec "
+              f"{args.codec}{'' if codec is None else f' {codec.bits}-bit'}, error feedback "
+              f"{'off' if args.no_error_feedback else 'on'}, {'non-IID ' + str(args.noniid) + ', ' if args.noniid else ''}"
+              f"{steps_per_epoch} steps/epoch, steps {step}..{total_steps}")
 
     window_t, window_n, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
     epoch = step // steps_per_epoch
@@ -219,11 +247,18 @@ def train(args, env: launch.Launch) -> dict:
             if step >= total_steps:
                 break
             idx = order[begin:begin + args.batch_size]
+            if args.noniid:  # part of the batch from this rank's two home classes (client drift)
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+                local = round(args.noniid * idx.numel())
+                idx = idx.clone()
+                idx[:local] = home[torch.randint(0, home.numel(), (local,), generator=g)]
             xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
             loss = F.cross_entropy(ddp(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sync is not None:
+                sync.step()
             step += 1
             window_n += 1
             if step % args.log_every == 0 or step == total_steps:
@@ -239,9 +274,11 @@ def train(args, env: launch.Launch) -> dict:
                 window_t, window_n = time.perf_counter(), 0
             if args.checkpoint_dir and (step % every == 0 or step == total_steps):
                 save_checkpoint(args.checkpoint_dir, step, epoch, model, opt, hook_state, env)
-        if step % steps_per_epoch == 0 and step < total_steps:
+        if step % steps_per_epoch == 0 and step < total_steps and sync is None:  # (local SGD: ranks differ)
             log(rank, f"epoch {epoch} done  test_acc {evaluate(model, x_test, y_test, rank, world, device):.4f}")
 
+    if sync is not None and (len(sync.fragments) > 1 or sync.inner_steps % args.local_steps):
+        sync.sync()  # evaluate a synchronized model
     acc = evaluate(model, x_test, y_test, rank, world, device)
     result = {"step": step, "test_acc": acc, "world_size": world}
     if not bool(torch.isnan(loss)):  # nan only when the run resumed at its last step: no step taken
@@ -250,6 +287,9 @@ def train(args, env: launch.Launch) -> dict:
         s = hook_state.stats()
         result.update(compression_ratio=s["compression_ratio"], wire_bytes_sent=s["wire_bytes_sent"],
                       fp32_allreduce_wire_bytes=s["fp32_allreduce_wire_bytes"])
+        if sync is not None:  # what fp32 DDP would have sent in these steps (the hook counts syncs only)
+            numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            result["fp32_allreduce_wire_bytes"] = int(2 * (world - 1) / world * 4 * numel * sync.inner_steps)
     log(rank, "final " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     emit(f"[rank {rank}] params_sha256 {params_sha256(model)}")
     return result
