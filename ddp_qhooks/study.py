@@ -6,8 +6,8 @@
 
 Trains ``data.SmallCNN`` on Fashion-MNIST (Debian package dataset-fashion-mnist) with W local Gloo
 ranks for a fixed budget of steps, for fp32 allreduce and every configuration (the bench's syntax:
-``codec[:bits][,option=value...][,ef=0]``, plus ``lr=X`` to give a configuration its own learning
-rate; ``local_steps=H`` makes it local SGD / DiLoCo, evaluated at its last synchronized point), over
+``codec[:bits][,option=value...][,ef=0]``, plus ``lr=X`` / ``momentum=M`` to give a configuration its
+own SGD recipe; ``local_steps=H`` makes it local SGD / DiLoCo, evaluated at its last synchronized point), over
 several seeds, optionally on a non-IID split (``--noniid``).  Every configuration of a seed starts from the same weights and sees the
 same minibatches (rank r, step t: a fixed draw), so differences are the codec's.  Records, every
 ``--eval-every`` steps: the training loss (mean over the ranks' last steps), the test accuracy and
@@ -59,23 +59,33 @@ TARGETS = (  # (configuration, reference, allowed loss in accuracy points): the 
 )
 
 
-def split_lr(spec: str, default_lr: float) -> tuple[str, float]:
-    """``spec`` without its ``lr=`` option (the bench does not know it), and the learning rate."""
-    parts = [p for p in spec.split(",")]
-    lr = default_lr
+def split_recipe(spec: str, default_lr: float, default_momentum: float = 0.9) -> tuple[str, float, float]:
+    """``spec`` without the study's own options ``lr=`` and ``momentum=`` (the bench knows neither),
+    and the learning rate and SGD momentum they set (else the defaults)."""
+    parts = spec.split(",")
+    values = {"lr": default_lr, "momentum": default_momentum}
     kept = [parts[0]]
     for p in parts[1:]:
         key, eq, value = p.partition("=")
-        if key.strip() == "lr" and eq:
+        key = key.strip()
+        if key in values and eq:
             try:
-                lr = float(value)
+                values[key] = float(value)
             except ValueError:
-                raise ValueError(f"configuration {spec!r}: lr must be a number, got {value!r}") from None
-            if not lr > 0:
+                raise ValueError(f"configuration {spec!r}: {key} must be a number, got {value!r}") from None
+            if key == "lr" and not values[key] > 0:
                 raise ValueError(f"configuration {spec!r}: lr must be > 0, got {value!r}")
+            if key == "momentum" and not 0 <= values[key] < 1:
+                raise ValueError(f"configuration {spec!r}: momentum must be in [0, 1), got {value!r}")
         else:
             kept.append(p)
-    return ",".join(kept), lr
+    return ",".join(kept), values["lr"], values["momentum"]
+
+
+def split_lr(spec: str, default_lr: float) -> tuple[str, float]:
+    """:func:`split_recipe` without the momentum."""
+    bench_spec, lr, _ = split_recipe(spec, default_lr)
+    return bench_spec, lr
 
 
 @torch.no_grad()
@@ -92,7 +102,7 @@ def _evaluate_synchronized(task, model, sync) -> float:
 
 
 def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict:
-    bench_spec, lr = split_lr(spec, lr)
+    bench_spec, lr, momentum = split_recipe(spec, lr, getattr(args, "momentum", 0.9))
     cfg = parse_config(bench_spec)
     task = FashionMnistTask(args.batch, rank, torch.device("cpu"), args.data, noniid=getattr(args, "noniid", 0.0))
     torch.manual_seed(seed)
@@ -105,7 +115,7 @@ def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict
                                 seed=seed, **cfg["options"], **cfg["local"])
     else:
         state = _register(ddp, cfg, 0)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     numel = sum(p.numel() for p in model.parameters())
     fp32_bytes_per_step = 2 * (world - 1) / world * 4 * numel
     curve, recent = [], []
@@ -131,7 +141,7 @@ def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict
                 acc = task.evaluate(model) if sync is None else _evaluate_synchronized(task, model, sync)
             curve.append({"step": step + 1, "loss": float(mean) / world, "test_accuracy": acc, "bytes_sent": sent})
     finite = math.isfinite(curve[-1]["loss"])
-    return {"config": spec, "seed": seed, "lr": lr, "curve": curve, "diverged": not finite,
+    return {"config": spec, "seed": seed, "lr": lr, "momentum": momentum, "curve": curve, "diverged": not finite,
             "final_accuracy": curve[-1]["test_accuracy"], "bytes_sent": curve[-1]["bytes_sent"],
             "train_s": time.perf_counter() - t0}
 
@@ -293,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, default=4, help="local Gloo ranks (default 4)")
     p.add_argument("--steps", type=int, default=600, help="training steps per run (the fixed budget)")
     p.add_argument("--batch", type=int, default=64, help="minibatch per rank")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9) unless a config sets lr=")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate unless a config sets lr=")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum unless a config sets momentum=")
     p.add_argument("--eval-every", type=int, default=100, help="steps between curve points")
     p.add_argument("--noniid", type=float, default=0.0, metavar="P",
                    help="fraction of each rank's minibatch from its two home classes (0: IID; 0.9: mostly two classes)")
@@ -320,7 +331,7 @@ def main(argv=None) -> None:
     targets = check_targets(rows)
     desc = (f"Fashion-MNIST{f' non-IID (p={args.noniid})' if args.noniid else ''}, data.SmallCNN, {args.world} Gloo "
             f"ranks, {args.steps} steps x {args.batch} per rank, "
-            f"SGD momentum 0.9, lr {args.lr} unless set, seeds {' '.join(map(str, args.seeds))}"
+            f"SGD momentum {args.momentum}, lr {args.lr} unless set, seeds {' '.join(map(str, args.seeds))}"
             + (f", step times at {args.netsim} between {args.world} namespaced hosts" if args.netsim else ""))
     table = format_table(rows)
     print(desc)

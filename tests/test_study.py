@@ -10,6 +10,13 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not data.available(), reason="Debian package dataset-fashion-mnist not installed")]
 
 
+def test_split_recipe():
+    assert study.split_recipe("sign,lr=0.3,momentum=0,ef=0", 0.05) == ("sign,ef=0", 0.3, 0.0)
+    assert study.split_recipe("stochastic:4", 0.05, 0.8) == ("stochastic:4", 0.05, 0.8)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        study.split_recipe("sign,momentum=1.5", 0.05)
+
+
 def test_split_lr():
     assert study.split_lr("sign,block_size=256,lr=0.01,ef=0", 0.05) == ("sign,block_size=256,ef=0", 0.01)
     assert study.split_lr("stochastic:4", 0.05) == ("stochastic:4", 0.05)
