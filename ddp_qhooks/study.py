@@ -1,7 +1,7 @@
 """Convergence study: does a model still reach fp32 accuracy with each codec, and how fast?
 
     python -m ddp_qhooks.study                                   # every codec +- EF, 3 seeds, 4 ranks
-    python -m ddp_qhooks.study --configs fp32 stochastic:4 "sign,lr=0.01" --seeds 0 --steps 200
+    python -m ddp_qhooks.study --configs fp32 stochastic:4 "sign,lr=0.3,momentum=0" --seeds 0 --steps 200
     python -m ddp_qhooks.study --netsim 200mbit                  # + accuracy vs wall time at 200 Mbit/s (root)
 
 Trains ``data.SmallCNN`` on Fashion-MNIST (Debian package dataset-fashion-mnist) with W local Gloo
@@ -43,19 +43,20 @@ from .bench import FashionMnistTask, _register, parse_config
 from .local_sgd import LocalSGD, local_phase_hook
 
 # every codec at its main widths, with and without error feedback, and the recipes that work
-# (sign: its per-value magnitude is the block's mean |x|, so it needs a smaller step: README)
+# (sign + error feedback loses 4.5 pt with SGD momentum 0.9 at any lr that does not diverge, and
+# matches fp32 without momentum at a 6x larger lr: README, "Convergence study")
 DEFAULT_CONFIGS = (
     "fp32",
     "stochastic:8", "stochastic:8,ef=0", "stochastic:4", "stochastic:4,ef=0", "stochastic:2", "stochastic:2,ef=0",
     "uniform:4", "uniform:4,ef=0", "qsgd:4,block_size=32", "qsgd:4,block_size=512,ef=0",
     "log:4", "log:4,ef=0", "mulaw:4", "mulaw:4,ef=0", "adaptive:4",
     "kmeans:2", "kmeans:2,ef=0", "ternary,block_size=256", "ternary,block_size=256,ef=0",
-    "sign,block_size=256,lr=0.01", "sign,block_size=256,lr=0.01,ef=0",
+    "sign,block_size=256,lr=0.3,momentum=0", "sign,block_size=256,lr=0.3,momentum=0,ef=0",
     "topk:8,ratio=0.05", "topk:8,ratio=0.05,ef=0", "fp16", "bf16",
 )
 TARGETS = (  # (configuration, reference, allowed loss in accuracy points): the issue's targets
     ("stochastic:8", "fp32", 0.5), ("stochastic:4", "fp32", 0.5),
-    ("sign,block_size=256,lr=0.01", "fp32", 1.0), ("ternary,block_size=256", "fp32", 1.0),
+    ("sign,block_size=256,lr=0.3,momentum=0", "fp32", 1.0), ("ternary,block_size=256", "fp32", 1.0),
 )
 
 
@@ -238,7 +239,7 @@ def check_targets(rows: list[dict]) -> list[str]:
             continue
         diff = a["accuracy"] - b["accuracy"]
         lines.append(f"{spec}: {diff:+.2f} pt vs {ref} (target within {points} pt): {'met' if diff >= -points else 'MISSED'}")
-    for with_ef in ("sign,block_size=256,lr=0.01",):
+    for with_ef in ("sign,block_size=256,lr=0.3,momentum=0",):
         a, b = acc.get(with_ef), acc.get(with_ef + ",ef=0")
         if a and b and a["accuracy"] is not None:
             worse = b["accuracy"] is None or b["accuracy"] < a["accuracy"] - 2 * max(a["accuracy_std"], b["accuracy_std"] or 0)

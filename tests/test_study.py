@@ -28,7 +28,7 @@ def test_split_lr():
 
 def test_short_run_every_family_learns(tmp_path, capsys):
     configs = ["fp32", "stochastic:4", "qsgd:4,block_size=32", "log:4", "kmeans:2", "ternary,block_size=256",
-               "sign,block_size=256,lr=0.01", "topk:8,ratio=0.05", "stochastic:4,local_steps=10"]
+               "sign,block_size=256,lr=0.3,momentum=0", "topk:8,ratio=0.05", "stochastic:4,local_steps=10"]
     study.main(["--configs", *configs, "--seeds", "0", "--world", "2", "--steps", "150", "--eval-every", "50",
                 "--output", str(tmp_path)])
     out = capsys.readouterr().out
@@ -40,7 +40,8 @@ def test_short_run_every_family_learns(tmp_path, capsys):
         assert r["finished"] == 1 and not r["errors"], r
         assert r["accuracy"] > 70.0, f"{spec}: {r['accuracy']:.1f} % after 150 steps"  # chance is 10 %
     runs = {r["config"]: r for r in result["runs"]}
-    assert runs["sign,block_size=256,lr=0.01"]["lr"] == 0.01 and runs["fp32"]["lr"] == 0.05  # per-config lr
+    sign = runs["sign,block_size=256,lr=0.3,momentum=0"]  # per-config recipe
+    assert (sign["lr"], sign["momentum"], runs["fp32"]["lr"], runs["fp32"]["momentum"]) == (0.3, 0.0, 0.05, 0.9)
     for spec, r in runs.items():
         steps = [p["step"] for p in r["curve"]]
         assert steps == [50, 100, 150]
