@@ -63,9 +63,20 @@ def _w_train(rank, world, steps, kw, restart_at=None):
     return log
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_codec_none_average_is_exact_parameter_averaging(world):
-    runs = _dist.results(_w_train, world, 9, {"local_steps": 3, "codec": "none", "outer": "average"})
+def _w_both(rank, world):
+    return {"average": _w_train(rank, world, 9, {"local_steps": 3, "codec": "none", "outer": "average"}),
+            "nesterov": _w_train(rank, world, 8, {"local_steps": 2, "codec": "none", "outer": "nesterov",
+                                                  "outer_lr": 0.7, "outer_momentum": 0.9})}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
+def none_runs(request):
+    return request.param, _dist.results(_w_both, request.param)
+
+
+def test_codec_none_average_is_exact_parameter_averaging(none_runs):
+    world, both = none_runs
+    runs = [b["average"] for b in both]
     assert all(torch.equal(r["start0"], runs[0]["start0"]) for r in runs)  # broadcast from rank 0
     for k in range(3):
         steps = {r["syncs"][k]["step"] for r in runs}
@@ -77,11 +88,10 @@ def test_codec_none_average_is_exact_parameter_averaging(world):
     assert st["syncs"] == 3 and st["inner_steps"] == 9 and st["local_steps"] == 3
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_codec_none_nesterov_is_the_diloco_update(world):
+def test_codec_none_nesterov_is_the_diloco_update(none_runs):
+    world, both = none_runs
+    runs = [b["nesterov"] for b in both]
     lr, mu = 0.7, 0.9
-    runs = _dist.results(_w_train, world, 8, {"local_steps": 2, "codec": "none", "outer": "nesterov",
-                                              "outer_lr": lr, "outer_momentum": mu})
     buf = None
     theta = runs[0]["start0"].double()
     for k in range(4):
