@@ -7,10 +7,12 @@ bucket: error feedback (a residual per parameter), any codec, the exchange layer
 two-phase), and comes back as the mean over ranks.  An outer optimizer applies it to
 ``theta_start``:
 
-* ``outer="average"``: ``theta = theta_start - outer_lr * mean(delta)``; with ``outer_lr=1`` that is
-  parameter averaging (local SGD, FedAvg), exactly so with ``codec="none"``;
+* ``outer="average"`` (default): ``theta = theta_start - outer_lr * mean(delta)``; with ``outer_lr=1``
+  that is parameter averaging (local SGD, FedAvg), exactly so with ``codec="none"``;
 * ``outer="nesterov"`` (DiLoCo, Douillard et al. 2023): ``torch.optim.SGD`` with Nesterov momentum on
-  the pseudo-gradient (default ``outer_lr=0.7``, ``outer_momentum=0.9``).
+  the pseudo-gradient (default ``outer_lr=0.7``, ``outer_momentum=0.9``).  It pays off over many
+  outer steps; with 25 of them (Fashion-MNIST, 400 steps, H=16) it lost 3.3 pt where averaging
+  lost 0.4 (README), hence the default.
 
 Inner optimizer state (momentum, Adam moments) stays local, as in DiLoCo.  With ``fragments=F``
 (Streaming DiLoCo, Douillard et al. 2025) the parameters are cut into F groups of about equal size,
@@ -92,7 +94,7 @@ class LocalSGD:
     """
 
     def __init__(self, module: torch.nn.Module, local_steps: int = 16, codec: str = "stochastic", bits: int = 8, *,
-                 error_feedback: bool = True, outer: str = "nesterov", outer_lr: float | None = None,
+                 error_feedback: bool = True, outer: str = "average", outer_lr: float | None = None,
                  outer_momentum: float = 0.9, fragments: int = 1, process_group=None, exchange: str = "auto",
                  seed: int = 0, **codec_options):
         if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:

@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bits of the re-encoded mean in the two-phase exchange (default: the hook's default)")
     p.add_argument("--local-steps", type=int, default=None, metavar="H",
                    help="local SGD / DiLoCo: no gradient exchange, the codec quantizes pseudo-gradients every H steps")
-    p.add_argument("--outer", default="nesterov", choices=["nesterov", "average"], help="with --local-steps")
+    p.add_argument("--outer", default="average", choices=["average", "nesterov"], help="with --local-steps")
     p.add_argument("--outer-lr", type=float, default=None, help="with --local-steps (default 0.7 nesterov, 1 average)")
     p.add_argument("--fragments", type=int, default=1, help="with --local-steps: staggered parameter groups")
     p.add_argument("--noniid", type=float, default=0.0, metavar="P",
