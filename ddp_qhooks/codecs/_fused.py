@@ -58,25 +58,8 @@ def sign_planar(xs: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, err: t
 
 
 def _run_plain(name, make, *args) -> bool:
-    """Like :func:`_run` for kernels whose arguments are all tensors (or None)."""
-    global _broken
-    if _broken:
-        return False
-    try:
-        with _lock:
-            kernel = _kernels.get(name)
-            if kernel is None:
-                kernel = _kernels[name] = torch.compile(make(), dynamic=True, fullgraph=True)
-        kernel(*args)
-        return True
-    except Exception as exc:  # no compiler, unsupported platform, ...: stay correct, just slower
-        _broken = True
-        warnings.warn(f"ddp_qhooks: compile=True unavailable ({type(exc).__name__}: {exc}); using the eager path",
-                      RuntimeWarning, stacklevel=3)
-        return False
-
-
-def _run(name, make, *args) -> bool:
+    """Compile ``make()`` once per ``name`` and run it on ``args``; False (and a warning, once) when
+    compilation is unavailable, and from then on without trying again."""
     global _broken
     if _broken:
         return False
@@ -85,15 +68,19 @@ def _run(name, make, *args) -> bool:
             kernel = _kernels.get(name)
             if kernel is None:
                 kernel = _kernels[name] = torch.compile(make(), dynamic=True, fullgraph=True)
-        tensors, (bias, shift, inv), out = args[:2], args[2:5], args[5]
-        # scalars travel as 0-d tensors so that new ranges do not trigger recompiles
-        kernel(*tensors, *(torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv)), out)
+        kernel(*args)
         return True
     except Exception as exc:  # no compiler, unsupported platform, ...: stay correct, just slower
         _broken = True
         warnings.warn(f"ddp_qhooks: compile=True unavailable ({type(exc).__name__}: {exc}); using the eager path",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         return False
+
+
+def _run(name, make, x, rounding, bias: float, shift: float, inv: float, out) -> bool:
+    # scalars travel as 0-d tensors so that new ranges do not trigger recompiles
+    scalars = (torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv))
+    return _run_plain(name, make, x, rounding, *scalars, out)
 
 
 def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
