@@ -85,7 +85,9 @@ class SignCodec(BlockScaledCodec):
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size, "mode": self.mode}
 
     def encode(self, x, body, layout, key=0, error_out=None):
-        fast = (self.compile and not self.stochastic and self.block_size is None and x.device.type == "cpu"
+        # (checked up front: once compilation has failed, computing the scales here would be wasted)
+        fast = (self.compile and not _fused._broken and not self.stochastic and self.block_size is None
+                and x.device.type == "cpu"
                 and x.dtype == torch.float32 and x.is_contiguous() and layout.numel >= STRIPE
                 and (error_out is None or (error_out.dtype == torch.float32 and error_out.is_contiguous())))
         if fast:
