@@ -949,30 +949,43 @@ def test_compiled_kernel_matches_eager(name):
         assert not _fused._broken, "a C++ compiler is present, yet the compiled kernel fell back to eager"
 
 
-def test_compiled_sign_is_bitwise_the_eager_path():
-    """sign with compile=True (scaled mode, one scale per bucket): the fused kernel writes the same
-    packed bits and the same residual as the eager path; other settings fall back to it."""
+@pytest.mark.parametrize("name,options", [("sign", {}), ("sign", {"mode": "stochastic"}), ("ternary", {}),
+                                          ("ternary", {"rounding": "threshold"}), ("ternary", {"packing": "base3"})])
+def test_compiled_block_scaled_codec_is_bitwise_the_eager_path(name, options):
+    """sign and ternary with compile=True (one scale per bucket): the fused kernels write the same
+    packed codes and residual, and decode to the same values, as the eager path (settings without a
+    kernel fall back to it); the residual's squared sums agree with float64 sums computed here."""
     g = torch.Generator().manual_seed(12)
     stripe = 1 << 19
     for n in (1001, stripe, 2 * stripe + 4099):
         x = torch.randn(n, generator=g)
-        x[::7], x[::11] = 0.0, -0.0  # exact zeros of both signs get bit 0 (+a)
+        x[::7], x[::11] = 0.0, -0.0  # exact zeros of both signs
         layout = Layout.flat(n)
-        for with_error in (True, False):
-            out = []
-            for codec in (make_codec("sign"), make_codec("sign", compile=True)):
-                body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
-                err = torch.empty(n) if with_error else None
-                info = codec.encode(x, body, layout, error_out=err)
-                out.append((body, err, info))
-            assert torch.equal(out[0][0], out[1][0]), (n, with_error)
-            if with_error:
-                assert torch.equal(out[0][1], out[1][1])
-                assert out[1][2].error_sq == pytest.approx(out[0][2].error_sq, rel=1e-9)
-    assert make_codec("sign", compile=True).config() == make_codec("sign").config()  # a local speed choice
+        eager, fused = make_codec(name, **options), make_codec(name, compile=True, **options)
+        with_error = not getattr(eager, "error_feedback_diverges", False)
+        out = []
+        for codec in (eager, fused):
+            body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
+            other = torch.empty_like(body)
+            err = torch.empty(n) if with_error else None
+            info = codec.encode(x, body, layout, key=7, error_out=err)
+            codec.encode(x * 3, other, layout, key=8)
+            dec = torch.empty(n)
+            codec.decode([body, other, body], layout, dec, divisor=3)
+            out.append((body, err, info, dec))
+        (b0, e0, i0, d0), (b1, e1, i1, d1) = out
+        assert torch.equal(b0, b1) and torch.equal(d0, d1), (name, options, n)
+        if with_error:
+            assert torch.equal(e0, e1)
+            want = float((e0.double() ** 2).sum()), float((x.double() ** 2).sum())
+            fused_ran = n >= stripe and options.get("packing") != "base3" and options.get("rounding") != "threshold"
+            rel = 1e-7 if fused_ran else 1e-4  # float64 sums in the kernel (the tail eager); float32 per piece eagerly
+            assert (i1.error_sq, i1.input_sq) == pytest.approx(want, rel=rel)
+            assert (i0.error_sq, i0.input_sq) == pytest.approx(want, rel=1e-4)
+    assert make_codec(name, compile=True).config() == make_codec(name).config()  # a local speed choice
     for bad in ("yes", 1):
         with pytest.raises(ValueError, match="compile must be True or False"):
-            make_codec("sign", compile=bad)
+            make_codec(name, compile=bad)
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):
         assert not _fused._broken

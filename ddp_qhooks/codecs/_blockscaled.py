@@ -1,6 +1,7 @@
 """Shared machinery of the codecs that send one float32 scale per block and a small integer
 code per value meaning {-1, 0, +1} x scale (``ternary``, ``sign``): option checks, cache-sized
-pieces, per-thread scratch buffers, vectorised comparisons (numpy on CPU), chunked encode/decode."""
+pieces, per-thread scratch buffers, vectorised comparisons (numpy on CPU), chunked encode/decode,
+and the optional fused kernels (``compile=True``, one scale per bucket, CPU)."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
+from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, sum_sq_checked
 from .blocks import blocks_for, check_block_size
 from .options import as_int
@@ -130,13 +132,25 @@ class BlockScaledCodec(Codec):
     per-block scales and a tensor whose non-finite entries flag a non-finite input), ``_codes``
     (fill the uint8 codes), ``_units`` (codes -> int8 units, in place), ``_pack``, ``_unpack`` and
     ``_codes_nbytes``.  Encoding and decoding walk the bucket in cache-sized :func:`pieces`.
+
+    ``compile=True`` (one scale per bucket, planar codes, CPU, buckets of at least one packing
+    stripe): subclasses that set ``_fused_code`` (a module-level ``(plane, scale, dither) -> (int32
+    code, unit * scale)``) get one compiled kernel that writes the packed codes (plus the residual
+    and its squared sums) of all full stripes, the partial last stripe done eagerly; with
+    ``_fused_unit`` (float code -> float unit) the decoder turns unpacked codes into the output in
+    one compiled pass per body.  The same values as the eager path (tested).
     """
 
     native: ClassVar[int] = 8
+    _fused_code = None
+    _fused_unit = None
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None):
+    def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
         super().__init__(native_bits(self.name, bits, self.native))
         self.block_size = check_block_size(self.name, block_size)
+        if not isinstance(compile, bool):
+            raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
+        self.compile = compile  # a local speed choice: not part of config(), ranks may differ
         self._scratch: dict[tuple, _Scratch] = {}
 
     def __getstate__(self):  # buffers are rebuilt on use; keep pickles small
@@ -165,6 +179,20 @@ class BlockScaledCodec(Codec):
 
     def body_nbytes(self, layout: Layout) -> int:
         return 4 * len(layout.block_lengths(self.block_size)) + self._codes_nbytes(layout.numel)
+
+    def _dither(self, layout: Layout, key: int, device):
+        """Keyed dither of the stochastic modes: one period-long stretch per bucket when the whole
+        bucket is one block (its scale depends on the bucketing anyway), else per parameter, so a
+        parameter's blocks get the same values wherever it sits in a bucket."""
+        if self.block_size is None:
+            return _random.PeriodDither(layout.numel, _random.splitmix64(key, layout.param_keys[0]), device)
+        return _random.PieceDither(layout, key, device)
+
+    def _fusable(self, xf: torch.Tensor, layout: Layout, out: torch.Tensor | None) -> bool:
+        """Can the compiled kernels take this call?  ``out``: the residual (encode) or the output."""
+        return (self.compile and not _fused._broken and self.block_size is None
+                and xf.device.type == "cpu" and layout.numel >= STRIPE
+                and (out is None or (out.dtype == torch.float32 and out.is_contiguous())))
 
     # -- per-block statistics, in pieces ---------------------------------------------------------
     def _block_absmax(self, xf, layout, s) -> torch.Tensor:
@@ -208,11 +236,15 @@ class BlockScaledCodec(Codec):
             xf = xf.float()  # half-precision buckets: compute (and form residuals) in float32
         xf = xf.contiguous().view(-1)
         s = self._scratch_for(xf.device)
+        if self._fused_code is not None and self._fusable(xf, layout, error_out):
+            info = self._encode_fused(xf, body, layout, key, error_out, s)
+            if info is not None:
+                return info
         scales, check, aux = self._scales(xf, layout, s)
         if not bool(torch.isfinite(check).all()):
             return EncodeInfo(finite=False)
         codes = s.get("codes", n, torch.uint8)
-        self._codes(xf, layout, scales, aux, key, s, codes)
+        self._codes(xf, layout, scales, aux, self._dither(layout, key, xf.device) if self.stochastic else None, s, codes)
         scales.abs_()  # turns the -0.0 scale an all-zero block may get into +0.0 (else a no-op)
         nb = scales.numel()
         body[: 4 * nb].copy_(scales.view(torch.uint8))  # byte copy: any alignment of the body
@@ -220,6 +252,45 @@ class BlockScaledCodec(Codec):
         if error_out is None:
             return EncodeInfo()
         return self._residual(xf, layout, scales, self._units(codes), s, error_out)
+
+    def _encode_fused(self, xf, body, layout, key, error_out, s) -> EncodeInfo | None:
+        """The compiled kernel over the full stripes, the partial last stripe eagerly; None when the
+        kernels are unavailable (before anything was written)."""
+        n, bits = layout.numel, self.native
+        scales, check, aux = self._scales_fused(xf, layout, s)
+        if scales is None:
+            return None
+        if not bool(torch.isfinite(check).all()):
+            return EncodeInfo(finite=False)
+        scales.abs_()
+        k = 8 // bits
+        stripes, m = n // STRIPE, STRIPE // k
+        full = stripes * STRIPE
+        dither = self._dither(layout, key, xf.device) if self.stochastic else None
+        # the dither window broadcasts over period-long rows (stripes and planes are whole periods)
+        rows = (lambda t: t.view(*t.shape[:-1], -1, _random.PERIOD)) if dither is not None else (lambda t: t)
+        err = None if error_out is None else error_out.view(-1)
+        sums = _fused.unit_encode(self.name, self._fused_code, bits, rows(xf[:full].view(stripes, k, m)),
+                                  scales[0], dither.window if dither is not None else scales[0],
+                                  rows(body[4:4 + stripes * m].view(stripes, m)),
+                                  None if err is None else rows(err[:full].view(stripes, k, m)))
+        if sums is False:
+            return None
+        body[:4].copy_(scales.view(torch.uint8))
+        err_sq, inp_sq = (0.0, 0.0) if sums is None else (float(sums[0]), float(sums[1]))
+        if full < n:  # the partial last stripe, eagerly (its dither: full is a multiple of the period)
+            tail, tail_layout = xf[full:], Layout.flat(n - full)
+            codes = s.get("codes", n - full, torch.uint8)
+            self._codes(tail, tail_layout, scales, aux, dither, s, codes)
+            self._pack(codes, body[4 + stripes * m: 4 + self._codes_nbytes(n)])
+            if err is not None:
+                info = self._residual(tail, tail_layout, scales, self._units(codes), s, err[full:])
+                err_sq, inp_sq = err_sq + info.error_sq, inp_sq + info.input_sq
+        return EncodeInfo() if err is None else EncodeInfo(True, err_sq, inp_sq)
+
+    def _scales_fused(self, xf, layout, s):
+        """``_scales`` for the compiled path; ``(None, None, None)`` when its kernel is unavailable."""
+        return self._scales(xf, layout, s)
 
     def _residual(self, xf, layout, scales, units, s, error_out) -> EncodeInfo:
         """``error_out = x - a * unit``: the same float32 products as a decoder of this one body
@@ -268,6 +339,9 @@ class BlockScaledCodec(Codec):
             acc = out.view(-1)
         else:  # half-precision outputs reuse a float32 buffer; the rare float64 one is not kept
             acc = s.get("acc", n, work) if work == torch.float32 else torch.empty(n, dtype=work, device=out.device)
+        if work == torch.float32 and direct and self._fused_unit is not None and self._fusable(acc, layout, out) \
+                and self._decode_fused(bodies, layout, shares, acc, nb, s):
+            return out
         parts, _ = self._pieces(layout, out.device)
         codes = s.get("codes", n, torch.uint8)  # the encoder's buffer: a thread encodes or decodes
         for r, body in enumerate(bodies):
@@ -285,6 +359,17 @@ class BlockScaledCodec(Codec):
             out.copy_(acc.view(out.shape))
         return out
 
+    def _decode_fused(self, bodies, layout, shares, acc, nb, s) -> bool:
+        """The eager unpacking (integer tricks, fast) and one compiled pass per body from the codes to
+        the output; False when the kernel is unavailable (the eager path then rewrites everything)."""
+        n = layout.numel
+        codes = s.get("codes", n, torch.uint8)
+        for r, body in enumerate(bodies):
+            self._unpack(body[4 * nb: 4 * nb + self._codes_nbytes(n)], n, codes)
+            if not _fused.unit_decode(self.name, self._fused_unit, codes, shares[r, 0], acc, accumulate=r > 0):
+                return False
+        return True
+
     # -- subclass hooks --------------------------------------------------------------------------
     def _codes_nbytes(self, numel: int) -> int:
         raise NotImplementedError
@@ -294,7 +379,8 @@ class BlockScaledCodec(Codec):
         non-finite entries mean a non-finite input, and anything ``_codes`` needs."""
         raise NotImplementedError
 
-    def _codes(self, xf, layout, scales, aux, key, s, codes) -> None:
+    def _codes(self, xf, layout, scales, aux, dither, s, codes) -> None:
+        """Fill ``codes``; ``dither``: the stochastic modes' (``_dither``), else None."""
         raise NotImplementedError
 
     def _pack(self, codes: torch.Tensor, out: torch.Tensor) -> None:

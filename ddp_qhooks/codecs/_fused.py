@@ -10,6 +10,7 @@ once and falls back to the eager path for good.
 from __future__ import annotations
 
 import threading
+import types
 import warnings
 
 import torch
@@ -38,43 +39,96 @@ def _planar_kernel(bits: int):
     return affine_to_planar
 
 
-def _sign_kernel(with_error: bool):
-    def sign_planar(xs, scale, out, err):
-        # xs: (stripes, 8, m) planes of one stripe each; bit p of out[s, j] is xs[s, p, j] < 0.
-        # The comparison is repeated, not shared: a shared bool tensor gets materialized (2.4x slower)
-        acc = (xs[:, 0] < 0).to(torch.int32)
-        for p in range(1, 8):
-            acc = acc | ((xs[:, p] < 0).to(torch.int32) << p)
+def _unit_encode_kernel(code_of, bits: int, with_error: bool):
+    k = 8 // bits
+
+    def unit_planar(xs, scale, dither, out, err):
+        # xs: (stripes, k, ...) planes of one stripe each; out: (stripes, ...) packed bytes, plane p
+        # at bit offset p*bits.  Codes are formed per plane (a shared tensor would be materialized).
+        acc = code_of(xs[:, 0], scale, dither)[0]
+        for p in range(1, k):
+            acc = acc | (code_of(xs[:, p], scale, dither)[0] << (p * bits))
         out.copy_(acc)
-        if with_error:  # the residual x - (-a if negative else +a), one rounding as in the decoder
-            err.copy_(xs - torch.where(xs < 0, -scale, scale))
-    return sign_planar
+        if not with_error:
+            return None
+        # the residual x - unit * a, one rounding as in the decoder; squared sums in float64 (a
+        # float32 square can overflow or underflow) in the same loop
+        e = xs - code_of(xs, scale, dither)[1]
+        err.copy_(e)
+        e64, x64 = e.double(), xs.double()
+        return (e64 * e64).sum(), (x64 * x64).sum()
+    return unit_planar
 
 
-def sign_planar(xs: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, err: torch.Tensor | None) -> bool:
-    """Sign bits of ``xs`` (shape ``(stripes, 8, m)``) packed into ``out`` (``(stripes, m)``; plane p
-    at bit p), and with ``err`` the residual ``x - a * (+-1)`` for the 0-d float32 ``scale`` a."""
-    return _run_plain(("sign", err is not None), lambda: _sign_kernel(err is not None), xs, scale, out, err)
+def _unit_decode_kernel(unit_of, accumulate: bool):
+    def unit_decode(codes, share, out):
+        # unit_of works on float codes: bit tricks on uint8 compile to slow scalar code here.  The
+        # product unit * share is exact (+-share or 0), so out + unit * share rounds once, as the
+        # eager addcmul_ does
+        v = unit_of(codes.to(torch.float32)) * share
+        out.copy_(out + v if accumulate else v)
+    return unit_decode
 
 
-def _run_plain(name, make, *args) -> bool:
-    """Compile ``make()`` once per ``name`` and run it on ``args``; False (and a warning, once) when
-    compilation is unavailable, and from then on without trying again."""
+def _abs_sum64(x):
+    return x.abs().sum(dtype=torch.float64)
+
+
+def unit_encode(name: str, code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, dither, out: torch.Tensor,
+                err: torch.Tensor | None):
+    """Codes of a block-scaled codec (units in {-1, 0, +1} times one scale) for ``xs`` of shape
+    ``(stripes, 8/bits, ...)``, packed into ``out`` (``(stripes, ...)``; plane p at bit offset
+    ``p*bits``).  ``code_of(plane, scale, dither)`` gives ``(int32 code, float32 unit * scale)``.
+    With ``err``: writes the residual and returns its float64 squared sum and the input's.
+    Returns False when compilation is unavailable, None without ``err``."""
+    ok, sums = _call(("unit", name, code_of, bits, err is not None), lambda: _unit_encode_kernel(code_of, bits, err is not None),
+                     xs, scale, dither, out, err)
+    return sums if ok else False
+
+
+def unit_decode(name: str, unit_of, codes: torch.Tensor, share: torch.Tensor, out: torch.Tensor,
+                accumulate: bool) -> bool:
+    """``out = (out +) unit_of(float codes) * share`` for the uint8 ``codes``; False when compilation
+    is unavailable."""
+    return _call(("unit-decode", name, unit_of, accumulate), lambda: _unit_decode_kernel(unit_of, accumulate),
+                 codes, share, out)[0]
+
+
+def abs_sum64(x: torch.Tensor):
+    """``sum |x|`` accumulated in float64 (a 0-d tensor) in one read of ``x``, or None when compilation
+    is unavailable."""
+    ok, total = _call("abs-sum64", lambda: _abs_sum64, x)
+    return total if ok else None
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own: dynamo keeps its compiled variants (and its recompile
+    limit, 8) per code object, and the kernels made by one factory would otherwise share them."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _call(name, make, *args) -> tuple[bool, object]:
+    """Compile ``make()`` once per ``name`` and run it on ``args``: ``(True, result)``, or ``(False,
+    None)`` (and a warning, once) when compilation is unavailable, and from then on without trying
+    again."""
     global _broken
     if _broken:
-        return False
+        return False, None
     try:
         with _lock:  # compilation (and dynamo's caches) are not meant for concurrent first calls
             kernel = _kernels.get(name)
             if kernel is None:
-                kernel = _kernels[name] = torch.compile(make(), dynamic=True, fullgraph=True)
-        kernel(*args)
-        return True
+                kernel = _kernels[name] = torch.compile(_own_code(make()), dynamic=True, fullgraph=True)
+        return True, kernel(*args)
     except Exception as exc:  # no compiler, unsupported platform, ...: stay correct, just slower
         _broken = True
         warnings.warn(f"ddp_qhooks: compile=True unavailable ({type(exc).__name__}: {exc}); using the eager path",
                       RuntimeWarning, stacklevel=4)
-        return False
+        return False, None
+
+
+def _run_plain(name, make, *args) -> bool:
+    return _call(name, make, *args)[0]
 
 
 def _run(name, make, x, rounding, bias: float, shift: float, inv: float, out) -> bool:

@@ -87,7 +87,8 @@ def param_dither(layout, key: int, device) -> torch.Tensor:
 class PieceDither:
     """:func:`param_dither`'s values, piece by piece, without a bucket-sized tensor: a piece inside
     one parameter is a view of the pool (no copy); one spanning parameters is assembled in a
-    caller's scratch buffer (of at least ``length`` values)."""
+    caller's scratch buffer (of at least ``length`` values).  Pieces are always ``length`` long
+    (:class:`PeriodDither`'s may be shorter, to be broadcast)."""
 
     def __init__(self, layout, key: int, device):
         self.pool = dither_pool(device)
@@ -110,5 +111,29 @@ class PieceDither:
             take = min(self.ends[i], start + length, pos + POOL_SIZE) - pos
             s = (self.starts[i] + pos - self.offsets[i]) % POOL_SIZE
             out[pos - start:pos - start + take].copy_(self.pool[s:s + take])
+            pos += take
+        return out
+
+
+class PeriodDither:
+    """The one-range-per-bucket dither (see the module docstring): element ``i`` of the bucket gets
+    ``window[i % PERIOD]``, one ``PERIOD``-long stretch of the pool picked by ``key``.  Pieces that
+    start and end on the period come back as the window itself, to be broadcast over the piece's
+    ``PERIOD``-long rows (it stays in cache); others are assembled in a caller's scratch buffer."""
+
+    def __init__(self, numel: int, key: int, device):
+        start = offset(key)
+        self.window = dither_pool(device)[start:start + min(numel, PERIOD)]
+
+    def piece(self, start: int, length: int, scratch: torch.Tensor) -> torch.Tensor:
+        w = self.window.numel()
+        if start % w == 0 and length % w == 0:
+            return self.window
+        out = scratch[:length]
+        pos = 0
+        while pos < length:
+            a = (start + pos) % w
+            take = min(w - a, length - pos)
+            out[pos:pos + take].copy_(self.window[a:a + take])
             pos += take
         return out

@@ -47,12 +47,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _fused, _random
+from . import _fused
 from ._blockscaled import BlockScaledCodec, _le, _negative
-from .base import EncodeInfo, sum_sq_checked
 from .blocks import blocks_for
 from .options import check_choice
-from .packing import STRIPE, pack_codes, packed_nbytes, unpack_codes
+from .packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["SignCodec"]
 
@@ -71,57 +70,26 @@ class SignCodec(BlockScaledCodec):
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, mode: str = "scaled",
                  compile: bool = False):
-        super().__init__(bits, block_size)
-        if not isinstance(compile, bool):
-            raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
-        self.compile = compile  # a local speed choice: not part of config(), ranks may differ
+        super().__init__(bits, block_size, compile)
         self.mode = check_choice(self.name, "mode", mode, MODES)
         self.stochastic = self.mode == "stochastic"
         # |x - q| can reach 2 max|x| (a sign flip), so a residual fed back into the next step can
         # double the range every step: error feedback diverges.  The hook refuses the combination.
         self.error_feedback_diverges = self.stochastic
+        self._fused_code = _stochastic_code if self.stochastic else _scaled_code
+        self._fused_unit = _unit
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size, "mode": self.mode}
 
-    def encode(self, x, body, layout, key=0, error_out=None):
-        # (checked up front: once compilation has failed, computing the scales here would be wasted)
-        fast = (self.compile and not _fused._broken and not self.stochastic and self.block_size is None
-                and x.device.type == "cpu"
-                and x.dtype == torch.float32 and x.is_contiguous() and layout.numel >= STRIPE
-                and (error_out is None or (error_out.dtype == torch.float32 and error_out.is_contiguous())))
-        if fast:
-            info = self._encode_compiled(x.detach().view(-1), body, layout, error_out)
-            if info is not None:
-                return info
-        return super().encode(x, body, layout, key, error_out)
-
-    def _encode_compiled(self, xf, body, layout, error_out):
-        """One fused kernel per bucket for the full stripes: sign bits straight into packed bytes
-        and, with ``error_out``, the residual; the same results as the eager path (tested)."""
-        self._check_numel("input", xf, layout)
-        n = layout.numel
-        s = self._scratch_for(xf.device)
-        scales, check, _ = self._scales(xf, layout, s)
-        if not bool(torch.isfinite(check).all()):
-            return EncodeInfo(finite=False)
-        scales.abs_()
-        stripes, m = n // STRIPE, STRIPE // 8
-        full = stripes * STRIPE
-        err = None if error_out is None else error_out.view(-1)
-        if not _fused.sign_planar(xf[:full].view(stripes, 8, m), scales[0], body[4:4 + stripes * m].view(stripes, m),
-                                  None if err is None else err[:full].view(stripes, 8, m)):
-            return None
-        body[:4].copy_(scales.view(torch.uint8))
-        if full < n:  # the last, partial stripe: eager, as in the base class
-            tail = s.get("codes", n - full, torch.uint8)
-            _negative(xf[full:], tail.view(torch.bool))
-            pack_codes(tail, 1, out=body[4 + stripes * m:])
-            if err is not None:
-                torch.sub(xf[full:], self._units(tail).float().mul_(scales[0]), out=err[full:])
-        if err is None:
-            return EncodeInfo()
-        return EncodeInfo(True, sum_sq_checked(err), sum_sq_checked(xf))
+    def _scales_fused(self, xf, layout, s):
+        if self.stochastic:
+            return self._scales(xf, layout, s)
+        total = _fused.abs_sum64(xf)  # one read, float64 accumulation (eager: |x| per piece, then sums)
+        if total is None:
+            return None, None, None
+        mean = total / layout.numel
+        return mean.float().view(1), mean, None
 
     def _codes_nbytes(self, numel: int) -> int:
         return packed_nbytes(numel, 1)
@@ -134,12 +102,11 @@ class SignCodec(BlockScaledCodec):
         mean = self._block_abssum64(xf, layout, s).div_(lengths)
         return mean.float(), mean, None
 
-    def _codes(self, xf, layout, scales, aux, key, s, codes):
+    def _codes(self, xf, layout, scales, aux, dither, s, codes):
         negative = codes.view(torch.bool)
         if not self.stochastic:
             _negative(xf, negative)  # exact zeros (and -0.0) get bit 0: +a
             return
-        dither = _random.PieceDither(layout, key, xf.device)
         parts, size = self._pieces(layout, xf.device)
         t_all = s.get("f32", size, torch.float32)
         flip_all = s.get("f32b", size, torch.float32)
@@ -148,8 +115,9 @@ class SignCodec(BlockScaledCodec):
             t = torch.div(xf[start:start + m].view(rows, cols), scales[b:b + rows, None], out=t_all[:m].view(rows, cols))
             # 2u - 1 in (-1, 1) is exact in float32 on the dither grid; P(x/a <= 2u - 1) = (1 - x/a) / 2,
             # the probability of -a.  An all-zero block gives 0/0 = NaN, which compares False: +0
-            flip = torch.mul(dither.piece(start, m, flip_all), 2, out=flip_all[:m]).sub_(1).view(rows, cols)
-            _le(t, flip, negative[start:start + m].view(rows, cols))
+            d = dither.piece(start, m, flip_all)
+            flip = torch.mul(d, 2, out=flip_all[:d.numel()]).sub_(1)
+            _le(t.view(-1, d.numel()), flip, negative[start:start + m].view(-1, d.numel()))
 
     def _pack(self, codes, out):
         pack_codes(codes, 1, out=out)
@@ -161,3 +129,18 @@ class SignCodec(BlockScaledCodec):
     def _units(codes):
         """Sign bits 0, 1 -> units +1, -1 (int8), in place."""
         return codes.view(torch.int8).mul_(-2).add_(1)
+
+
+# -- the compiled kernels' per-value code (see _blockscaled.BlockScaledCodec) ---------------------
+def _scaled_code(plane, scale, dither):
+    negative = plane < 0  # exact zeros (and -0.0) get bit 0: +a
+    return negative.to(torch.int32), torch.where(negative, -scale, scale)
+
+
+def _stochastic_code(plane, scale, dither):
+    negative = plane / scale <= dither * 2 - 1  # as the eager path: 2u - 1 is exact in float32
+    return negative.to(torch.int32), torch.where(negative, -scale, scale)
+
+
+def _unit(code):
+    return 1 - 2 * code  # float codes 0, 1 -> +1, -1

@@ -60,7 +60,6 @@ import numbers
 
 import torch
 
-from . import _random
 from ._blockscaled import BlockScaledCodec, _abs, _gt, _mask, _negative, _shift_left
 from .blocks import blocks_for
 from .options import check_choice
@@ -88,8 +87,8 @@ class TernaryCodec(BlockScaledCodec):
     summary = "TernGrad {-a, 0, +a} per block: unbiased stochastic or threshold rounding, 2-bit or base-3 (1.6-bit) codes"
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic",
-                 threshold: float = 0.7, packing: str = "2bit"):
-        super().__init__(bits, block_size)
+                 threshold: float = 0.7, packing: str = "2bit", compile: bool = False):
+        super().__init__(bits, block_size, compile)
         self.rounding = check_choice(self.name, "rounding", rounding, ROUNDINGS)
         self.packing = check_choice(self.name, "packing", packing, PACKINGS)
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
@@ -99,6 +98,9 @@ class TernaryCodec(BlockScaledCodec):
         self.threshold = float(threshold)
         self.stochastic = self.rounding == "stochastic"
         self.body_formula = "4*blocks + ceil(n/4)" if packing == "2bit" else "4*blocks + ceil(n/5)"
+        planar = self.packing == "2bit"  # the compiled kernels write and read planar 2-bit codes
+        self._fused_code = _stochastic_code if planar and self.stochastic else None
+        self._fused_unit = _unit if planar else None
 
     def config(self) -> dict:
         cfg = {"codec": self.name, "bits": self.bits, "block_size": self.block_size,
@@ -118,13 +120,12 @@ class TernaryCodec(BlockScaledCodec):
         delta = self._block_abssum64(xf, layout, s).div_(lengths).mul_(self.threshold)
         return torch.empty_like(delta, dtype=torch.float32), delta, delta  # a is set in _codes
 
-    def _codes(self, xf, layout, scales, delta, key, s, codes):
+    def _codes(self, xf, layout, scales, delta, dither, s, codes):
         parts, size = self._pieces(layout, xf.device)
         t_all = s.get("f32", size, torch.float32)
         keep_all = s.get("keep", size, torch.bool)
         neg_all = s.get("neg", size, torch.bool)
         if self.stochastic:
-            dither = _random.PieceDither(layout, key, xf.device)
             dither_buf = s.get("dither", size, torch.float32)
         else:
             # v > delta  <=>  v > (delta rounded down to float32), for every float32 v
@@ -142,7 +143,8 @@ class TernaryCodec(BlockScaledCodec):
                 # both the sign and the keep probability; 0/0 of an all-zero block is NaN: code 0
                 t = torch.div(xv, scales[b:b + rows, None], out=t_all[:m].view(rows, cols))
                 _negative(t, neg)
-                _gt(_abs(t), dither.piece(start, m, dither_buf).view(rows, cols), keep)
+                d = dither.piece(start, m, dither_buf)
+                _gt(_abs(t).view(-1, d.numel()), d, keep.view(-1, d.numel()))
                 _shift_left(keep, neg, codes[start:start + m].view(rows, cols))  # 0, 1 << 0 = 1 (+a), 1 << 1 = 2 (-a)
                 continue
             t = torch.abs(xv, out=t_all[:m].view(rows, cols))
@@ -177,3 +179,15 @@ class TernaryCodec(BlockScaledCodec):
         """Trit codes 0, 1, 2 -> units 0, +1, -1 (int8), in place."""
         u = codes.view(torch.int8)
         return u.sub_(torch.bitwise_right_shift(u, 1).mul_(3))
+
+
+# -- the compiled kernels' per-value code (see _blockscaled.BlockScaledCodec) ---------------------
+def _stochastic_code(plane, scale, dither):
+    t = plane / scale  # as the eager path: a correctly rounded quotient; NaN (0/0) is never kept
+    negative, keep = t < 0, t.abs() > dither
+    code = keep.to(torch.int32) << negative.to(torch.int32)
+    return code, torch.where(keep, torch.where(negative, -scale, scale), 0.0)
+
+
+def _unit(code):
+    return code * (2.5 - 1.5 * code)  # float codes 0, 1, 2 -> 0, +1, -1 (exact in float32)
