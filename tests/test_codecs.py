@@ -989,3 +989,29 @@ def test_compiled_block_scaled_codec_is_bitwise_the_eager_path(name, options):
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):
         assert not _fused._broken
+
+
+def test_compiled_qsgd_norm_is_one_float64_pass():
+    """qsgd with compile=True: the one-block norm comes from float64 squares (within an ulp of the
+    float64 norm computed here, never below max|v|), a non-finite input is flagged, a norm past the
+    float32 range is capped; the codes then follow the eager quantizer on that grid."""
+    stripe = 1 << 19
+    g = torch.Generator().manual_seed(13)
+    for scale in (1.0, 1e30, 1e-30):
+        x = torch.randn(2 * stripe + 77, generator=g) * scale
+        layout = Layout.flat(x.numel())
+        codec = make_codec("qsgd", bits=4, compile=True)
+        body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
+        assert codec.encode(x, body, layout, key=1).finite
+        lo, hi = body[:8].view(torch.float32).tolist()
+        want = float(x.double().pow(2).sum().sqrt())
+        assert lo == -hi and abs(hi - want) <= 2 * np.spacing(np.float32(want)) and hi >= float(x.abs().max())
+        step = 2 * hi / codec.levels
+        out = decode(codec, [body], layout, x.numel())
+        assert float((out - x).abs().max()) <= step * (1 + 1e-5)
+    big = torch.full((stripe,), 3e38)
+    body = torch.empty(codec.body_nbytes(Layout.flat(stripe)), dtype=torch.uint8)
+    assert codec.encode(big, body, Layout.flat(stripe)).finite
+    assert body[4:8].view(torch.float32).item() == torch.finfo(torch.float32).max
+    big[9] = float("nan")
+    assert not codec.encode(big, body, Layout.flat(stripe)).finite

@@ -74,6 +74,11 @@ def _abs_sum64(x):
     return x.abs().sum(dtype=torch.float64)
 
 
+def _sum_sq64(x):
+    x64 = x.double()  # squares of float32 values neither overflow nor underflow in float64
+    return (x64 * x64).sum()
+
+
 def unit_encode(name: str, code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, dither, out: torch.Tensor,
                 err: torch.Tensor | None):
     """Codes of a block-scaled codec (units in {-1, 0, +1} times one scale) for ``xs`` of shape
@@ -92,6 +97,13 @@ def unit_decode(name: str, unit_of, codes: torch.Tensor, share: torch.Tensor, ou
     is unavailable."""
     return _call(("unit-decode", name, unit_of, accumulate), lambda: _unit_decode_kernel(unit_of, accumulate),
                  codes, share, out)[0]
+
+
+def sum_sq64(x: torch.Tensor):
+    """``sum x^2`` accumulated in float64 (a 0-d tensor) in one read of ``x``, or None when
+    compilation is unavailable."""
+    ok, total = _call("sum-sq64", lambda: _sum_sq64, x)
+    return total if ok else None
 
 
 def abs_sum64(x: torch.Tensor):
