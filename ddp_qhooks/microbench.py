@@ -24,7 +24,7 @@ import torch
 
 from .codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
 
-QUANTIZERS = ("uniform", "stochastic", "qsgd", "sign", "ternary")  # the codecs with a compile=True option
+QUANTIZERS = ("uniform", "stochastic", "qsgd", "sign", "ternary", "log", "mulaw")  # the codecs with a compile=True option
 DEFAULT_CODECS = ("uniform", "stochastic", "sign", "ternary", "qsgd", "log", "mulaw", "adaptive", "kmeans", "topk",
                   "fp16", "bf16", "none")
 

@@ -39,35 +39,47 @@ def _planar_kernel(bits: int):
     return affine_to_planar
 
 
-def _unit_encode_kernel(code_of, bits: int, with_error: bool):
-    k = 8 // bits
+# Kernels parameterised by a function (a codec's per-value arithmetic) are templates whose
+# parameters are globals of a copy (:func:`_instantiate`): reached through a closure cell instead,
+# the traced kernel came out 2.4x slower (torch 2.13).
+def _unit_encode_template(xs, scale, dither, out, err):
+    # xs: (stripes, PLANES, ...) planes of one stripe each; out: (stripes, ...) packed bytes, plane
+    # p at bit offset p*BITS.  Codes are formed per plane (a shared tensor would be materialized).
+    acc = code_of(xs[:, 0], scale, dither)[0]  # noqa: F821 (a global of the instance)
+    for p in range(1, PLANES):  # noqa: F821
+        acc = acc | (code_of(xs[:, p], scale, dither)[0] << (p * BITS))  # noqa: F821
+    out.copy_(acc)
+    if not WITH_ERROR:  # noqa: F821
+        return None
+    # the residual x - unit * a, one rounding as in the decoder; squared sums in float64 (a float32
+    # square can overflow or underflow) in the same loop
+    e = xs - code_of(xs, scale, dither)[1]  # noqa: F821
+    err.copy_(e)
+    e64, x64 = e.double(), xs.double()
+    return (e64 * e64).sum(), (x64 * x64).sum()
 
-    def unit_planar(xs, scale, dither, out, err):
-        # xs: (stripes, k, ...) planes of one stripe each; out: (stripes, ...) packed bytes, plane p
-        # at bit offset p*bits.  Codes are formed per plane (a shared tensor would be materialized).
-        acc = code_of(xs[:, 0], scale, dither)[0]
-        for p in range(1, k):
-            acc = acc | (code_of(xs[:, p], scale, dither)[0] << (p * bits))
-        out.copy_(acc)
-        if not with_error:
-            return None
-        # the residual x - unit * a, one rounding as in the decoder; squared sums in float64 (a
-        # float32 square can overflow or underflow) in the same loop
-        e = xs - code_of(xs, scale, dither)[1]
-        err.copy_(e)
-        e64, x64 = e.double(), xs.double()
-        return (e64 * e64).sum(), (x64 * x64).sum()
-    return unit_planar
+
+def _unit_decode_template(codes, share, out):
+    # unit_of works on float codes: bit tricks on uint8 compile to slow scalar code here.  The
+    # product unit * share is exact (+-share or 0), so out + unit * share rounds once, as the eager
+    # addcmul_ does
+    v = unit_of(codes.to(torch.float32)) * share  # noqa: F821
+    out.copy_(out + v if ACCUMULATE else v)  # noqa: F821
 
 
-def _unit_decode_kernel(unit_of, accumulate: bool):
-    def unit_decode(codes, share, out):
-        # unit_of works on float codes: bit tricks on uint8 compile to slow scalar code here.  The
-        # product unit * share is exact (+-share or 0), so out + unit * share rounds once, as the
-        # eager addcmul_ does
-        v = unit_of(codes.to(torch.float32)) * share
-        out.copy_(out + v if accumulate else v)
-    return unit_decode
+def _table_codes_template(x, scale, rnd, out):
+    out.copy_(code_of(x, scale, rnd))  # noqa: F821
+
+
+def _value_decode_template(codes, scale, out):
+    v = value_of(codes.to(torch.int32)) * scale  # noqa: F821
+    out.copy_(out + v if ACCUMULATE else v)  # noqa: F821
+
+
+def _instantiate(template, **params):
+    """A copy of ``template`` with ``params`` as globals and a code object of its own (dynamo keeps
+    compiled variants, and its recompile limit of 8, per code object)."""
+    return types.FunctionType(template.__code__.replace(), {**template.__globals__, **params}, template.__name__)
 
 
 def _abs_sum64(x):
@@ -86,7 +98,9 @@ def unit_encode(name: str, code_of, bits: int, xs: torch.Tensor, scale: torch.Te
     ``p*bits``).  ``code_of(plane, scale, dither)`` gives ``(int32 code, float32 unit * scale)``.
     With ``err``: writes the residual and returns its float64 squared sum and the input's.
     Returns False when compilation is unavailable, None without ``err``."""
-    ok, sums = _call(("unit", name, code_of, bits, err is not None), lambda: _unit_encode_kernel(code_of, bits, err is not None),
+    ok, sums = _call(("unit", name, code_of, bits, err is not None),
+                     lambda: _instantiate(_unit_encode_template, code_of=code_of, BITS=bits, PLANES=8 // bits,
+                                          WITH_ERROR=err is not None),
                      xs, scale, dither, out, err)
     return sums if ok else False
 
@@ -95,8 +109,23 @@ def unit_decode(name: str, unit_of, codes: torch.Tensor, share: torch.Tensor, ou
                 accumulate: bool) -> bool:
     """``out = (out +) unit_of(float codes) * share`` for the uint8 ``codes``; False when compilation
     is unavailable."""
-    return _call(("unit-decode", name, unit_of, accumulate), lambda: _unit_decode_kernel(unit_of, accumulate),
+    return _call(("unit-decode", name, unit_of, accumulate),
+                 lambda: _instantiate(_unit_decode_template, unit_of=unit_of, ACCUMULATE=accumulate),
                  codes, share, out)[0]
+
+
+def table_codes(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = code_of(x, scale, rnd)`` (uint8 codes; ``rnd``: the dither window, broadcast over the
+    last dimension, or a 0-d tensor); False when compilation is unavailable."""
+    return _call(("table-codes", code_of), lambda: _instantiate(_table_codes_template, code_of=code_of),
+                 x, scale, rnd, out)[0]
+
+
+def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
+    """``out = (out +) value_of(int32 codes) * scale``; False when compilation is unavailable."""
+    return _call(("value-decode", value_of, accumulate),
+                 lambda: _instantiate(_value_decode_template, value_of=value_of, ACCUMULATE=accumulate),
+                 codes, scale, out)[0]
 
 
 def sum_sq64(x: torch.Tensor):

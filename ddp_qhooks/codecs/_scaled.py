@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from . import _random
+from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
 from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_choice
@@ -39,12 +39,24 @@ class _ScaledTableCodec(Codec):
     """One float32 scale ``m = max|x|`` per block, then b-bit codes that decode to ``table[code] * m``.
 
     Subclasses provide ``_table64()`` (float64, ``2**bits`` relative values in [-1, 1]) and
-    ``_codes(rel, rnd, out, s)`` (the codes of ``rel = x / m`` for one chunk)."""
+    ``_codes(rel, rnd, out, s)`` (the codes of ``rel = x / m`` for one chunk).
 
-    def __init__(self, bits: int, block_size, rounding: str):
+    ``compile=True`` (one block per bucket, CPU): subclasses that set ``_fused_code`` (a function
+    ``(x, m, rnd) -> int32 codes``, the same arithmetic as ``_codes``) get one compiled pass from the
+    input to the codes; with ``_fused_value`` (int32 code -> float32 ``table[code]``, exactly) the
+    decoder also runs one compiled pass per body.  The stochastic rounding of a one-block bucket
+    uses one period-long stretch of dither (see _random), compiled or not."""
+
+    _fused_code = None
+    _fused_value = None
+
+    def __init__(self, bits: int, block_size, rounding: str, compile: bool = False):
         bits = check_bits(self.name, bits, 2)
         block_size = check_block_size(self.name, block_size)
         rounding = check_choice(self.name, "rounding", rounding, _ROUNDINGS)
+        if not isinstance(compile, bool):
+            raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
+        self.compile = compile  # a local speed choice: not part of config(), ranks may differ
         super().__init__(bits)
         self.block_size = block_size
         self.rounding = rounding
@@ -111,15 +123,36 @@ class _ScaledTableCodec(Codec):
         # divide, never multiply by 1/m: the reciprocal of a subnormal max overflows, and x * (1/m)
         # may exceed 1 in magnitude
         denom = torch.where(scales > 0, scales, torch.ones_like(scales))
-        rel = s.get("rel", n, torch.float32)
-        for (view, sl), (dst, _) in zip(blocks.views(xf), blocks.views(rel)):
-            torch.div(view, denom[sl, None], out=dst)
-        dither = _random.param_dither(layout, key, xf.device) if self.stochastic else None
         codes = packed if self.bits == 8 else s.get("codes", n, torch.uint8)
         chunk = self._chunk(xf.device, n)
-        for a in range(0, n, chunk):
+        window = tiled = dither = None
+        if self.stochastic and self.block_size is None:
+            window = _random.PeriodDither(n, _random.splitmix64(key, layout.param_keys[0]), xf.device).window
+            # chunks start at multiples of the period: one tiled chunk of dither serves them all
+            tiled = s.get("dither", min(chunk, n), torch.float32)
+            full = tiled.numel() // window.numel() * window.numel()
+            tiled[:full].view(-1, window.numel()).copy_(window)
+            tiled[full:].copy_(window[:tiled.numel() - full])
+        elif self.stochastic:
+            dither = _random.param_dither(layout, key, xf.device)
+        done = 0
+        if (self.compile and self._fused_code is not None and self.block_size is None and xf.device.type == "cpu"
+                and xf.is_contiguous() and n >= _random.PERIOD):
+            done = n // _random.PERIOD * _random.PERIOD
+            rnd = window if window is not None else torch.tensor(0.5)
+            if not _fused.table_codes(self._fused_code, xf[:done].view(-1, _random.PERIOD), denom[0], rnd,
+                                      codes[:done].view(-1, _random.PERIOD)):
+                done = 0
+        if done:  # the tail (less than a period) eagerly
+            rel = torch.div(xf[done:], denom[0], out=s.get("rel", n - done, torch.float32))
+        else:
+            rel = s.get("rel", n, torch.float32)
+            for (view, sl), (dst, _) in zip(blocks.views(xf), blocks.views(rel)):
+                torch.div(view, denom[sl, None], out=dst)
+        for a in range(done, n, chunk):
             c = min(chunk, n - a)
-            self._codes(rel[a:a + c], 0.5 if dither is None else dither[a:a + c], codes[a:a + c], s)
+            rnd = 0.5 if not self.stochastic else tiled[:c] if tiled is not None else dither[a:a + c]
+            self._codes(rel[a - done:a - done + c], rnd, codes[a:a + c], s)
         if self.bits != 8:
             pack_codes(codes, self.bits, out=packed)
         if error_out is None:
@@ -155,8 +188,12 @@ class _ScaledTableCodec(Codec):
         s = self._scratch_for(out.device)
         direct = out.dtype == work and out.is_contiguous()
         acc = out.view(-1) if direct else s.get("acc", n, work)
-        vals = s.get("vals", n, work) if len(parts) > 1 else None
         chunk = self._chunk(out.device, n)
+        if blocks.count == 1 and direct and work == torch.float32 and self._decode_one_block(parts, acc, chunk, s):
+            if divisor != 1:
+                acc.div_(divisor)
+            return out
+        vals = s.get("vals", n, work) if len(parts) > 1 else None
         index = s.get("index", min(chunk, n), torch.int32)
         for i, (scales, packed) in enumerate(parts):
             target = acc if i == 0 else vals
@@ -176,3 +213,32 @@ class _ScaledTableCodec(Codec):
         if not direct:
             out.copy_(acc.view(out.shape))
         return out
+
+    def _decode_one_block(self, parts, acc, chunk, s) -> bool:
+        """One scale per bucket, float32 output: the compiled decoder (``compile=True`` and
+        ``_fused_value``), else table lookups scaled and summed chunk by chunk while in cache.  The
+        same float32 operations, in the same order, as the general path."""
+        n = acc.numel()
+        fused = (self.compile and self._fused_value is not None and acc.device.type == "cpu"
+                 and n >= _random.PERIOD)
+        table = self._table(acc.device, torch.float32)
+        index = s.get("index", min(chunk, n), torch.int32)
+        vals = s.get("vals", min(chunk, n), torch.float32)
+        for i, (scales, packed) in enumerate(parts):
+            codes = packed if self.bits == 8 else unpack_codes(packed, self.bits, n, out=s.get("dcodes", n, torch.uint8))
+            if fused:
+                if _fused.value_decode(self._fused_value, codes, scales[0], acc, accumulate=i > 0):
+                    continue
+                if i:  # the accumulating kernel failed after the first body: start over eagerly
+                    return False
+                fused = False
+            for a in range(0, n, chunk):
+                c = min(chunk, n - a)
+                idx = index[:c]
+                idx.copy_(codes[a:a + c])
+                dst = acc[a:a + c] if i == 0 else vals[:c]
+                torch.index_select(table, 0, idx, out=dst)
+                dst.mul_(scales[0])
+                if i:
+                    acc[a:a + c].add_(dst)
+        return True

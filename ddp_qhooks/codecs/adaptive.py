@@ -73,7 +73,7 @@ import torch
 
 from . import _random
 from .base import Codec, EncodeInfo, Layout
-from .blocks import blocks_for, check_block_size
+from .blocks import _row_minmax, blocks_for, check_block_size
 from .kmeans import (
     BlockState,
     RunningStateMixin,
@@ -139,7 +139,9 @@ class AdaptiveCodec(RunningStateMixin, Codec):
     def _observe(self, xf: torch.Tensor, blocks) -> torch.Tensor | None:
         """Per-block observation, (blocks, 2) min/max or (blocks, 1) percentile; None if non-finite."""
         if self.stat == "minmax":
-            obs = torch.stack([blocks.reduce(xf, "amin"), blocks.reduce(xf, "amax")], 1)
+            obs = torch.empty(blocks.count, 2, dtype=xf.dtype, device=xf.device)
+            for view, sl in blocks.views(xf):
+                obs[sl, 0], obs[sl, 1] = _row_minmax(view)
             return obs if bool(torch.isfinite(obs).all()) else None
         amax = blocks.reduce(xf, "absmax")   # also the finiteness check the subsample cannot give
         if not bool(torch.isfinite(amax).all()):

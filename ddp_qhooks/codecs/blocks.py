@@ -70,8 +70,9 @@ class Blocks:
                 r = view.amin(1)
             elif op == "amax":
                 r = view.amax(1)
-            elif op == "absmax":
-                r = view.abs().amax(1)
+            elif op == "absmax":  # nothing written; max(-lo, hi) >= 0, abs_ turns -0.0 into +0.0
+                lo, hi = _row_minmax(view)
+                r = torch.maximum(-lo, hi).abs_()
             elif op == "abssum":
                 r = view.abs().sum(1)
             elif op == "sqsum":
@@ -98,3 +99,12 @@ class Blocks:
 @functools.lru_cache(maxsize=512)
 def blocks_for(layout: Layout, block_size) -> Blocks:
     return Blocks(layout, block_size)
+
+
+def _row_minmax(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (min, max) of a 2-D view, NaN propagating.  torch 2.13's ``aminmax(dim=1)`` is ~10x
+    slower than ``amin`` + ``amax`` on a CPU core; a single row takes the one-read full ``aminmax``."""
+    if view.shape[0] == 1:
+        lo, hi = torch.aminmax(view)
+        return lo.view(1), hi.view(1)
+    return view.amin(1), view.amax(1)

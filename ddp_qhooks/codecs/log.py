@@ -53,6 +53,8 @@ codecs store one float32 scale per block and decode ``table[code] * m``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._scaled import _ScaledTableCodec, _Scratch
@@ -69,9 +71,18 @@ class LogCodec(_ScaledTableCodec):
     body_formula = "4*blocks + ceil(n*b/8)"
     summary = "sign + power-of-two levels max*2^-k below each block's max|x| (heavy tails), nearest or unbiased stochastic"
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic"):
-        super().__init__(bits, block_size, rounding)
+    def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic",
+                 compile: bool = False):
+        super().__init__(bits, block_size, rounding, compile)
         self.magnitudes = (1 << (self.bits - 1)) - 1   # M
+
+    @property
+    def _fused_code(self):
+        return _code_fn(self.bits, self.stochastic)
+
+    @property
+    def _fused_value(self):
+        return _value_fn(self.bits)
 
     def _table64(self) -> torch.Tensor:
         b, M = self.bits, self.magnitudes
@@ -105,3 +116,34 @@ class LogCodec(_ScaledTableCodec):
         mag = lower.clamp_(min=0).add_(up)
         sign.mul_(torch.clamp(mag, max=1, out=up))   # zero has one code: sign 0
         out.copy_(mag.bitwise_or_(sign.bitwise_left_shift_(self.bits - 1)))
+
+
+# -- the compiled kernels' arithmetic (see _scaled._ScaledTableCodec): the same steps as _codes and
+# the table, as pure functions (one per width and rounding, cached so that kernels are reused)
+@functools.lru_cache(maxsize=None)
+def _code_fn(bits: int, stochastic: bool):
+    M = (1 << (bits - 1)) - 1
+
+    def code(x, scale, rnd):
+        rb = (x / scale).view(torch.int32)
+        sign = (rb >> 31) & 1
+        ab = rb & 0x7FFFFFFF
+        lower = (ab >> 23) + (M - 127)
+        frac = ((ab & 0x7FFFFF) | 0x3F800000).view(torch.float32) - 1.0
+        pos = torch.where(lower <= 0, ab.view(torch.float32) * 2.0 ** (M - 1), frac)
+        up = (pos + rnd).floor().to(torch.int32) if stochastic else (pos >= 0.5).to(torch.int32)
+        mag = lower.clamp(min=0) + up
+        return mag | ((sign * mag.clamp(max=1)) << (bits - 1))
+    return code
+
+
+@functools.lru_cache(maxsize=None)
+def _value_fn(bits: int):
+    M = (1 << (bits - 1)) - 1
+
+    def value(code):
+        # +-2**(mag - M) built from its float32 bit pattern (always a normal number), 0 for mag 0
+        mag = code & M
+        pattern = ((mag + (127 - M)) << 23) | (((code >> (bits - 1)) & 1) << 31)
+        return torch.where(mag > 0, pattern, 0).view(torch.float32)
+    return value

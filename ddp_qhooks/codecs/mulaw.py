@@ -49,6 +49,7 @@ Edge cases:
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -71,13 +72,17 @@ class MuLawCodec(_ScaledTableCodec):
     summary = "mu-law companding of x/max|x| per block, uniform 2^b-1 level grid in the companded domain"
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, mu: float = 255.0,
-                 rounding: str = "nearest"):
+                 rounding: str = "nearest", compile: bool = False):
         if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not MU_MIN <= float(mu) <= MU_MAX:
             raise ValueError(f"{self.name}: mu must be a number in [{MU_MIN:g}, {MU_MAX:g}] (> 0), got {mu!r}")
-        super().__init__(bits, block_size, rounding)
+        super().__init__(bits, block_size, rounding, compile)
         self.mu = float(mu)
         self.half_levels = (1 << (self.bits - 1)) - 1   # K
         self._log1p_mu = math.log1p(self.mu)
+
+    @property
+    def _fused_code(self):
+        return _code_fn(self.half_levels, self.mu, self.stochastic)
 
     def config(self) -> dict:
         return {**super().config(), "mu": self.mu}
@@ -103,3 +108,17 @@ class MuLawCodec(_ScaledTableCodec):
         q = s.get("q", c, i32)
         q.copy_(t.add_(rnd).floor_().clamp_(0, K))
         out.copy_(q.mul_(sign.mul_(2).add_(1)).add_(K))   # K + q, or K - q for negative values
+
+
+# -- the compiled kernel's arithmetic (see _scaled._ScaledTableCodec): _codes as a pure function
+@functools.lru_cache(maxsize=None)
+def _code_fn(K: int, mu: float, stochastic: bool):
+    gain = K / math.log1p(mu)
+
+    def code(x, scale, rnd):
+        rel = x / scale
+        r = rel.abs()
+        t = torch.where(r >= 1.0, float(K), torch.log1p(r * mu) * gain)
+        q = (t + rnd).floor().clamp(0, K).to(torch.int32)
+        return torch.where(rel.view(torch.int32) < 0, K - q, K + q)
+    return code
