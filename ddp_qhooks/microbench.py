@@ -3,7 +3,7 @@
     python -m ddp_qhooks.microbench                      # 25 MiB bucket, 1 thread, all codecs
     python -m ddp_qhooks.microbench --numel 1048576 --codecs uniform --bits 8 4 --markdown
 
-Rows ``uniform+compile`` / ``stochastic+compile`` / ``sign+compile`` use the codecs' ``compile=True`` option (fused
+Rows ``<codec>+compile`` (uniform, stochastic, qsgd, sign, ternary, log, mulaw) use the codecs' ``compile=True`` option (fused
 kernels built by torch.compile: ~15 s of compilation before the first timed run, needs a C++
 compiler; ``--no-compile`` skips them).  If compilation fails those rows say so and are not timed.
 
