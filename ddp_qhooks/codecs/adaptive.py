@@ -67,11 +67,14 @@ Edge cases
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import _random
+from ._blockscaled import CHUNK, _Scratch, pieces
 from .base import Codec, EncodeInfo, Layout
 from .blocks import _row_minmax, blocks_for, check_block_size
 from .kmeans import (
@@ -122,6 +125,25 @@ class AdaptiveCodec(RunningStateMixin, Codec):
         self.stochastic = self.grid == "stochastic"
         self.levels = (1 << bits) - 1
         self._state = BlockState(self.block_size, 2 if self.stat == "minmax" else 1, torch.float64)
+        self._scratch: dict[tuple, _Scratch] = {}
+
+    def __getstate__(self):  # buffers are rebuilt on use; keep pickles small
+        return {k: v for k, v in self.__dict__.items() if k != "_scratch"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._scratch = {}
+
+    def _scratch_for(self, device) -> _Scratch:
+        # one set per (device, thread): DDP encodes on the autograd thread while Gloo's decodes
+        key = (torch.device(device), threading.get_ident())
+        if key not in self._scratch:
+            self._scratch[key] = _Scratch(torch.device(device))
+        return self._scratch[key]
+
+    def _pieces(self, layout: Layout, device):
+        """Cache-sized pieces on the CPU (temporaries stay in cache); one per run elsewhere."""
+        return pieces(layout, self.block_size, CHUNK if torch.device(device).type == "cpu" else max(layout.numel, 1))
 
     def config(self) -> dict:
         # decoding needs only bits and block_size; the statistics options are included so that
@@ -186,18 +208,28 @@ class AdaptiveCodec(RunningStateMixin, Codec):
         work = torch.float32 if _fits_fp32(meta, span / self.levels) else torch.float64
         inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
         lo_w, hi_w = meta[:, 0].to(work), meta[:, 1].to(work)
-        xw = xf.to(work)
-        dither = _random.param_dither(layout, key, x.device) if self.stochastic else None
-        codes = torch.empty(n, dtype=torch.uint8, device=x.device)
-        for start, nb, blen, bi in blocks.runs:
-            sl = slice(start, start + nb * blen)
-            lo_c, hi_c, inv_c = lo_w[bi:bi + nb, None], hi_w[bi:bi + nb, None], inv[bi:bi + nb, None]
-            v = torch.clamp(xw[sl].view(nb, blen), lo_c, hi_c).sub_(lo_c).mul_(inv_c)
+        dither = _random.PieceDither(layout, key, x.device) if self.stochastic else None
+        s = self._scratch_for(x.device)
+        codes = s.get("codes", n, torch.uint8)
+        parts = self._pieces(layout, x.device)
+        size = max(r * c for _, r, c, _ in parts)
+        v_all, d_all = s.get("v", size, work), s.get("dither", size, torch.float32)
+        on_cpu = x.device.type == "cpu"
+        # piece by piece (whole blocks or parts of one): the temporaries stay in cache
+        for start, rows, cols, b in parts:
+            m = rows * cols
+            lo_c, hi_c, inv_c = lo_w[b:b + rows, None], hi_w[b:b + rows, None], inv[b:b + rows, None]
+            v = torch.clamp(xf[start:start + m].view(rows, cols).to(work), lo_c, hi_c, out=v_all[:m].view(rows, cols))
+            v.sub_(lo_c).mul_(inv_c)
             if dither is None:
                 v.add_(0.5)
             else:
-                v.add_(dither[sl].view(nb, blen))
-            codes[sl].view(nb, blen).copy_(v.floor_().clamp_(0, self.levels))  # clamp: round-off at hi
+                v.view(-1).add_(dither.piece(start, m, d_all))
+            v.floor_().clamp_(0, self.levels)  # clamp: round-off at hi
+            if on_cpu:  # numpy's float -> uint8 cast is vectorised (torch's is not); exact on 0..L
+                np.copyto(codes[start:start + m].numpy(), v.view(-1).numpy(), casting="unsafe")
+            else:
+                codes[start:start + m].copy_(v.view(-1))
         write_meta(body, meta)
         pack_codes(codes, self.bits, out=body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)])
         self._state.write(slots, running, prior)
@@ -216,19 +248,27 @@ class AdaptiveCodec(RunningStateMixin, Codec):
         metas = [read_meta(b, meta_bytes, (blocks.count, 2)) for b in bodies]
         steps = [(m[:, 1].double() - m[:, 0].double()) / self.levels for m in metas]
         work = torch.float32 if all(_fits_fp32(m, s) for m, s in zip(metas, steps)) else torch.float64
-        acc = out if out.dtype == work else torch.empty(n, dtype=work, device=out.device)
+        direct = out.dtype == work and out.is_contiguous()
+        acc = out.view(-1) if direct else torch.empty(n, dtype=work, device=out.device)
         acc.zero_()
+        s = self._scratch_for(out.device)
+        parts = self._pieces(layout, out.device)
+        size = max(r * c for _, r, c, _ in parts)
+        c_all, v_all = s.get("dcodes_f", size, work), s.get("dvals", size, work)
+        codes = s.get("dcodes", n, torch.uint8)
         for body, meta, step in zip(bodies, metas, steps):
             # each share divided before summing: W shares near float32 max cannot overflow
             lo = (meta[:, 0].double() / divisor).to(work)
             step = (step / divisor).to(work)
-            codes = unpack_codes(body[meta_bytes:meta_bytes + packed_nbytes(n, self.bits)], self.bits, n).to(work)
-            for start, nb, blen, bi in blocks.runs:
-                sl = slice(start, start + nb * blen)
-                acc[sl].view(nb, blen).add_(torch.addcmul(lo[bi:bi + nb, None], codes[sl].view(nb, blen),
-                                                          step[bi:bi + nb, None]))
-        if acc is not out:
-            out.copy_(acc)
+            unpack_codes(body[meta_bytes:meta_bytes + packed_nbytes(n, self.bits)], self.bits, n, out=codes)
+            for start, rows, cols, b in parts:
+                m = rows * cols
+                c = c_all[:m].view(rows, cols)
+                c.copy_(codes[start:start + m].view(rows, cols))
+                v = torch.addcmul(lo[b:b + rows, None], c, step[b:b + rows, None], out=v_all[:m].view(rows, cols))
+                acc[start:start + m].view(rows, cols).add_(v)
+        if not direct:
+            out.copy_(acc.view(out.shape))
         return out
 
 
