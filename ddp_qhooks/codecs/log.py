@@ -131,7 +131,8 @@ def _code_fn(bits: int, stochastic: bool):
         lower = (ab >> 23) + (M - 127)
         frac = ((ab & 0x7FFFFF) | 0x3F800000).view(torch.float32) - 1.0
         pos = torch.where(lower <= 0, ab.view(torch.float32) * 2.0 ** (M - 1), frac)
-        up = (pos + rnd).floor().to(torch.int32) if stochastic else (pos >= 0.5).to(torch.int32)
+        # pos + rnd >= 0: truncation is the floor (and vectorises; floor did not)
+        up = (pos + rnd).to(torch.int32) if stochastic else (pos >= 0.5).to(torch.int32)
         mag = lower.clamp(min=0) + up
         return mag | ((sign * mag.clamp(max=1)) << (bits - 1))
     return code

@@ -119,6 +119,6 @@ def _code_fn(K: int, mu: float, stochastic: bool):
         rel = x / scale
         r = rel.abs()
         t = torch.where(r >= 1.0, float(K), torch.log1p(r * mu) * gain)
-        q = (t + rnd).floor().clamp(0, K).to(torch.int32)
+        q = (t + rnd).to(torch.int32).clamp(0, K)  # t + rnd >= 0: truncation is the floor
         return torch.where(rel.view(torch.int32) < 0, K - q, K + q)
     return code
