@@ -1025,9 +1025,9 @@ def test_compiled_table_codec_matches_eager(name):
     same values as the table lookup.  Stochastic rounding of a one-block bucket uses the same dither
     either way."""
     g = torch.Generator().manual_seed(14)
-    for bits in (8, 3):  # a byte-wide and a packed width (each width compiles its own kernels)
+    for bits in (8, 3, 2):  # byte-wide, packed after the kernel, packed inside it (planar)
         for rounding in ("nearest", "stochastic"):
-            for n in (1001, 3 * 65536 + 1001):
+            for n in (1001, 3 * 65536 + 1001) + ((2 * (1 << 19) + 4099,) if bits == 2 else ()):
                 x = torch.randn(n, generator=g) ** 3
                 x[::9] = 0.0
                 layout = Layout.flat(n)

@@ -71,6 +71,14 @@ def _table_codes_template(x, scale, rnd, out):
     out.copy_(code_of(x, scale, rnd))  # noqa: F821
 
 
+def _table_planar_template(xs, scale, rnd, out):
+    # xs: (stripes, PLANES, ...); out: (stripes, ...) packed bytes, plane p at bit offset p*BITS
+    acc = code_of(xs[:, 0], scale, rnd)  # noqa: F821 (a global of the instance)
+    for p in range(1, PLANES):  # noqa: F821
+        acc = acc | (code_of(xs[:, p], scale, rnd) << (p * BITS))  # noqa: F821
+    out.copy_(acc)
+
+
 def _value_decode_template(codes, scale, out):
     v = value_of(codes.to(torch.int32)) * scale  # noqa: F821
     out.copy_(out + v if ACCUMULATE else v)  # noqa: F821
@@ -119,6 +127,15 @@ def table_codes(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor
     last dimension, or a 0-d tensor); False when compilation is unavailable."""
     return _call(("table-codes", code_of), lambda: _instantiate(_table_codes_template, code_of=code_of),
                  x, scale, rnd, out)[0]
+
+
+def table_planar(code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor,
+                 out: torch.Tensor) -> bool:
+    """:func:`table_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into ``out`` of shape
+    ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``."""
+    return _call(("table-planar", code_of, bits),
+                 lambda: _instantiate(_table_planar_template, code_of=code_of, BITS=bits, PLANES=8 // bits),
+                 xs, scale, rnd, out)[0]
 
 
 def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:

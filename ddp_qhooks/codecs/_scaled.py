@@ -12,7 +12,7 @@ from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
 from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_choice
-from .packing import pack_codes, packed_nbytes, unpack_codes
+from .packing import PLANAR_BITS, STRIPE, pack_codes, packed_nbytes, unpack_codes
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _ROUNDINGS = ("nearest", "stochastic")
@@ -135,15 +135,24 @@ class _ScaledTableCodec(Codec):
             tiled[full:].copy_(window[:tiled.numel() - full])
         elif self.stochastic:
             dither = _random.param_dither(layout, key, xf.device)
-        done = 0
+        done, packed_done = 0, False
         if (self.compile and self._fused_code is not None and self.block_size is None and xf.device.type == "cpu"
                 and xf.is_contiguous() and n >= _random.PERIOD):
-            done = n // _random.PERIOD * _random.PERIOD
             rnd = window if window is not None else torch.tensor(0.5)
-            if not _fused.table_codes(self._fused_code, xf[:done].view(-1, _random.PERIOD), denom[0], rnd,
-                                      codes[:done].view(-1, _random.PERIOD)):
-                done = 0
-        if done:  # the tail (less than a period) eagerly
+            rows = (lambda t: t.view(*t.shape[:-1], -1, _random.PERIOD))  # the dither repeats per period
+            if self.bits in PLANAR_BITS and n >= STRIPE:
+                # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py)
+                k = 8 // self.bits
+                stripes, m = n // STRIPE, STRIPE // k
+                done = stripes * STRIPE
+                packed_done = _fused.table_planar(self._fused_code, self.bits, rows(xf[:done].view(stripes, k, m)),
+                                                  denom[0], rnd, rows(packed[:stripes * m].view(stripes, m)))
+                done = done if packed_done else 0
+            else:
+                done = n // _random.PERIOD * _random.PERIOD
+                if not _fused.table_codes(self._fused_code, rows(xf[:done]), denom[0], rnd, rows(codes[:done])):
+                    done = 0
+        if done:  # the rest (less than a period, or a stripe) eagerly
             rel = torch.div(xf[done:], denom[0], out=s.get("rel", n - done, torch.float32))
         else:
             rel = s.get("rel", n, torch.float32)
@@ -153,7 +162,9 @@ class _ScaledTableCodec(Codec):
             c = min(chunk, n - a)
             rnd = 0.5 if not self.stochastic else tiled[:c] if tiled is not None else dither[a:a + c]
             self._codes(rel[a - done:a - done + c], rnd, codes[a:a + c], s)
-        if self.bits != 8:
+        if packed_done:  # planar packing is stripe-local: the partial last stripe packs on its own
+            pack_codes(codes[done:n], self.bits, out=packed[done * self.bits // 8:])
+        elif self.bits != 8:
             pack_codes(codes, self.bits, out=packed)
         if error_out is None:
             return EncodeInfo()
