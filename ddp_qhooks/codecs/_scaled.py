@@ -135,7 +135,7 @@ class _ScaledTableCodec(Codec):
             tiled[full:].copy_(window[:tiled.numel() - full])
         elif self.stochastic:
             dither = _random.param_dither(layout, key, xf.device)
-        done, packed_done = 0, False
+        done = packed_upto = 0  # values with codes (in ``codes`` or packed) / packed by the kernel
         if (self.compile and self._fused_code is not None and self.block_size is None and xf.device.type == "cpu"
                 and xf.is_contiguous() and n >= _random.PERIOD):
             rnd = window if window is not None else torch.tensor(0.5)
@@ -144,15 +144,13 @@ class _ScaledTableCodec(Codec):
                 # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py)
                 k = 8 // self.bits
                 stripes, m = n // STRIPE, STRIPE // k
-                done = stripes * STRIPE
-                packed_done = _fused.table_planar(self._fused_code, self.bits, rows(xf[:done].view(stripes, k, m)),
-                                                  denom[0], rnd, rows(packed[:stripes * m].view(stripes, m)))
-                done = done if packed_done else 0
-            else:
-                done = n // _random.PERIOD * _random.PERIOD
-                if not _fused.table_codes(self._fused_code, rows(xf[:done]), denom[0], rnd, rows(codes[:done])):
-                    done = 0
-        if done:  # the rest (less than a period, or a stripe) eagerly
+                if _fused.table_planar(self._fused_code, self.bits, rows(xf[:stripes * STRIPE].view(stripes, k, m)),
+                                       denom[0], rnd, rows(packed[:stripes * m].view(stripes, m))):
+                    done = packed_upto = stripes * STRIPE
+            end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
+            if end > done and _fused.table_codes(self._fused_code, rows(xf[done:end]), denom[0], rnd, rows(codes[done:end])):
+                done = end
+        if done:  # the rest (less than a period) eagerly
             rel = torch.div(xf[done:], denom[0], out=s.get("rel", n - done, torch.float32))
         else:
             rel = s.get("rel", n, torch.float32)
@@ -162,10 +160,8 @@ class _ScaledTableCodec(Codec):
             c = min(chunk, n - a)
             rnd = 0.5 if not self.stochastic else tiled[:c] if tiled is not None else dither[a:a + c]
             self._codes(rel[a - done:a - done + c], rnd, codes[a:a + c], s)
-        if packed_done:  # planar packing is stripe-local: the partial last stripe packs on its own
-            pack_codes(codes[done:n], self.bits, out=packed[done * self.bits // 8:])
-        elif self.bits != 8:
-            pack_codes(codes, self.bits, out=packed)
+        if self.bits != 8 and packed_upto < n:  # planar packing is stripe-local: the rest packs on its own
+            pack_codes(codes[packed_upto:n], self.bits, out=packed[packed_upto * self.bits // 8:])
         if error_out is None:
             return EncodeInfo()
         self.decode([body], layout, error_out)
