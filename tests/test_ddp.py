@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import pickle
+import shutil
 import time
 import traceback
 import warnings
@@ -285,6 +286,50 @@ def test_multi_stripe_bucket_equals_mean_of_dequantized_payloads(big_runs, bits,
     _check_mean_of_dequantized(_flat(avgs[0]), [_flat(pr["local"]) for pr in per_rank], numels, bits, None,
                                f"bits={bits} compile={compiled}")
     assert all(pr["steps"] == 1 for pr in per_rank)
+
+
+# compile=True through DDP: the fused kernels (encode + residual on the autograd thread, decode on
+# Gloo's) must give bitwise the eager averages, with error feedback, over two steps
+FUSED_CODECS = ["sign", "ternary", "log"]
+
+
+def _fused_vs_eager(rank, name):
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(700, 1024), nn.Tanh(), nn.Linear(1024, 2))  # ~720k values, one bucket
+        ddp = DDP(model, bucket_cap_mb=64)
+        state = _register(ddp, name, compile=compiled)
+        grads = []
+        for step in range(2):
+            x, y = _batch(rank, step, din=700, dout=2, salt=13)
+            ddp.zero_grad()
+            _loss(ddp(x), y).backward()
+            grads.append(_grads(model))
+        runs[compiled] = (grads, state.stats()["steps"])
+    from ddp_qhooks.codecs import _fused
+    return {"runs": runs, "broken": _fused._broken}
+
+
+def _w_fused(rank, world):
+    return {name: _guard(_fused_vs_eager, rank, name) for name in FUSED_CODECS}
+
+
+@pytest.fixture(scope="module")
+def fused_runs():
+    return _dist.results(_w_fused, 2, timeout_s=300)
+
+
+@pytest.mark.parametrize("name", FUSED_CODECS)
+def test_compiled_kernels_give_the_eager_averages_through_ddp(fused_runs, name):
+    for r in fused_runs:
+        part = _ok(r[name])
+        if shutil.which("g++") or shutil.which("c++"):
+            assert not part["broken"], "a C++ compiler is present, yet the compiled kernels fell back"
+        (eager, steps_e), (fused, steps_f) = part["runs"][False], part["runs"][True]
+        assert steps_e == steps_f == 2
+        for ge, gf in zip(eager, fused):
+            assert all(torch.equal(a, b) for a, b in zip(ge, gf)), name
 
 
 def _expected_payload(codec, bits, bs, numels):
