@@ -150,16 +150,16 @@ class _ScaledTableCodec(Codec):
             end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
             if end > done and _fused.table_codes(self._fused_code, rows(xf[done:end]), denom[0], rnd, rows(codes[done:end])):
                 done = end
-        if done:  # the rest (less than a period) eagerly
-            rel = torch.div(xf[done:], denom[0], out=s.get("rel", n - done, torch.float32))
-        else:
+        rel = None
+        if blocks.count > 1:  # x / m block by block, over the bucket (chunks do not follow blocks)
             rel = s.get("rel", n, torch.float32)
             for (view, sl), (dst, _) in zip(blocks.views(xf), blocks.views(rel)):
                 torch.div(view, denom[sl, None], out=dst)
-        for a in range(done, n, chunk):
+        for a in range(done, n, chunk):  # the rest eagerly (under one period when compiled)
             c = min(chunk, n - a)
+            rc = rel[a:a + c] if rel is not None else torch.div(xf[a:a + c], denom[0], out=s.get("rel", min(chunk, n), torch.float32)[:c])
             rnd = 0.5 if not self.stochastic else tiled[:c] if tiled is not None else dither[a:a + c]
-            self._codes(rel[a - done:a - done + c], rnd, codes[a:a + c], s)
+            self._codes(rc, rnd, codes[a:a + c], s)
         if self.bits != 8 and packed_upto < n:  # planar packing is stripe-local: the rest packs on its own
             pack_codes(codes[packed_upto:n], self.bits, out=packed[packed_upto * self.bits // 8:])
         if error_out is None:
