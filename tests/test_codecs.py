@@ -934,9 +934,13 @@ def test_compiled_kernel_matches_eager(name):
             for codec in (eager, fused):
                 body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
                 err = torch.empty(n)
-                codec.encode(x, body, layout, key=5, error_out=err if with_error else None)
+                info = codec.encode(x, body, layout, key=5, error_out=err if with_error else None)
                 if not with_error:
                     err = x - decode(codec, [body], layout, n)
+                else:  # the squared sums (the compiled residual kernel's in float64) match float64 here
+                    e64 = (x.double() - decode(codec, [body], layout, n).double())
+                    assert info.error_sq == pytest.approx(float((e64 * e64).sum()), rel=1e-4, abs=1e-12)
+                    assert info.input_sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-5)
                 bodies.append((body, err))
             out_e, out_f = torch.empty(n), torch.empty(n)
             eager.decode([bodies[0][0]], layout, out_e)

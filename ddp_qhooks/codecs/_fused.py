@@ -24,6 +24,18 @@ def _affine_to_codes(xc, rounding, bias, shift, inv, out):
     out.copy_(((rounding + bias) + (xc - shift) * inv).to(torch.int32))
 
 
+def _affine_residual(xc, rounding, bias, shift, inv, lo, scale, err):
+    # the codes again, by the same expression as the codes kernels (the same compiled arithmetic),
+    # then the residual as the eager path forms it: (x - lo) first, then minus code * step
+    code = ((rounding + bias) + (xc - shift) * inv).to(torch.int32)
+    e = (xc - lo) - code.to(torch.float32) * scale
+    err.copy_(e)
+    e64, x64 = e.double(), xc.double()  # float64 squares: no overflow or underflow
+    if xc.dim() > 1:  # (rows, period) with a broadcast dither: row sums first (2.6x faster here)
+        return (e64 * e64).sum(-1).sum(), (x64 * x64).sum(-1).sum()
+    return (e64 * e64).sum(), (x64 * x64).sum()
+
+
 def _planar_kernel(bits: int):
     k = 8 // bits
 
@@ -207,3 +219,13 @@ def affine_to_planar(xs: torch.Tensor, rounding: torch.Tensor, bias: float, shif
     """Codes as in :func:`affine_to_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into
     ``out`` of shape ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``."""
     return _run(("planar", bits), lambda: _planar_kernel(bits), xs, rounding, bias, shift, inv, out)
+
+
+def affine_residual(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float, lo: float,
+                    scale: float, err: torch.Tensor):
+    """``err = (x - lo) - code * scale`` for the codes of :func:`affine_to_codes` (recomputed, same
+    arithmetic), and the float64 squared sums of ``err`` and ``x``; None when compilation is
+    unavailable."""
+    scalars = (torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv, lo, scale))
+    ok, sums = _call("affine-residual", lambda: _affine_residual, xc, rounding, *scalars, err)
+    return sums if ok else None

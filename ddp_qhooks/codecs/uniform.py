@@ -214,6 +214,20 @@ class UniformCodec(Codec):
         done, compiled_codes = 0, None
         if self.compile and on_cpu:
             done, compiled_codes = self._encode_compiled(x, codes, key, bias, lo if precise else 0.0, inv, s)
+        err_sq = inp_sq = 0.0
+        res_upto = 0  # the residual of [0, res_upto) comes from a compiled kernel too
+        if done and error_out is not None and error_out.dtype == torch.float32 and error_out.is_contiguous():
+            # the prefix whose codes the kernels computed (stochastic non-planar widths did the tail
+            # after the last whole period eagerly), in whole chunks
+            upto = done if bits in PLANAR_BITS or not self.stochastic else n // period * period
+            res_upto = upto // chunk * chunk
+            if res_upto:
+                sums = self._residual_compiled(x[:res_upto], error_out.view(-1)[:res_upto], key, bias,
+                                               lo if precise else 0.0, inv, lo, scale)
+                if sums is None:
+                    res_upto = 0
+                else:
+                    err_sq, inp_sq = float(sums[0]), float(sums[1])
         if done == n:
             window = None
         elif self.stochastic:
@@ -223,11 +237,12 @@ class UniformCodec(Codec):
             window = _random.fill_dither(s.window[:period], key, add=bias)
         else:
             window = s.window[:min(chunk, n)].fill_(bias + 0.5)  # v <= L + 0.5 + err: no clamp
-        err_sq = inp_sq = 0.0
         # last chunk first: the min/max pass just streamed through x, so its tail is still cached
         for a in reversed(range(0, n, chunk)):
             c = min(chunk, n - a)
             xc = x[a:a + c]
+            if a + c <= res_upto:  # codes and residual both compiled
+                break
             if a < done:  # the compiled kernel wrote these codes
                 if error_out is None:
                     break
@@ -310,6 +325,16 @@ class UniformCodec(Codec):
                 c = min(CHUNK, n - a)
                 pack_codes(cu[a:a + c], bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.whole(n)[1])
         return n, cu
+
+    def _residual_compiled(self, x, err, key, bias, shift, inv, lo, scale):
+        """The residual and squared sums of the compiled codes of ``x`` (a prefix of whole dither
+        periods), or None when the kernel is unavailable."""
+        rounding = _HALF.to(x.device)
+        if self.stochastic:
+            start = _random.offset(key)
+            rounding = _random.dither_pool(x.device)[start:start + _random.PERIOD]
+            x, err = x.view(-1, _random.PERIOD), err.view(-1, _random.PERIOD)
+        return _fused.affine_residual(x, rounding, bias, shift, inv, lo, scale, err)
 
     def _encode_blocks(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
         runs = blocks_for(layout, block_size).runs
