@@ -124,8 +124,27 @@ class _Scratch:
         return buf[:size]
 
 
+class PerThreadScratch:
+    """Mixin: a :class:`_Scratch` per (device, thread), left out of pickles (rebuilt on use)."""
+
+    def _scratch_for(self, device) -> _Scratch:
+        scratch = self.__dict__.setdefault("_scratch", {})
+        key = (torch.device(device), threading.get_ident())
+        s = scratch.get(key)
+        if s is None:
+            s = scratch[key] = _Scratch(torch.device(device))
+        return s
+
+    def __getstate__(self):  # buffers are rebuilt on use; keep pickles small
+        return {k: v for k, v in self.__dict__.items() if k != "_scratch"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._scratch = {}
+
+
 # -- shared machinery ----------------------------------------------------------------------------
-class BlockScaledCodec(Codec):
+class BlockScaledCodec(PerThreadScratch, Codec):
     """Codes that decode to ``unit * a``, unit in {-1, 0, +1}, with one float32 ``a`` per block.
 
     Body: the float32 scales, then the packed codes.  Subclasses implement ``_scales`` (the
@@ -151,21 +170,6 @@ class BlockScaledCodec(Codec):
         if not isinstance(compile, bool):
             raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
         self.compile = compile  # a local speed choice: not part of config(), ranks may differ
-        self._scratch: dict[tuple, _Scratch] = {}
-
-    def __getstate__(self):  # buffers are rebuilt on use; keep pickles small
-        return {k: v for k, v in self.__dict__.items() if k != "_scratch"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._scratch = {}
-
-    def _scratch_for(self, device: torch.device) -> _Scratch:
-        key = (device, threading.get_ident())
-        s = self._scratch.get(key)
-        if s is None:
-            s = self._scratch[key] = _Scratch(device)
-        return s
 
     def _chunk(self, numel: int, device: torch.device) -> int:
         """Values per piece: cache-sized on the CPU; the whole bucket on accelerators (one piece per

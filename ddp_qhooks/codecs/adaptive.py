@@ -67,14 +67,13 @@ Edge cases
 from __future__ import annotations
 
 import math
-import threading
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from . import _random
-from ._blockscaled import CHUNK, _Scratch, pieces
+from ._blockscaled import CHUNK, PerThreadScratch, pieces
 from .base import Codec, EncodeInfo, Layout
 from .blocks import _row_minmax, blocks_for, check_block_size
 from .kmeans import (
@@ -95,7 +94,7 @@ _MIN_STEP = 2.0 ** -100   # smaller steps lose bits in float32 products
 __all__ = ["AdaptiveCodec"]
 
 
-class AdaptiveCodec(RunningStateMixin, Codec):
+class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
     """Uniform ``bits``-bit grid on a running min-max or percentile range per block; clips."""
 
     _state_field, _state_keys = "bounds", ("codec", "block_size", "stat")
@@ -125,21 +124,6 @@ class AdaptiveCodec(RunningStateMixin, Codec):
         self.stochastic = self.grid == "stochastic"
         self.levels = (1 << bits) - 1
         self._state = BlockState(self.block_size, 2 if self.stat == "minmax" else 1, torch.float64)
-        self._scratch: dict[tuple, _Scratch] = {}
-
-    def __getstate__(self):  # buffers are rebuilt on use; keep pickles small
-        return {k: v for k, v in self.__dict__.items() if k != "_scratch"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._scratch = {}
-
-    def _scratch_for(self, device) -> _Scratch:
-        # one set per (device, thread): DDP encodes on the autograd thread while Gloo's decodes
-        key = (torch.device(device), threading.get_ident())
-        if key not in self._scratch:
-            self._scratch[key] = _Scratch(torch.device(device))
-        return self._scratch[key]
 
     def _pieces(self, layout: Layout, device):
         """Cache-sized pieces on the CPU (temporaries stay in cache); one per run elsewhere."""
