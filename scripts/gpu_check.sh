@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
   echo "== CUDA / NCCL tests"
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25
   echo "== CPU unit and multi-process DDP tests under this machine's torch"
-  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_codecs.py tests/test_ddp.py 2>&1 | tail -4  # compiles the fused CPU kernels on a cold cache
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_codecs.py tests/test_ddp.py -k "not compile" 2>&1 | tail -4  # the fused kernels are CPU-only: CI runs them
   echo "== micro-benchmark, GPU, 25 MiB bucket, every codec (clone = device memory bandwidth)"
   timeout 200 python3 -m ddp_qhooks.microbench --device cuda --repeat 10 --markdown
   echo "== micro-benchmark, GPU, 256 MiB bucket"
