@@ -961,7 +961,7 @@ def test_compiled_block_scaled_codec_is_bitwise_the_eager_path(name, options):
     kernel fall back to it); the residual's squared sums agree with float64 sums computed here."""
     g = torch.Generator().manual_seed(12)
     stripe = 1 << 19
-    for n in (1001, stripe, 2 * stripe + 4099):
+    for n in (1001, stripe, 2 * stripe + 4099, 2 * stripe + (1 << 18)):  # a tail of equal planes: compiled too
         x = torch.randn(n, generator=g)
         x[::7], x[::11] = 0.0, -0.0  # exact zeros of both signs
         layout = Layout.flat(n)

@@ -282,6 +282,17 @@ class BlockScaledCodec(PerThreadScratch, Codec):
             return None
         body[:4].copy_(scales.view(torch.uint8))
         err_sq, inp_sq = (0.0, 0.0) if sums is None else (float(sums[0]), float(sums[1]))
+        r = n - full
+        if r and r % k == 0 and (dither is None or r // k % _random.PERIOD == 0):
+            # a partial last stripe of equal planes (packing.planes) is one more stripe for the kernel
+            tail = _fused.unit_encode(self.name, self._fused_code, bits, rows(xf[full:].view(1, k, r // k)),
+                                      scales[0], dither.window if dither is not None else scales[0],
+                                      rows(body[4 + stripes * m: 4 + stripes * m + r // k].view(1, r // k)),
+                                      None if err is None else rows(err[full:].view(1, k, r // k)))
+            if tail is not False:
+                if tail is not None:
+                    err_sq, inp_sq = err_sq + float(tail[0]), inp_sq + float(tail[1])
+                full = n
         if full < n:  # the partial last stripe, eagerly (its dither: full is a multiple of the period)
             tail, tail_layout = xf[full:], Layout.flat(n - full)
             codes = s.get("codes", n - full, torch.uint8)
