@@ -272,27 +272,30 @@ class BlockScaledCodec(PerThreadScratch, Codec):
         full = stripes * STRIPE
         dither = self._dither(layout, key, xf.device) if self.stochastic else None
         # the dither window broadcasts over period-long rows (stripes and planes are whole periods)
-        rows = (lambda t: t.view(*t.shape[:-1], -1, _random.PERIOD)) if dither is not None else (lambda t: t)
+        rows = _random.period_rows if dither is not None else (lambda t: t)
         err = None if error_out is None else error_out.view(-1)
-        sums = _fused.unit_encode(self.name, self._fused_code, bits, rows(xf[:full].view(stripes, k, m)),
-                                  scales[0], dither.window if dither is not None else scales[0],
-                                  rows(body[4:4 + stripes * m].view(stripes, m)),
-                                  None if err is None else rows(err[:full].view(stripes, k, m)))
+        err_sq = inp_sq = 0.0
+
+        def kernel(start: int, groups: int, plane: int):
+            """The kernel on ``groups`` stripes of ``k`` planes of ``plane`` values from ``start``."""
+            end, at = start + groups * k * plane, 4 + start // k
+            return _fused.unit_encode(self.name, self._fused_code, bits, rows(xf[start:end].view(groups, k, plane)),
+                                      scales[0], dither.window if dither is not None else scales[0],
+                                      rows(body[at:at + groups * plane].view(groups, plane)),
+                                      None if err is None else rows(err[start:end].view(groups, k, plane)))
+
+        sums = kernel(0, stripes, m)
         if sums is False:
             return None
         body[:4].copy_(scales.view(torch.uint8))
-        err_sq, inp_sq = (0.0, 0.0) if sums is None else (float(sums[0]), float(sums[1]))
         r = n - full
         if r and r % k == 0 and (dither is None or r // k % _random.PERIOD == 0):
             # a partial last stripe of equal planes (packing.planes) is one more stripe for the kernel
-            tail = _fused.unit_encode(self.name, self._fused_code, bits, rows(xf[full:].view(1, k, r // k)),
-                                      scales[0], dither.window if dither is not None else scales[0],
-                                      rows(body[4 + stripes * m: 4 + stripes * m + r // k].view(1, r // k)),
-                                      None if err is None else rows(err[full:].view(1, k, r // k)))
+            tail = kernel(full, 1, r // k)
             if tail is not False:
-                if tail is not None:
-                    err_sq, inp_sq = err_sq + float(tail[0]), inp_sq + float(tail[1])
-                full = n
+                sums, full = ((sums[0] + tail[0], sums[1] + tail[1]) if sums is not None else None), n
+        if sums is not None:
+            err_sq, inp_sq = float(sums[0]), float(sums[1])
         if full < n:  # the partial last stripe, eagerly (its dither: full is a multiple of the period)
             tail, tail_layout = xf[full:], Layout.flat(n - full)
             codes = s.get("codes", n - full, torch.uint8)

@@ -97,9 +97,8 @@ def _value_decode_template(codes, scale, out):
 
 
 def _instantiate(template, **params):
-    """A copy of ``template`` with ``params`` as globals and a code object of its own (dynamo keeps
-    compiled variants, and its recompile limit of 8, per code object)."""
-    return types.FunctionType(template.__code__.replace(), {**template.__globals__, **params}, template.__name__)
+    """``template`` with ``params`` as globals (:func:`_call` gives it a code object of its own)."""
+    return types.FunctionType(template.__code__, {**template.__globals__, **params}, template.__name__)
 
 
 def _abs_sum64(x):
@@ -197,14 +196,10 @@ def _call(name, make, *args) -> tuple[bool, object]:
         return False, None
 
 
-def _run_plain(name, make, *args) -> bool:
-    return _call(name, make, *args)[0]
-
-
 def _run(name, make, x, rounding, bias: float, shift: float, inv: float, out) -> bool:
     # scalars travel as 0-d tensors so that new ranges do not trigger recompiles
     scalars = (torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv))
-    return _run_plain(name, make, x, rounding, *scalars, out)
+    return _call(name, make, x, rounding, *scalars, out)[0]
 
 
 def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,

@@ -115,6 +115,12 @@ class PieceDither:
         return out
 
 
+def period_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its last dimension cut into ``PERIOD``-long rows, over which a
+    :class:`PeriodDither` window broadcasts."""
+    return t.view(*t.shape[:-1], -1, PERIOD)
+
+
 class PeriodDither:
     """The one-range-per-bucket dither (see the module docstring): element ``i`` of the bucket gets
     ``window[i % PERIOD]``, one ``PERIOD``-long stretch of the pool picked by ``key``.  Pieces that

@@ -139,7 +139,7 @@ class _ScaledTableCodec(Codec):
         if (self.compile and self._fused_code is not None and self.block_size is None and xf.device.type == "cpu"
                 and xf.is_contiguous() and n >= _random.PERIOD):
             rnd = window if window is not None else torch.tensor(0.5)
-            rows = (lambda t: t.view(*t.shape[:-1], -1, _random.PERIOD))  # the dither repeats per period
+            rows = _random.period_rows  # the dither repeats per period
             if self.bits in PLANAR_BITS and n >= STRIPE:
                 # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py)
                 k = 8 // self.bits

@@ -292,11 +292,8 @@ class UniformCodec(Codec):
         whose kernel writes packed bytes directly), and their uint8 codes when they exist
         unpacked (else None)."""
         n, bits = x.numel(), self.bits
-        rounding = _HALF.to(x.device)
-        if self.stochastic:
-            start = _random.offset(key)
-            rounding = _random.dither_pool(x.device)[start:start + min(n, _random.PERIOD)]
-        rows = (lambda t: t.view(*t.shape[:-1], -1, _random.PERIOD)) if self.stochastic else (lambda t: t)
+        rounding = self._rounding(key, n, x.device)
+        rows = _random.period_rows if self.stochastic else (lambda t: t)
         if bits in PLANAR_BITS:
             k, stripes = 8 // bits, n // STRIPE
             if not stripes:
@@ -329,12 +326,17 @@ class UniformCodec(Codec):
     def _residual_compiled(self, x, err, key, bias, shift, inv, lo, scale):
         """The residual and squared sums of the compiled codes of ``x`` (a prefix of whole dither
         periods), or None when the kernel is unavailable."""
-        rounding = _HALF.to(x.device)
+        rounding = self._rounding(key, x.numel(), x.device)
         if self.stochastic:
-            start = _random.offset(key)
-            rounding = _random.dither_pool(x.device)[start:start + _random.PERIOD]
             x, err = x.view(-1, _random.PERIOD), err.view(-1, _random.PERIOD)
         return _fused.affine_residual(x, rounding, bias, shift, inv, lo, scale, err)
+
+    def _rounding(self, key, n, device) -> torch.Tensor:
+        """The compiled kernels' rounding term: 1/2, or one period of the keyed dither (the window
+        the chunked path applies to every period-long row)."""
+        if self.stochastic:
+            return _random.PeriodDither(n, key, device).window
+        return _HALF.to(device)
 
     def _encode_blocks(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
         runs = blocks_for(layout, block_size).runs
