@@ -1062,3 +1062,26 @@ def test_compiled_table_codec_matches_eager(name):
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):
         assert not _fused._broken
+
+
+@pytest.mark.parametrize("mu", [255.0, 1e-3, 1e30])
+def test_compiled_mulaw_compander_against_float64(mu):
+    """mulaw's compiled encoder computes ln(1 + mu*r) itself (a polynomial, not log1p): its nearest
+    codes equal the float64 compander's, except for values within 2e-5 of a code unit of a rounding
+    boundary, and then by one code; the block max keeps its code exactly."""
+    n, K = 3 * 65536 + 77, 127
+    x = torch.randn(n, generator=torch.Generator().manual_seed(15)) ** 3
+    x[::7] *= 1e-4   # small r: where rounding 1 + mu*r loses the most (compensated for small mu)
+    layout = Layout.flat(n)
+    codec = make_codec("mulaw", bits=8, mu=mu, rounding="nearest", compile=True)
+    codes = encode(codec, x, layout)[0][4:].to(torch.int64)
+    m = x.abs().max().double()
+    t = torch.log1p((x.double().abs() / m) * mu) * (K / math.log1p(mu))
+    q = torch.floor(t + 0.5)
+    want = torch.where(x < 0, K - q, K + q).to(torch.int64)
+    differ = codes != want
+    assert float(differ.double().mean()) < 1e-4
+    assert bool(((codes - want).abs() <= 1).all())
+    assert bool(((t - t.floor() - 0.5).abs()[differ] < 2e-5).all())
+    i = int(x.abs().argmax())
+    assert int(codes[i]) == (2 * K if x[i] > 0 else 0)

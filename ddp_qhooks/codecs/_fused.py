@@ -18,6 +18,7 @@ import torch
 _lock = threading.Lock()
 _kernels: dict = {}
 _broken = False
+_FMA = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 
 def _affine_to_codes(xc, rounding, bias, shift, inv, out):
@@ -133,20 +134,23 @@ def unit_decode(name: str, unit_of, codes: torch.Tensor, share: torch.Tensor, ou
                  codes, share, out)[0]
 
 
-def table_codes(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, out: torch.Tensor) -> bool:
+def table_codes(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, out: torch.Tensor,
+                fma: bool = False) -> bool:
     """``out = code_of(x, scale, rnd)`` (uint8 codes; ``rnd``: the dither window, broadcast over the
-    last dimension, or a 0-d tensor); False when compilation is unavailable."""
-    return _call(("table-codes", code_of), lambda: _instantiate(_table_codes_template, code_of=code_of),
-                 x, scale, rnd, out)[0]
+    last dimension, or a 0-d tensor); False when compilation is unavailable.  ``fma=True`` lets the
+    C++ compiler contract ``a * b + c`` into fused multiply-adds (one rounding instead of two): only
+    for arithmetic that is not meant to be bitwise the eager one."""
+    return _call(("table-codes", code_of, fma), lambda: _instantiate(_table_codes_template, code_of=code_of),
+                 x, scale, rnd, out, options=_FMA if fma else None)[0]
 
 
 def table_planar(code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor,
-                 out: torch.Tensor) -> bool:
+                 out: torch.Tensor, fma: bool = False) -> bool:
     """:func:`table_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into ``out`` of shape
     ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``."""
-    return _call(("table-planar", code_of, bits),
+    return _call(("table-planar", code_of, bits, fma),
                  lambda: _instantiate(_table_planar_template, code_of=code_of, BITS=bits, PLANES=8 // bits),
-                 xs, scale, rnd, out)[0]
+                 xs, scale, rnd, out, options=_FMA if fma else None)[0]
 
 
 def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
@@ -176,10 +180,10 @@ def _own_code(fn):
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def _call(name, make, *args) -> tuple[bool, object]:
-    """Compile ``make()`` once per ``name`` and run it on ``args``: ``(True, result)``, or ``(False,
-    None)`` (and a warning, once) when compilation is unavailable, and from then on without trying
-    again."""
+def _call(name, make, *args, options=None) -> tuple[bool, object]:
+    """Compile ``make()`` once per ``name`` (with inductor ``options``) and run it on ``args``:
+    ``(True, result)``, or ``(False, None)`` (and a warning, once) when compilation is unavailable,
+    and from then on without trying again."""
     global _broken
     if _broken:
         return False, None
@@ -187,7 +191,15 @@ def _call(name, make, *args) -> tuple[bool, object]:
         with _lock:  # compilation (and dynamo's caches) are not meant for concurrent first calls
             kernel = _kernels.get(name)
             if kernel is None:
-                kernel = _kernels[name] = torch.compile(_own_code(make()), dynamic=True, fullgraph=True)
+                kernel = torch.compile(_own_code(make()), dynamic=True, fullgraph=True, options=options)
+                # the first call compiles.  Python float constants of a kernel (a codec's gain,
+                # polynomial coefficients) become literals, not per-call inputs: with dynamic=True
+                # dynamo would pass them as 0-d doubles, reloaded in the loop (the mu-law encoder
+                # ran 1.4x slower).  Scalars that vary travel as 0-d tensors anyway.
+                with torch._dynamo.config.patch(specialize_float=True):
+                    result = kernel(*args)
+                _kernels[name] = kernel
+                return True, result
         return True, kernel(*args)
     except Exception as exc:  # no compiler, unsupported platform, ...: stay correct, just slower
         _broken = True

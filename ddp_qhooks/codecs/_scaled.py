@@ -49,6 +49,7 @@ class _ScaledTableCodec(Codec):
 
     _fused_code = None
     _fused_value = None
+    _fused_fma = False   # True: the compiled encoder may contract a * b + c (not bitwise the eager one)
 
     def __init__(self, bits: int, block_size, rounding: str, compile: bool = False):
         bits = check_bits(self.name, bits, 2)
@@ -145,10 +146,11 @@ class _ScaledTableCodec(Codec):
                 k = 8 // self.bits
                 stripes, m = n // STRIPE, STRIPE // k
                 if _fused.table_planar(self._fused_code, self.bits, rows(xf[:stripes * STRIPE].view(stripes, k, m)),
-                                       denom[0], rnd, rows(packed[:stripes * m].view(stripes, m))):
+                                       denom[0], rnd, rows(packed[:stripes * m].view(stripes, m)), self._fused_fma):
                     done = packed_upto = stripes * STRIPE
             end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
-            if end > done and _fused.table_codes(self._fused_code, rows(xf[done:end]), denom[0], rnd, rows(codes[done:end])):
+            if end > done and _fused.table_codes(self._fused_code, rows(xf[done:end]), denom[0], rnd, rows(codes[done:end]),
+                                                   self._fused_fma):
                 done = end
         rel = None
         if blocks.count > 1:  # x / m block by block, over the bucket (chunks do not follow blocks)
