@@ -3,7 +3,7 @@
     python -m ddp_qhooks.microbench                      # 25 MiB bucket, 1 thread, all codecs
     python -m ddp_qhooks.microbench --numel 1048576 --codecs uniform --bits 8 4 --markdown
 
-Rows ``<codec>+compile`` (uniform, stochastic, qsgd, sign, ternary, log, mulaw) use the codecs' ``compile=True`` option (fused
+Rows ``<codec>+compile`` (uniform, stochastic, qsgd, sign, ternary, log, mulaw, adaptive) use the codecs' ``compile=True`` option (fused
 kernels built by torch.compile: ~15 s of compilation before the first timed run, needs a C++
 compiler; ``--no-compile`` skips them).  If compilation fails those rows say so and are not timed.
 
@@ -24,7 +24,7 @@ import torch
 
 from .codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
 
-QUANTIZERS = ("uniform", "stochastic", "qsgd", "sign", "ternary", "log", "mulaw")  # the codecs with a compile=True option
+QUANTIZERS = ("uniform", "stochastic", "qsgd", "sign", "ternary", "log", "mulaw", "adaptive")  # the codecs with a compile=True option
 DEFAULT_CODECS = ("uniform", "stochastic", "sign", "ternary", "qsgd", "log", "mulaw", "adaptive", "kmeans", "topk",
                   "fp16", "bf16", "none")
 

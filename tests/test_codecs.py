@@ -1085,3 +1085,38 @@ def test_compiled_mulaw_compander_against_float64(mu):
     assert bool(((t - t.floor() - 0.5).abs()[differ] < 2e-5).all())
     i = int(x.abs().argmax())
     assert int(codes[i]) == (2 * K if x[i] > 0 else 0)
+
+
+def test_compiled_adaptive_matches_eager():
+    """adaptive with compile=True writes bitwise the eager codes (same float32 steps in the same
+    order): for parameters longer than the dither pool (whole pool windows broadcast over rows,
+    then a tail), runs of small blocks several to a pass, empty parameters, one block per bucket,
+    both grids; and for ranges that need float64 (the eager path then)."""
+    pool = 1 << 20
+    numels = [2 * pool + 12345, 0, 777, 777, 3, pool, 5000]
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(sum(numels), generator=g)
+    x[:100] *= 50.0
+    layout = Layout(numels, [7, 8, 9, 10, 11, 12, 13])
+    for block_size, grid, bits in (("layer", "stochastic", 8), ("layer", "uniform", 4), (4096, "stochastic", 3),
+                                   (None, "stochastic", 8)):
+        bodies = []
+        for compiled in (False, True):
+            codec = make_codec("adaptive", bits=bits, block_size=block_size, grid=grid, compile=compiled)
+            body = new_body(codec, layout)
+            codec.encode(x, body, layout, key=5)
+            codec.encode(x * 0.5, body, layout, key=6)   # on the running ranges of the first step
+            bodies.append(body)
+        assert torch.equal(bodies[0], bodies[1]), (block_size, grid, bits)
+    from ddp_qhooks.codecs import _fused
+    if shutil.which("g++") or shutil.which("c++"):  # the compiled pass ran (not an eager fallback)
+        assert not _fused._broken and ("clip-affine", 255) in _fused._kernels
+    huge = torch.full((pool + 5,), 3e38)
+    huge[::3] = -3e38
+    for compiled in (False, True):
+        codec = make_codec("adaptive", bits=8, compile=compiled)
+        bodies.append(encode(codec, huge)[0])
+    assert torch.equal(bodies[-2], bodies[-1])
+    assert make_codec("adaptive", compile=True).config() == make_codec("adaptive").config()
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        make_codec("adaptive", compile=1)

@@ -97,6 +97,13 @@ def _value_decode_template(codes, scale, out):
     out.copy_(out + v if ACCUMULATE else v)  # noqa: F821
 
 
+def _clip_affine_template(x, lo, hi, inv, u, out):
+    # the adaptive codec's steps in its eager order: clip to [lo, hi], (v - lo) * inv, + u, floor
+    # (truncation: the operand is >= 0), at most LEVELS (round-off at hi)
+    v = (torch.clamp(x, lo, hi) - lo) * inv + u
+    out.copy_(v.to(torch.int32).clamp(max=LEVELS))  # noqa: F821 (a global of the instance)
+
+
 def _instantiate(template, **params):
     """``template`` with ``params`` as globals (:func:`_call` gives it a code object of its own)."""
     return types.FunctionType(template.__code__, {**template.__globals__, **params}, template.__name__)
@@ -158,6 +165,15 @@ def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.
     return _call(("value-decode", value_of, accumulate),
                  lambda: _instantiate(_value_decode_template, value_of=value_of, ACCUMULATE=accumulate),
                  codes, scale, out)[0]
+
+
+def clip_affine_codes(levels: int, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inv: torch.Tensor,
+                      u: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = min(floor((clamp(x, lo, hi) - lo) * inv + u), levels)`` as uint8, for ``x`` of shape
+    ``(rows, cols)`` and per-row ``lo``, ``hi``, ``inv`` of shape ``(rows, 1)`` (``u``: a 0-d tensor or
+    ``x``-shaped dither); False when compilation is unavailable."""
+    return _call(("clip-affine", levels), lambda: _instantiate(_clip_affine_template, LEVELS=levels),
+                 x, lo, hi, inv, u, out)[0]
 
 
 def sum_sq64(x: torch.Tensor):

@@ -47,6 +47,11 @@ Body layout (native byte order, little-endian on every supported platform)::
 Every payload carries its own ranges, so ranks keep their own statistics and need not agree on
 them; decoding uses no state.
 
+Speed
+    ``compile=True`` (CPU, float32 ranges): the clip/scale/dither/floor steps run as one compiled
+    pass (torch.compile; the first call compiles, a failure warns once and stays eager), bitwise the
+    eager codes.  Not part of ``config()``: ranks may differ.
+
 Running state
     Per rank, in the codec instance: float64 ``(lo, hi)`` (minmax) or ``c`` (percentile) per block
     and an update counter, keyed by (parameter key from ``layout.param_keys``, block index within
@@ -66,13 +71,14 @@ Edge cases
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import _random
+from . import _fused, _random
 from ._blockscaled import CHUNK, PerThreadScratch, pieces
 from .base import Codec, EncodeInfo, Layout
 from .blocks import _row_minmax, blocks_for, check_block_size
@@ -107,9 +113,12 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
 
     def __init__(self, bits: int = 8, block_size: int | str | None = "layer", stat: str = "minmax",
                  percentile: float = 99.9, momentum: float = 0.9, decay: float | None = None,
-                 grid: str = "stochastic", sample: int = 65536):
+                 grid: str = "stochastic", sample: int = 65536, compile: bool = False):
         bits = check_bits(self.name, bits)
+        if not isinstance(compile, bool):
+            raise ValueError(f"{self.name}: compile must be True or False, got {compile!r}")
         super().__init__(bits)
+        self.compile = compile  # a local speed choice: not part of config(), ranks may differ
         self.block_size = check_block_size(self.name, block_size)
         self.stat = check_choice(self.name, "stat", stat, STATS)
         self.percentile = check_real(self.name, "percentile", percentile, lambda v: 0 < v <= 100,
@@ -194,15 +203,35 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         lo_w, hi_w = meta[:, 0].to(work), meta[:, 1].to(work)
         dither = _random.PieceDither(layout, key, x.device) if self.stochastic else None
         s = self._scratch_for(x.device)
-        codes = s.get("codes", n, torch.uint8)
-        parts = self._pieces(layout, x.device)
+        packed = body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)]
+        codes = packed if self.bits == 8 else s.get("codes", n, torch.uint8)   # 8 bits: no packing
+        on_cpu = x.device.type == "cpu"
+        if not (self.compile and on_cpu and work == torch.float32
+                and self._encode_compiled(xf, layout, lo_w, hi_w, inv, dither, codes, s)):
+            self._encode_eager(xf, layout, lo_w, hi_w, inv, dither, codes, s)
+        write_meta(body, meta)
+        if self.bits != 8:
+            pack_codes(codes, self.bits, out=packed)
+        self._state.write(slots, running, prior)
+        if error_out is not None:
+            return self._error_via_decode(x, body, layout, error_out)
+        return EncodeInfo()
+
+    def _encode_eager(self, xf, layout, lo_w, hi_w, inv, dither, codes, s) -> None:
+        work = lo_w.dtype
+        parts = self._pieces(layout, xf.device)
         size = max(r * c for _, r, c, _ in parts)
         v_all, d_all = s.get("v", size, work), s.get("dither", size, torch.float32)
-        on_cpu = x.device.type == "cpu"
+        on_cpu = xf.device.type == "cpu"
+        if on_cpu:  # a piece of one block takes its bounds as numbers: 6x faster than broadcasting
+            lo_n, hi_n, inv_n = lo_w.tolist(), hi_w.tolist(), inv.tolist()
         # piece by piece (whole blocks or parts of one): the temporaries stay in cache
         for start, rows, cols, b in parts:
             m = rows * cols
-            lo_c, hi_c, inv_c = lo_w[b:b + rows, None], hi_w[b:b + rows, None], inv[b:b + rows, None]
+            if on_cpu and rows == 1:
+                lo_c, hi_c, inv_c = lo_n[b], hi_n[b], inv_n[b]
+            else:
+                lo_c, hi_c, inv_c = lo_w[b:b + rows, None], hi_w[b:b + rows, None], inv[b:b + rows, None]
             v = torch.clamp(xf[start:start + m].view(rows, cols).to(work), lo_c, hi_c, out=v_all[:m].view(rows, cols))
             v.sub_(lo_c).mul_(inv_c)
             if dither is None:
@@ -214,12 +243,59 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 np.copyto(codes[start:start + m].numpy(), v.view(-1).numpy(), casting="unsafe")
             else:
                 codes[start:start + m].copy_(v.view(-1))
-        write_meta(body, meta)
-        pack_codes(codes, self.bits, out=body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)])
-        self._state.write(slots, running, prior)
-        if error_out is not None:
-            return self._error_via_decode(x, body, layout, error_out)
-        return EncodeInfo()
+
+    def _encode_compiled(self, xf, layout, lo_w, hi_w, inv, dither, codes, s) -> bool:
+        """Compiled passes with the eager steps, in the same float32 order (bitwise the same codes).
+        A parameter's dither repeats every POOL_SIZE values (see _random), so a stretch of whole
+        pool windows inside one block and one parameter is one pass over ``(windows, POOL_SIZE)``
+        rows with one window broadcast (it stays in cache); other pieces take their dither as the
+        eager path does."""
+        if not xf.is_contiguous():
+            return False
+        pool = _random.POOL_SIZE
+        half = torch.tensor(0.5)
+        offsets = layout.param_offsets()
+        ends = [o + k for o, k in zip(offsets, layout.param_numels)]
+
+        def param_end(i: int) -> int:  # end of the parameter holding value i
+            j = bisect.bisect_right(offsets, i) - 1
+            while ends[j] <= i:
+                j += 1
+            return ends[j]
+
+        parts, run = [], None   # run: [start, windows, block] of whole windows in one block and parameter
+        for start, rows, cols, b in pieces(layout, self.block_size, pool):
+            if rows == 1 and cols == pool:
+                if run is not None and run[2] == b and run[0] + run[1] * pool == start \
+                        and param_end(run[0]) >= start + pool:
+                    run[1] += 1
+                    continue
+                if run is not None:
+                    parts.append((run[0], run[1], pool, run[2], True))
+                run = [start, 1, b] if param_end(start) >= start + pool else None
+                if run is not None:
+                    continue
+            elif run is not None:
+                parts.append((run[0], run[1], pool, run[2], True))
+                run = None
+            parts.append((start, rows, cols, b, False))
+        if run is not None:
+            parts.append((run[0], run[1], pool, run[2], True))
+        d_all = None
+        for start, rows, cols, b, windows in parts:
+            m = rows * cols
+            blk = slice(b, b + 1) if windows else slice(b, b + rows)
+            if dither is None:
+                u = half
+            elif windows:
+                u = dither.piece(start, cols, None)   # a view of the pool, broadcast over the rows
+            else:
+                d_all = s.get("dither", pool, torch.float32) if d_all is None else d_all
+                u = dither.piece(start, m, d_all).view(rows, cols)
+            if not _fused.clip_affine_codes(self.levels, xf[start:start + m].view(rows, cols), lo_w[blk, None],
+                                            hi_w[blk, None], inv[blk, None], u, codes[start:start + m].view(rows, cols)):
+                return False  # the eager pass then writes every code again
+        return True
 
     # -- decode --------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
@@ -234,23 +310,32 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         work = torch.float32 if all(_fits_fp32(m, s) for m, s in zip(metas, steps)) else torch.float64
         direct = out.dtype == work and out.is_contiguous()
         acc = out.view(-1) if direct else torch.empty(n, dtype=work, device=out.device)
-        acc.zero_()
         s = self._scratch_for(out.device)
         parts = self._pieces(layout, out.device)
         size = max(r * c for _, r, c, _ in parts)
         c_all, v_all = s.get("dcodes_f", size, work), s.get("dvals", size, work)
         codes = s.get("dcodes", n, torch.uint8)
-        for body, meta, step in zip(bodies, metas, steps):
+        on_cpu = out.device.type == "cpu"
+        for i, (body, meta, step) in enumerate(zip(bodies, metas, steps)):
             # each share divided before summing: W shares near float32 max cannot overflow
             lo = (meta[:, 0].double() / divisor).to(work)
             step = (step / divisor).to(work)
+            step_n = step.tolist() if on_cpu else None
             unpack_codes(body[meta_bytes:meta_bytes + packed_nbytes(n, self.bits)], self.bits, n, out=codes)
             for start, rows, cols, b in parts:
                 m = rows * cols
                 c = c_all[:m].view(rows, cols)
                 c.copy_(codes[start:start + m].view(rows, cols))
-                v = torch.addcmul(lo[b:b + rows, None], c, step[b:b + rows, None], out=v_all[:m].view(rows, cols))
-                acc[start:start + m].view(rows, cols).add_(v)
+                dst = acc[start:start + m].view(rows, cols)
+                v = dst if i == 0 else v_all[:m].view(rows, cols)   # the first share straight into the output
+                if on_cpu and rows == 1:
+                    # lo + c * step with one rounding, as addcmul (both fuse the multiply-add; tested
+                    # bitwise equal), 4x faster than addcmul's broadcast operands
+                    torch.add(lo[b], c, alpha=step_n[b], out=v)
+                else:
+                    torch.addcmul(lo[b:b + rows, None], c, step[b:b + rows, None], out=v)
+                if i:
+                    dst.add_(v)
         if not direct:
             out.copy_(acc.view(out.shape))
         return out
