@@ -512,3 +512,34 @@ def test_cuda_matches_cpu():
                                    b_cpu[:8 * len(layout.block_lengths(block_size))])
                 np.testing.assert_allclose(f64(out.cpu()), f64(decode(cpu, [b_cpu], layout)),
                                            atol=2 * float(x.abs().max()) * (1 + step) / 7 + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stochastic_codes_follow_the_documented_dither(compiled):
+    """grid="stochastic": code = floor((clip(x) - lo) * inv + u) in float32, with u of element j of a
+    parameter the pool entry at (its keyed offset + j mod the window length), the window being
+    PERIOD values long (a shorter parameter: its own length).  Recomputed here in numpy from that
+    rule, for parameters longer than several periods, shorter than one, and empty."""
+    from ddp_qhooks.codecs import _random
+    period = _random.PERIOD
+    numels, keys = [3 * period + 1234, 777, 0, 2 * period], [21, 4, 9, 30]
+    x = torch.randn(sum(numels), generator=torch.Generator().manual_seed(17))
+    layout = Layout(numels, keys)
+    codec = AdaptiveCodec(bits=8, compile=compiled)
+    body = encode(codec, x, layout, key=99)[0]
+    lohi = body[:8 * 3].view(torch.float32).view(3, 2).numpy()
+    codes = body[8 * 3:].numpy()
+    pool = _random.dither_pool(torch.device("cpu")).numpy()
+    xs = x.numpy()
+    L, at, blk = np.float32(255), 0, 0
+    for n, k in zip(numels, keys):
+        if n == 0:
+            continue
+        lo, hi = lohi[blk]
+        inv = np.float32(255.0 / (np.float64(hi) - np.float64(lo)))
+        first = _random.splitmix64(99, k) % _random.POOL_SIZE
+        u = pool[first + np.arange(n) % min(n, period)]
+        v = (np.clip(xs[at:at + n], lo, hi) - lo) * inv + u
+        want = np.minimum(np.floor(v), L).astype(np.uint8)
+        np.testing.assert_array_equal(codes[at:at + n], want)
+        at, blk = at + n, blk + 1

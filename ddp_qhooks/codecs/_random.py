@@ -143,3 +143,44 @@ class PeriodDither:
             out[pos:pos + take].copy_(self.window[a:a + take])
             pos += take
         return out
+
+
+class ParamPeriodDither:
+    """Per-parameter period dither (the adaptive codec): element ``j`` of a parameter gets
+    ``window[j % len(window)]``, its window being the ``PERIOD``-long stretch of the pool picked by
+    (key, parameter identity) (a shorter parameter: its own length, so values of consecutive pool
+    entries as in :func:`param_dither`).  Like :class:`PeriodDither` the window stays in cache, and
+    like :func:`param_dither` a parameter's values do not depend on where it sits in a bucket."""
+
+    def __init__(self, layout, key: int, device):
+        pool = dither_pool(device)
+        self.offsets = layout.param_offsets()
+        self.ends = [o + n for o, n in zip(self.offsets, layout.param_numels)]
+        self.windows = [pool[s:s + min(n, PERIOD)] for s, n in
+                        zip((offset(splitmix64(key, k)) for k in layout.param_keys), layout.param_numels)]
+
+    def _param(self, pos: int) -> int:
+        i = bisect.bisect_right(self.offsets, pos) - 1
+        while self.ends[i] <= pos:  # skip empty parameters sharing this offset
+            i += 1
+        return i
+
+    def piece(self, start: int, length: int, scratch: torch.Tensor, window_ok: bool = True) -> torch.Tensor:
+        """The dither of values ``start .. start+length``: with ``window_ok``, the window itself when
+        the piece lies in one parameter, starts on its period and is whole periods long (to be
+        broadcast over the piece cut into window-long rows); else assembled in ``scratch``."""
+        i = self._param(start)
+        w = self.windows[i].numel()
+        if window_ok and start + length <= self.ends[i] and (start - self.offsets[i]) % w == 0 and length % w == 0:
+            return self.windows[i]
+        out = scratch[:length]
+        pos, stop = start, start + length
+        while pos < stop:
+            while self.ends[i] <= pos:
+                i += 1
+            win = self.windows[i]
+            a = (pos - self.offsets[i]) % win.numel()
+            take = min(win.numel() - a, self.ends[i] - pos, stop - pos)
+            out[pos - start:pos - start + take].copy_(win[a:a + take])
+            pos += take
+        return out

@@ -26,7 +26,8 @@ Algorithm
     The range sent and used is ``(lo, hi)`` rounded to float32.  Values are clipped to it, then
     quantized on ``L = 2**bits - 1`` equal steps: code ``floor((x - lo) / step + u)`` with
     ``step = (hi - lo) / L``, ``u = 1/2`` for ``grid="uniform"`` (nearest level) or ``u`` the keyed
-    dither of ``_random.param_dither`` for ``grid="stochastic"`` (unbiased within the range:
+    dither of ``_random.ParamPeriodDither`` for ``grid="stochastic"`` (per parameter, one
+    ``PERIOD``-long stretch of the dither pool repeated along it; unbiased within the range:
     ``E[decode] = clip(x)``).  A constant range (``lo == hi``) sends code 0.
 
 Clipping and error feedback
@@ -71,7 +72,6 @@ Edge cases
 """
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Sequence
 
@@ -201,7 +201,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         work = torch.float32 if _fits_fp32(meta, span / self.levels) else torch.float64
         inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
         lo_w, hi_w = meta[:, 0].to(work), meta[:, 1].to(work)
-        dither = _random.PieceDither(layout, key, x.device) if self.stochastic else None
+        dither = _random.ParamPeriodDither(layout, key, x.device) if self.stochastic else None
         s = self._scratch_for(x.device)
         packed = body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)]
         codes = packed if self.bits == 8 else s.get("codes", n, torch.uint8)   # 8 bits: no packing
@@ -237,7 +237,8 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             if dither is None:
                 v.add_(0.5)
             else:
-                v.view(-1).add_(dither.piece(start, m, d_all))
+                d = dither.piece(start, m, d_all)   # the piece's dither, or one window of it
+                v.view(-1, d.numel()).add_(d)
             v.floor_().clamp_(0, self.levels)  # clamp: round-off at hi
             if on_cpu:  # numpy's float -> uint8 cast is vectorised (torch's is not); exact on 0..L
                 np.copyto(codes[start:start + m].numpy(), v.view(-1).numpy(), casting="unsafe")
@@ -245,55 +246,26 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 codes[start:start + m].copy_(v.view(-1))
 
     def _encode_compiled(self, xf, layout, lo_w, hi_w, inv, dither, codes, s) -> bool:
-        """Compiled passes with the eager steps, in the same float32 order (bitwise the same codes).
-        A parameter's dither repeats every POOL_SIZE values (see _random), so a stretch of whole
-        pool windows inside one block and one parameter is one pass over ``(windows, POOL_SIZE)``
-        rows with one window broadcast (it stays in cache); other pieces take their dither as the
-        eager path does."""
+        """One compiled pass per piece with the eager steps, in the same float32 order (bitwise the
+        same codes).  A piece of one block that the dither window tiles is cut into window-long
+        rows with the window broadcast over them (it stays in cache)."""
         if not xf.is_contiguous():
             return False
-        pool = _random.POOL_SIZE
-        half = torch.tensor(0.5)
-        offsets = layout.param_offsets()
-        ends = [o + k for o, k in zip(offsets, layout.param_numels)]
-
-        def param_end(i: int) -> int:  # end of the parameter holding value i
-            j = bisect.bisect_right(offsets, i) - 1
-            while ends[j] <= i:
-                j += 1
-            return ends[j]
-
-        parts, run = [], None   # run: [start, windows, block] of whole windows in one block and parameter
-        for start, rows, cols, b in pieces(layout, self.block_size, pool):
-            if rows == 1 and cols == pool:
-                if run is not None and run[2] == b and run[0] + run[1] * pool == start \
-                        and param_end(run[0]) >= start + pool:
-                    run[1] += 1
-                    continue
-                if run is not None:
-                    parts.append((run[0], run[1], pool, run[2], True))
-                run = [start, 1, b] if param_end(start) >= start + pool else None
-                if run is not None:
-                    continue
-            elif run is not None:
-                parts.append((run[0], run[1], pool, run[2], True))
-                run = None
-            parts.append((start, rows, cols, b, False))
-        if run is not None:
-            parts.append((run[0], run[1], pool, run[2], True))
-        d_all = None
-        for start, rows, cols, b, windows in parts:
+        half, d_all = torch.tensor(0.5), None
+        for start, rows, cols, b in pieces(layout, self.block_size, _random.POOL_SIZE):
             m = rows * cols
-            blk = slice(b, b + 1) if windows else slice(b, b + rows)
-            if dither is None:
-                u = half
-            elif windows:
-                u = dither.piece(start, cols, None)   # a view of the pool, broadcast over the rows
-            else:
-                d_all = s.get("dither", pool, torch.float32) if d_all is None else d_all
-                u = dither.piece(start, m, d_all).view(rows, cols)
-            if not _fused.clip_affine_codes(self.levels, xf[start:start + m].view(rows, cols), lo_w[blk, None],
-                                            hi_w[blk, None], inv[blk, None], u, codes[start:start + m].view(rows, cols)):
+            lo, hi, inv_b = lo_w[b:b + rows, None], hi_w[b:b + rows, None], inv[b:b + rows, None]
+            shape, u = (rows, cols), half
+            if dither is not None:
+                d_all = s.get("dither", _random.POOL_SIZE, torch.float32) if d_all is None else d_all
+                # a window broadcast over rows needs one row parameter set: one block per piece
+                u = dither.piece(start, m, d_all, window_ok=rows == 1)
+                if u.numel() == m:
+                    u = u.view(shape)
+                else:
+                    shape = (m // u.numel(), u.numel())
+            if not _fused.clip_affine_codes(self.levels, xf[start:start + m].view(shape), lo, hi, inv_b, u,
+                                            codes[start:start + m].view(shape)):
                 return False  # the eager pass then writes every code again
         return True
 
