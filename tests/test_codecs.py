@@ -1064,17 +1064,18 @@ def test_compiled_table_codec_matches_eager(name):
         assert not _fused._broken
 
 
-@pytest.mark.parametrize("mu", [255.0, 1e-3, 1e30])
-def test_compiled_mulaw_compander_against_float64(mu):
-    """mulaw's compiled encoder computes ln(1 + mu*r) itself (a polynomial, not log1p): its nearest
-    codes equal the float64 compander's, except for values within 2e-5 of a code unit of a rounding
-    boundary, and then by one code; the block max keeps its code exactly."""
-    n, K = 3 * 65536 + 77, 127
+@pytest.mark.parametrize("mu,bits", [(255.0, 8), (1e-3, 8), (1e30, 8), (255.0, 4), (1e-3, 4), (255.0, 2)])
+def test_compiled_mulaw_compander_against_float64(mu, bits):
+    """mulaw's compiled encoder computes ln(1 + mu*r) itself (8 bits: a polynomial, not log1p; up to
+    4 bits: a search of float64 level boundaries): its nearest codes equal the float64 compander's,
+    except for values within 2e-5 of a code unit of a rounding boundary, and then by one code; the
+    block max keeps its code exactly."""
+    n, K = 3 * (1 << 19) + 77, (1 << (bits - 1)) - 1
     x = torch.randn(n, generator=torch.Generator().manual_seed(15)) ** 3
     x[::7] *= 1e-4   # small r: where rounding 1 + mu*r loses the most (compensated for small mu)
     layout = Layout.flat(n)
-    codec = make_codec("mulaw", bits=8, mu=mu, rounding="nearest", compile=True)
-    codes = encode(codec, x, layout)[0][4:].to(torch.int64)
+    codec = make_codec("mulaw", bits=bits, mu=mu, rounding="nearest", compile=True)
+    codes = torch.from_numpy(ref_unpack(encode(codec, x, layout)[0][4:].numpy(), bits, n)).to(torch.int64)
     m = x.abs().max().double()
     t = torch.log1p((x.double().abs() / m) * mu) * (K / math.log1p(mu))
     q = torch.floor(t + 0.5)

@@ -251,3 +251,16 @@ class _ScaledTableCodec(Codec):
                 if i:
                     acc[a:a + c].add_(dst)
         return True
+
+
+def select_tree(code: torch.Tensor, values: tuple) -> torch.Tensor:
+    """``values[code]`` for int32 ``code`` in ``[0, len(values))`` (a power of two), as a binary tree
+    of selects on the code's bits: exact (it picks the float32 constants themselves), and
+    vectorised in a compiled kernel, where a gather is one load per value."""
+    level = list(values)
+    bit = 0
+    while len(level) > 1:
+        on = (code & (1 << bit)) != 0
+        level = [torch.where(on, hi, lo) for lo, hi in zip(level[0::2], level[1::2])]
+        bit += 1
+    return level[0]
