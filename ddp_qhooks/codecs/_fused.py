@@ -104,6 +104,15 @@ def _clip_affine_template(x, lo, hi, inv, u, out):
     out.copy_(v.to(torch.int32).clamp(max=LEVELS))  # noqa: F821 (a global of the instance)
 
 
+def _value_residual_template(x, codes, scale, err):
+    # the residual x - decode(codes) as the eager path forms it (the decoded value rounded first),
+    # and the float64 squared sums of it and of x, in one pass
+    e = x - value_of(codes.to(torch.int32)) * scale  # noqa: F821 (a global of the instance)
+    err.copy_(e)
+    e64, x64 = e.double(), x.double()
+    return (e64 * e64).sum(), (x64 * x64).sum()
+
+
 def _instantiate(template, **params):
     """``template`` with ``params`` as globals (:func:`_call` gives it a code object of its own)."""
     return types.FunctionType(template.__code__, {**template.__globals__, **params}, template.__name__)
@@ -165,6 +174,14 @@ def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.
     return _call(("value-decode", value_of, accumulate),
                  lambda: _instantiate(_value_decode_template, value_of=value_of, ACCUMULATE=accumulate),
                  codes, scale, out)[0]
+
+
+def value_residual(value_of, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, err: torch.Tensor):
+    """``err = x - value_of(int32 codes) * scale`` and the float64 squared sums of ``err`` and ``x``;
+    None when compilation is unavailable."""
+    ok, sums = _call(("value-residual", value_of),
+                     lambda: _instantiate(_value_residual_template, value_of=value_of), x, codes, scale, err)
+    return sums if ok else None
 
 
 def clip_affine_codes(levels: int, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inv: torch.Tensor,

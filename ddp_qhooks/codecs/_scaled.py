@@ -49,6 +49,7 @@ class _ScaledTableCodec(Codec):
 
     _fused_code = None
     _fused_value = None
+    _fused_residual_ok = True   # False: value lookups that cost more in the residual pass than the eager decode
     _fused_fma = False   # True: the compiled encoder may contract a * b + c (not bitwise the eager one)
 
     def __init__(self, bits: int, block_size, rounding: str, compile: bool = False):
@@ -166,9 +167,19 @@ class _ScaledTableCodec(Codec):
             pack_codes(codes[packed_upto:n], self.bits, out=packed[packed_upto * self.bits // 8:])
         if error_out is None:
             return EncodeInfo()
+        mag = float(scales.max())
+        if (self.compile and self._fused_value is not None and self._fused_residual_ok and blocks.count == 1
+                and xf.device.type == "cpu"
+                and n >= _random.PERIOD and mag < _FP32_MAX / 2 and error_out.dtype == torch.float32
+                and error_out.is_contiguous() and xf.is_contiguous()):
+            # one compiled pass for x - decode(body) and both squared sums, reading the codes sent
+            # (the decoder's float32 arithmetic: it decodes in float32 below FP32_MAX / 2)
+            sent = packed if self.bits == 8 else unpack_codes(packed, self.bits, n, out=s.get("dcodes", n, torch.uint8))
+            sums = _fused.value_residual(self._fused_value, xf, sent, scales[0], error_out.view(-1))
+            if sums is not None:
+                return EncodeInfo(True, float(sums[0]), float(sums[1]))
         self.decode([body], layout, error_out)
         torch.sub(xf, error_out, out=error_out)
-        mag = float(scales.max())
         return EncodeInfo(True, _sq(error_out, mag), _sq(xf, mag))
 
     def _codes(self, rel: torch.Tensor, rnd, out: torch.Tensor, s: _Scratch) -> None:

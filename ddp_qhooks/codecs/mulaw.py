@@ -94,6 +94,10 @@ class MuLawCodec(_ScaledTableCodec):
     def _fused_value(self):
         return _value_fn(self.bits, self.mu)
 
+    @property
+    def _fused_residual_ok(self):  # above 4 bits the value is a gather: slower than the eager decoder
+        return self.bits <= 4
+
     def _table64(self) -> torch.Tensor:
         return _levels64(self.bits, self.mu)
 
