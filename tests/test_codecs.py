@@ -1064,7 +1064,7 @@ def test_compiled_table_codec_matches_eager(name):
         assert not _fused._broken
 
 
-@pytest.mark.parametrize("mu,bits", [(255.0, 8), (1e-3, 8), (1e30, 8), (255.0, 4), (1e-3, 4), (255.0, 2)])
+@pytest.mark.parametrize("mu,bits", [(255.0, 8), (1e-3, 8), (1e30, 8), (255.0, 4), (255.0, 2)])
 def test_compiled_mulaw_compander_against_float64(mu, bits):
     """mulaw's compiled encoder computes ln(1 + mu*r) itself (8 bits: a polynomial, not log1p; up to
     4 bits: a search of float64 level boundaries): its nearest codes equal the float64 compander's,
@@ -1099,8 +1099,9 @@ def test_compiled_adaptive_matches_eager():
     x = torch.randn(sum(numels), generator=g)
     x[:100] *= 50.0
     layout = Layout(numels, [7, 8, 9, 10, 11, 12, 13])
-    for block_size, grid, bits in (("layer", "stochastic", 8), ("layer", "uniform", 4), (4096, "stochastic", 3),
-                                   (None, "stochastic", 8)):
+    # (each distinct level count and piece shape is a compile: few of them keep a cold CI cache cheap)
+    for block_size, grid, bits in (("layer", "stochastic", 8), ("layer", "uniform", 8), (4096, "stochastic", 8),
+                                   (None, "stochastic", 4)):
         bodies = []
         for compiled in (False, True):
             codec = make_codec("adaptive", bits=bits, block_size=block_size, grid=grid, compile=compiled)
