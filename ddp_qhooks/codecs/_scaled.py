@@ -264,14 +264,17 @@ class _ScaledTableCodec(Codec):
         return True
 
 
-def select_tree(code: torch.Tensor, values: tuple) -> torch.Tensor:
-    """``values[code]`` for int32 ``code`` in ``[0, len(values))`` (a power of two), as a binary tree
-    of selects on the code's bits: exact (it picks the float32 constants themselves), and
-    vectorised in a compiled kernel, where a gather is one load per value."""
+def select_by_bits(bits, values: tuple):
+    """``values[i]`` where ``i``'s binary digits, least significant first, are the bool tensors
+    ``bits`` (``len(values) == 2 ** len(bits)``), as a binary tree of selects: exact (it picks the
+    constants themselves), and vectorised in a compiled kernel, where a gather is one load per value."""
     level = list(values)
-    bit = 0
-    while len(level) > 1:
-        on = (code & (1 << bit)) != 0
+    for on in bits:
         level = [torch.where(on, hi, lo) for lo, hi in zip(level[0::2], level[1::2])]
-        bit += 1
     return level[0]
+
+
+def select_tree(code: torch.Tensor, values: tuple) -> torch.Tensor:
+    """``values[code]`` for int32 ``code`` in ``[0, len(values))`` (a power of two): :func:`select_by_bits`
+    on the code's bits."""
+    return select_by_bits([(code & (1 << b)) != 0 for b in range(len(values).bit_length() - 1)], values)

@@ -56,7 +56,7 @@ import numbers
 import numpy as np
 import torch
 
-from ._scaled import _ScaledTableCodec, select_tree
+from ._scaled import _ScaledTableCodec, select_by_bits, select_tree
 
 __all__ = ["MuLawCodec"]
 
@@ -197,9 +197,7 @@ def _nearest_by_thresholds(K: int, mu: float):
         found, step = [], (K + 1) // 2
         while step:
             candidates = [thresholds[m * 2 * step + step - 1] for m in range(1 << len(found))]
-            for bit in reversed(found):   # select by the bits found so far, least significant first
-                candidates = [torch.where(bit, hi, lo) for lo, hi in zip(candidates[0::2], candidates[1::2])]
-            found.append(r >= candidates[0])
+            found.append(r >= select_by_bits(found[::-1], candidates))
             step //= 2
         q = found[0].to(torch.int32)
         for bit in found[1:]:
