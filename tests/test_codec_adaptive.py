@@ -522,7 +522,7 @@ def test_stochastic_codes_follow_the_documented_dither(compiled):
     rule, for parameters longer than several periods, shorter than one, and empty."""
     from ddp_qhooks.codecs import _random
     period = _random.PERIOD
-    numels, keys = [3 * period + 1234, 777, 0, 2 * period], [21, 4, 9, 30]
+    numels, keys = [5 * period + 1234, 777, 0, 2 * period], [21, 4, 9, 30]
     x = torch.randn(sum(numels), generator=torch.Generator().manual_seed(17))
     layout = Layout(numels, keys)
     codec = AdaptiveCodec(bits=8, compile=compiled)
@@ -543,3 +543,30 @@ def test_stochastic_codes_follow_the_documented_dither(compiled):
         want = np.minimum(np.floor(v), L).astype(np.uint8)
         np.testing.assert_array_equal(codes[at:at + n], want)
         at, blk = at + n, blk + 1
+
+
+def test_dither_segments_cover_the_piece_with_the_same_values():
+    """ParamPeriodDither.segments cuts a stretch into whole-period windows of one parameter and
+    leftovers of at most POOL_SIZE values; expanding them gives the stretch's dither as assembled
+    by piece(), for stretches starting and ending anywhere (inside periods, across parameters)."""
+    from ddp_qhooks.codecs import _random
+    P, pool = _random.PERIOD, _random.POOL_SIZE
+    layout = Layout([3 * P + 5, 0, 7, P - 1, 2 * pool + P, 40000], [1, 2, 3, 4, 5, 6])
+    dither = _random.ParamPeriodDither(layout, 11, "cpu")
+    scratch = torch.empty(pool)
+    n = layout.numel
+    for start, stop in ((0, n), (3, n - 2), (P + 17, 3 * P + 9), (3 * P + 4, 3 * P + 20), (3 * P + 5 + 7 + P - 1, n)):
+        want = torch.cat([dither.piece(p, min(pool, stop - p), scratch, window_ok=False).clone()
+                          for p in range(start, stop, pool)])
+        got, pos = [], start
+        for at, take, window in dither.segments(start, stop - start):
+            assert at == pos and take > 0
+            if window is None:
+                assert take <= pool
+                got.append(dither.piece(at, take, scratch, window_ok=False).clone())
+            else:
+                assert take % window.numel() == 0
+                got.append(window.repeat(take // window.numel()))
+            pos += take
+        assert pos == stop
+        assert torch.equal(torch.cat(got), want)

@@ -1090,9 +1090,10 @@ def test_compiled_mulaw_compander_against_float64(mu, bits):
 
 def test_compiled_adaptive_matches_eager():
     """adaptive with compile=True writes bitwise the eager codes (same float32 steps in the same
-    order): for parameters longer than the dither pool (whole pool windows broadcast over rows,
+    order): for parameters longer than the dither pool (whole dither windows broadcast over rows,
     then a tail), runs of small blocks several to a pass, empty parameters, one block per bucket,
-    both grids; and for ranges that need float64 (the eager path then)."""
+    long blocks starting inside a dither period, both grids; and for ranges that need float64 (the
+    eager path then)."""
     pool = 1 << 20
     numels = [2 * pool + 12345, 0, 777, 777, 3, pool, 5000]
     g = torch.Generator().manual_seed(16)
@@ -1101,7 +1102,7 @@ def test_compiled_adaptive_matches_eager():
     layout = Layout(numels, [7, 8, 9, 10, 11, 12, 13])
     # (each distinct level count and piece shape is a compile: few of them keep a cold CI cache cheap)
     for block_size, grid, bits in (("layer", "stochastic", 8), ("layer", "uniform", 8), (4096, "stochastic", 8),
-                                   (None, "stochastic", 4)):
+                                   (None, "stochastic", 4), (pool + 1000, "stochastic", 8)):
         bodies = []
         for compiled in (False, True):
             codec = make_codec("adaptive", bits=bits, block_size=block_size, grid=grid, compile=compiled)
@@ -1112,7 +1113,7 @@ def test_compiled_adaptive_matches_eager():
         assert torch.equal(bodies[0], bodies[1]), (block_size, grid, bits)
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):  # the compiled pass ran (not an eager fallback)
-        assert not _fused._broken and ("clip-affine", 255) in _fused._kernels
+        assert not _fused._broken and ("clip-affine-rows", 255) in _fused._kernels
     huge = torch.full((pool + 5,), 3e38)
     huge[::3] = -3e38
     for compiled in (False, True):

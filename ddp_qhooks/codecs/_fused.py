@@ -104,6 +104,15 @@ def _clip_affine_template(x, lo, hi, inv, u, out):
     out.copy_(v.to(torch.int32).clamp(max=LEVELS))  # noqa: F821 (a global of the instance)
 
 
+def _clip_affine_rows_template(x, lo, hi, inv, u, outs):
+    # x: (groups, len(outs), window) rows that share the dither window u; outs: the code views of
+    # x[:, p].  One loop over (groups, window) handles all len(outs) rows, so each load of u serves
+    # several rows: a load of u per row cost as much as the rest of the pass (a constant u: 1.6x faster)
+    for p, out in enumerate(outs):
+        v = (torch.clamp(x[:, p], lo, hi) - lo) * inv + u
+        out.copy_(v.to(torch.int32).clamp(max=LEVELS))  # noqa: F821 (a global of the instance)
+
+
 def _value_residual_template(x, codes, scale, err):
     # the residual x - decode(codes) as the eager path forms it (the decoded value rounded first),
     # and the float64 squared sums of it and of x, in one pass
@@ -189,8 +198,31 @@ def clip_affine_codes(levels: int, x: torch.Tensor, lo: torch.Tensor, hi: torch.
     """``out = min(floor((clamp(x, lo, hi) - lo) * inv + u), levels)`` as uint8, for ``x`` of shape
     ``(rows, cols)`` and per-row ``lo``, ``hi``, ``inv`` of shape ``(rows, 1)`` (``u``: a 0-d tensor or
     ``x``-shaped dither); False when compilation is unavailable."""
-    return _call(("clip-affine", levels), lambda: _instantiate(_clip_affine_template, LEVELS=levels),
-                 x, lo, hi, inv, u, out)[0]
+    # one compiled function per argument form (dynamo allows 8 variants per function; the codec
+    # calls it with one row or many, and a scalar, a window or a full dither)
+    return _call(("clip-affine", levels, u.dim(), x.shape[0] == 1),
+                 lambda: _instantiate(_clip_affine_template, LEVELS=levels), x, lo, hi, inv, u, out)[0]
+
+
+ROW_GROUP = 4  # rows per load of a broadcast dither window in :func:`clip_affine_window`
+
+
+def clip_affine_window(levels: int, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inv: torch.Tensor,
+                       window: torch.Tensor, out: torch.Tensor) -> bool:
+    """:func:`clip_affine_codes` for ``x`` of shape ``(rows, len(window))`` with one range (0-d ``lo``,
+    ``hi``, ``inv``) and the dither ``window`` for every row, ``ROW_GROUP`` rows per loop iteration;
+    False when compilation is unavailable."""
+    rows, w = x.shape
+    whole = rows // ROW_GROUP * ROW_GROUP
+    if whole:
+        outs = out[:whole].view(-1, ROW_GROUP, w)
+        if not _call(("clip-affine-rows", levels), lambda: _instantiate(_clip_affine_rows_template, LEVELS=levels),
+                     x[:whole].view(-1, ROW_GROUP, w), lo, hi, inv, window,
+                     tuple(outs[:, p] for p in range(ROW_GROUP)))[0]:
+            return False
+    if whole == rows:
+        return True
+    return clip_affine_codes(levels, x[whole:], *(t.view(1, 1) for t in (lo, hi, inv)), window, out[whole:])
 
 
 def sum_sq64(x: torch.Tensor):

@@ -165,6 +165,27 @@ class ParamPeriodDither:
             i += 1
         return i
 
+    def segments(self, start: int, length: int):
+        """Cut values ``start .. start+length`` into ``(pos, take, window)`` stretches, in order:
+        ``window`` is the dither of whole periods of one parameter (``take`` a multiple of its
+        length, to be broadcast over the stretch cut into window-long rows), or None for the rest
+        (parts of periods, runs of short parameters), at most ``POOL_SIZE`` values each: their
+        dither comes from :meth:`piece`."""
+        pos, stop, loose = start, start + length, start
+        i = self._param(start) if length else 0
+        while pos < stop:
+            while self.ends[i] <= pos:
+                i += 1
+            w = self.windows[i].numel()
+            whole = (min(self.ends[i], stop) - pos) // w * w
+            if (pos - self.offsets[i]) % w == 0 and whole:
+                yield from _cut(loose, pos)
+                yield pos, whole, self.windows[i]
+                pos = loose = pos + whole
+            else:   # up to the next period start of this parameter, or its end
+                pos = min(self.ends[i], stop, pos + w - (pos - self.offsets[i]) % w)
+        yield from _cut(loose, stop)
+
     def piece(self, start: int, length: int, scratch: torch.Tensor, window_ok: bool = True) -> torch.Tensor:
         """The dither of values ``start .. start+length``: with ``window_ok``, the window itself when
         the piece lies in one parameter, starts on its period and is whole periods long (to be
@@ -184,3 +205,9 @@ class ParamPeriodDither:
             out[pos - start:pos - start + take].copy_(win[a:a + take])
             pos += take
         return out
+
+
+def _cut(start: int, stop: int):
+    """``(pos, take, None)`` stretches of at most ``POOL_SIZE`` values covering ``start .. stop``."""
+    for pos in range(start, stop, POOL_SIZE):
+        yield pos, min(POOL_SIZE, stop - pos), None

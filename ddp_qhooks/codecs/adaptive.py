@@ -246,26 +246,46 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 codes[start:start + m].copy_(v.view(-1))
 
     def _encode_compiled(self, xf, layout, lo_w, hi_w, inv, dither, codes, s) -> bool:
-        """One compiled pass per piece with the eager steps, in the same float32 order (bitwise the
-        same codes).  A piece of one block that the dither window tiles is cut into window-long
-        rows with the window broadcast over them (it stays in cache)."""
+        """The eager steps as one compiled pass, in the same float32 order (bitwise the same codes),
+        in as few calls as the dither allows (a call costs ~60 us): one per run of equal blocks
+        without dither; with it, one per stretch of whole dither periods of one parameter (the
+        window broadcast over window-long rows, several rows per load of it: see
+        ``_fused.clip_affine_window``), and pieces of at most ``POOL_SIZE`` values with the dither
+        assembled for the rest."""
         if not xf.is_contiguous():
             return False
-        half, d_all = torch.tensor(0.5), None
-        for start, rows, cols, b in pieces(layout, self.block_size, _random.POOL_SIZE):
+
+        def call(start, rows, cols, lo, hi, inv_b, u):
             m = rows * cols
-            lo, hi, inv_b = lo_w[b:b + rows, None], hi_w[b:b + rows, None], inv[b:b + rows, None]
-            shape, u = (rows, cols), half
-            if dither is not None:
+            return _fused.clip_affine_codes(self.levels, xf[start:start + m].view(rows, cols), lo, hi, inv_b, u,
+                                            codes[start:start + m].view(rows, cols))
+
+        half, d_all = torch.tensor(0.5), None
+        for start, nb, blen, first in blocks_for(layout, self.block_size).runs:
+            if dither is None:
+                ok = call(start, nb, blen, lo_w[first:first + nb, None], hi_w[first:first + nb, None],
+                          inv[first:first + nb, None], half)
+            elif nb > 1 and blen <= _random.POOL_SIZE:   # short blocks: whole ones per piece
+                per = _random.POOL_SIZE // blen
                 d_all = s.get("dither", _random.POOL_SIZE, torch.float32) if d_all is None else d_all
-                # a window broadcast over rows needs one row parameter set: one block per piece
-                u = dither.piece(start, m, d_all, window_ok=rows == 1)
-                if u.numel() == m:
-                    u = u.view(shape)
-                else:
-                    shape = (m // u.numel(), u.numel())
-            if not _fused.clip_affine_codes(self.levels, xf[start:start + m].view(shape), lo, hi, inv_b, u,
-                                            codes[start:start + m].view(shape)):
+                ok = all(call(start + r * blen, rows, blen, lo_w[b:b + rows, None], hi_w[b:b + rows, None],
+                              inv[b:b + rows, None], dither.piece(start + r * blen, rows * blen, d_all,
+                                                                  window_ok=False).view(rows, blen))
+                         for r in range(0, nb, per) for b, rows in [(first + r, min(per, nb - r))])
+            else:
+                ok = True
+                for b in range(first, first + nb):
+                    lo, hi, inv_b = (t[b:b + 1, None] for t in (lo_w, hi_w, inv))
+                    for pos, take, win in dither.segments(start + (b - first) * blen, blen):
+                        if win is None:
+                            d_all = s.get("dither", _random.POOL_SIZE, torch.float32) if d_all is None else d_all
+                            ok = ok and call(pos, 1, take, lo, hi, inv_b, dither.piece(pos, take, d_all, window_ok=False))
+                        else:
+                            w = win.numel()
+                            ok = ok and _fused.clip_affine_window(self.levels, xf[pos:pos + take].view(-1, w), lo[0, 0],
+                                                                  hi[0, 0], inv_b[0, 0], win,
+                                                                  codes[pos:pos + take].view(-1, w))
+            if not ok:
                 return False  # the eager pass then writes every code again
         return True
 
