@@ -1113,7 +1113,10 @@ def test_compiled_adaptive_matches_eager():
         assert torch.equal(bodies[0], bodies[1]), (block_size, grid, bits)
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):  # the compiled pass ran (not an eager fallback)
-        assert not _fused._broken and ("clip-affine-rows", 255) in _fused._kernels
+        from ddp_qhooks.codecs.adaptive import _code_fn
+        # window rows four to a loop (8 bits), and 4-bit stripes packed by the kernel
+        assert not _fused._broken and ("table-rows", _code_fn(255), False) in _fused._kernels
+        assert ("table-planar", _code_fn(15), 4, False) in _fused._kernels
     huge = torch.full((pool + 5,), 3e38)
     huge[::3] = -3e38
     for compiled in (False, True):

@@ -84,6 +84,13 @@ def _table_codes_template(x, scale, rnd, out):
     out.copy_(code_of(x, scale, rnd))  # noqa: F821
 
 
+def _table_rows_template(xs, scale, rnd, outs):
+    # xs: (groups, len(outs), window) rows that all take the dither window rnd; outs: the code views
+    # of xs[:, p].  One loop over (groups, window) serves len(outs) rows per load of rnd
+    for p, out in enumerate(outs):
+        out.copy_(code_of(xs[:, p], scale, rnd))  # noqa: F821 (a global of the instance)
+
+
 def _table_planar_template(xs, scale, rnd, out):
     # xs: (stripes, PLANES, ...); out: (stripes, ...) packed bytes, plane p at bit offset p*BITS
     acc = code_of(xs[:, 0], scale, rnd)  # noqa: F821 (a global of the instance)
@@ -95,22 +102,6 @@ def _table_planar_template(xs, scale, rnd, out):
 def _value_decode_template(codes, scale, out):
     v = value_of(codes.to(torch.int32)) * scale  # noqa: F821
     out.copy_(out + v if ACCUMULATE else v)  # noqa: F821
-
-
-def _clip_affine_template(x, lo, hi, inv, u, out):
-    # the adaptive codec's steps in its eager order: clip to [lo, hi], (v - lo) * inv, + u, floor
-    # (truncation: the operand is >= 0), at most LEVELS (round-off at hi)
-    v = (torch.clamp(x, lo, hi) - lo) * inv + u
-    out.copy_(v.to(torch.int32).clamp(max=LEVELS))  # noqa: F821 (a global of the instance)
-
-
-def _clip_affine_rows_template(x, lo, hi, inv, u, outs):
-    # x: (groups, len(outs), window) rows that share the dither window u; outs: the code views of
-    # x[:, p].  One loop over (groups, window) handles all len(outs) rows, so each load of u serves
-    # several rows: a load of u per row cost as much as the rest of the pass (a constant u: 1.6x faster)
-    for p, out in enumerate(outs):
-        v = (torch.clamp(x[:, p], lo, hi) - lo) * inv + u
-        out.copy_(v.to(torch.int32).clamp(max=LEVELS))  # noqa: F821 (a global of the instance)
 
 
 def _value_residual_template(x, codes, scale, err):
@@ -165,8 +156,29 @@ def table_codes(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor
     last dimension, or a 0-d tensor); False when compilation is unavailable.  ``fma=True`` lets the
     C++ compiler contract ``a * b + c`` into fused multiply-adds (one rounding instead of two): only
     for arithmetic that is not meant to be bitwise the eager one."""
-    return _call(("table-codes", code_of, fma), lambda: _instantiate(_table_codes_template, code_of=code_of),
+    # one compiled function per argument form (dynamo compiles at most 8 variants of a function)
+    return _call(("table-codes", code_of, fma, x.dim(), rnd.dim(), x.dim() > 1 and x.shape[0] == 1),
+                 lambda: _instantiate(_table_codes_template, code_of=code_of),
                  x, scale, rnd, out, options=_FMA if fma else None)[0]
+
+
+ROW_GROUP = 4  # rows per load of a dither window in :func:`table_rows`
+
+
+def table_rows(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, out: torch.Tensor,
+               fma: bool = False) -> bool:
+    """:func:`table_codes` for ``x`` of shape ``(rows, len(rnd))``, every row taking the dither window
+    ``rnd``, ``ROW_GROUP`` rows per loop iteration: one load of the window then serves several rows
+    (a load per row, though the window stays in cache, cost as much as the rest of a pass: 1.6x)."""
+    rows, w = x.shape
+    whole = rows // ROW_GROUP * ROW_GROUP
+    if whole:
+        outs = out[:whole].view(-1, ROW_GROUP, w)
+        if not _call(("table-rows", code_of, fma), lambda: _instantiate(_table_rows_template, code_of=code_of),
+                     x[:whole].view(-1, ROW_GROUP, w), scale, rnd, tuple(outs[:, p] for p in range(ROW_GROUP)),
+                     options=_FMA if fma else None)[0]:
+            return False
+    return whole == rows or table_codes(code_of, x[whole:], scale, rnd, out[whole:], fma)
 
 
 def table_planar(code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor,
@@ -191,38 +203,6 @@ def value_residual(value_of, x: torch.Tensor, codes: torch.Tensor, scale: torch.
     ok, sums = _call(("value-residual", value_of),
                      lambda: _instantiate(_value_residual_template, value_of=value_of), x, codes, scale, err)
     return sums if ok else None
-
-
-def clip_affine_codes(levels: int, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inv: torch.Tensor,
-                      u: torch.Tensor, out: torch.Tensor) -> bool:
-    """``out = min(floor((clamp(x, lo, hi) - lo) * inv + u), levels)`` as uint8, for ``x`` of shape
-    ``(rows, cols)`` and per-row ``lo``, ``hi``, ``inv`` of shape ``(rows, 1)`` (``u``: a 0-d tensor or
-    ``x``-shaped dither); False when compilation is unavailable."""
-    # one compiled function per argument form (dynamo allows 8 variants per function; the codec
-    # calls it with one row or many, and a scalar, a window or a full dither)
-    return _call(("clip-affine", levels, u.dim(), x.shape[0] == 1),
-                 lambda: _instantiate(_clip_affine_template, LEVELS=levels), x, lo, hi, inv, u, out)[0]
-
-
-ROW_GROUP = 4  # rows per load of a broadcast dither window in :func:`clip_affine_window`
-
-
-def clip_affine_window(levels: int, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inv: torch.Tensor,
-                       window: torch.Tensor, out: torch.Tensor) -> bool:
-    """:func:`clip_affine_codes` for ``x`` of shape ``(rows, len(window))`` with one range (0-d ``lo``,
-    ``hi``, ``inv``) and the dither ``window`` for every row, ``ROW_GROUP`` rows per loop iteration;
-    False when compilation is unavailable."""
-    rows, w = x.shape
-    whole = rows // ROW_GROUP * ROW_GROUP
-    if whole:
-        outs = out[:whole].view(-1, ROW_GROUP, w)
-        if not _call(("clip-affine-rows", levels), lambda: _instantiate(_clip_affine_rows_template, LEVELS=levels),
-                     x[:whole].view(-1, ROW_GROUP, w), lo, hi, inv, window,
-                     tuple(outs[:, p] for p in range(ROW_GROUP)))[0]:
-            return False
-    if whole == rows:
-        return True
-    return clip_affine_codes(levels, x[whole:], *(t.view(1, 1) for t in (lo, hi, inv)), window, out[whole:])
 
 
 def sum_sq64(x: torch.Tensor):

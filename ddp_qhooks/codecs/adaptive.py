@@ -72,6 +72,7 @@ Edge cases
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -90,7 +91,7 @@ from .kmeans import (
     write_meta,
 )
 from .options import check_bits, check_choice, check_int, check_real
-from .packing import pack_codes, packed_nbytes, unpack_codes
+from .packing import PLANAR_BITS, STRIPE, pack_codes, packed_nbytes, unpack_codes
 
 STATS = ("minmax", "percentile")
 GRIDS = ("stochastic", "uniform")
@@ -205,13 +206,20 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         s = self._scratch_for(x.device)
         packed = body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)]
         codes = packed if self.bits == 8 else s.get("codes", n, torch.uint8)   # 8 bits: no packing
-        on_cpu = x.device.type == "cpu"
-        if not (self.compile and on_cpu and work == torch.float32
-                and self._encode_compiled(xf, layout, lo_w, hi_w, inv, dither, codes, s)):
+        fused = None   # stripe ranges the compiled pass packed itself
+        if self.compile and x.device.type == "cpu" and work == torch.float32:
+            fused = self._encode_compiled(xf, layout, lo_w, hi_w, inv, dither, codes, packed, s)
+        if fused is None:
             self._encode_eager(xf, layout, lo_w, hi_w, inv, dither, codes, s)
+            fused = []
         write_meta(body, meta)
-        if self.bits != 8:
-            pack_codes(codes, self.bits, out=packed)
+        if self.bits != 8:   # stripes pack independently (packing.py): the ones the kernels left
+            done = 0
+            for first, end in fused + [(-(-n // STRIPE), None)]:
+                if first * STRIPE > done:
+                    stop = min(first * STRIPE, n)
+                    pack_codes(codes[done:stop], self.bits, out=packed[done * self.bits // 8:packed_nbytes(stop, self.bits)])
+                done = end * STRIPE if end is not None else n
         self._state.write(slots, running, prior)
         if error_out is not None:
             return self._error_via_decode(x, body, layout, error_out)
@@ -245,49 +253,83 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             else:
                 codes[start:start + m].copy_(v.view(-1))
 
-    def _encode_compiled(self, xf, layout, lo_w, hi_w, inv, dither, codes, s) -> bool:
-        """The eager steps as one compiled pass, in the same float32 order (bitwise the same codes),
-        in as few calls as the dither allows (a call costs ~60 us): one per run of equal blocks
-        without dither; with it, one per stretch of whole dither periods of one parameter (the
-        window broadcast over window-long rows, several rows per load of it: see
-        ``_fused.clip_affine_window``), and pieces of at most ``POOL_SIZE`` values with the dither
-        assembled for the rest."""
+    def _encode_compiled(self, xf, layout, lo_w, hi_w, inv, dither, codes, packed, s):
+        """The eager steps as compiled passes (:func:`_code_fn`: the same float32 steps in the same
+        order, bitwise the same codes), in as few calls as the dither allows (a call costs ~60 us):
+        stretches of one block with the constant 1/2, or of whole dither periods of one parameter
+        (the window broadcast over window-long rows, several rows per load of it); whole packing
+        stripes inside such a stretch go straight to packed bytes (1, 2, 4 bits).  The rest: runs of
+        short blocks, several per pass, and parts of periods, with the dither assembled.
+
+        Returns the ``(first, end)`` stripe ranges written to ``packed`` (the rest of the codes are
+        in ``codes``), or None when compilation is unavailable."""
         if not xf.is_contiguous():
-            return False
-
-        def call(start, rows, cols, lo, hi, inv_b, u):
-            m = rows * cols
-            return _fused.clip_affine_codes(self.levels, xf[start:start + m].view(rows, cols), lo, hi, inv_b, u,
-                                            codes[start:start + m].view(rows, cols))
-
+            return None
+        code, bits, fused = _code_fn(self.levels), self.bits, []
+        bounds = torch.stack([lo_w, hi_w, inv])   # (3, blocks): what code() takes
         half, d_all = torch.tensor(0.5), None
+
+        def dither_piece(pos, take):
+            nonlocal d_all
+            d_all = s.get("dither", _random.POOL_SIZE, torch.float32) if d_all is None else d_all
+            return dither.piece(pos, take, d_all, window_ok=False)
+
+        def row(pos, take, b, u):   # values pos .. pos+take of block b, dither u (or 1/2)
+            return _fused.table_codes(code, xf[pos:pos + take].view(1, take), bounds[:, b], u,
+                                      codes[pos:pos + take].view(1, take))
+
+        def part(a, e, b, win, pos):   # values a .. e of a stretch of block b whose periods start at pos
+            if win is None:
+                return a >= e or row(a, e - a, b, half)
+            w = win.numel()
+            c = (a - pos) % w
+            if c and a < e:   # up to the next period start
+                h = min(w - c, e - a)
+                if not row(a, h, b, win[c:c + h]):
+                    return False
+                a += h
+            whole = (e - a) // w * w
+            if whole and not _fused.table_rows(code, xf[a:a + whole].view(-1, w), bounds[:, b], win,
+                                               codes[a:a + whole].view(-1, w)):
+                return False
+            a += whole
+            return a >= e or row(a, e - a, b, win[:e - a])
+
+        def stretch(pos, take, b, win):
+            first, end = -(-pos // STRIPE), (pos + take) // STRIPE
+            k = 8 // bits
+            if bits in PLANAR_BITS and end > first and (win is None or STRIPE // k % win.numel() == 0):
+                m = STRIPE // k
+                xs, out, u = xf[first * STRIPE:end * STRIPE].view(end - first, k, m), packed[first * m:end * m], half
+                if win is not None:   # every plane starts at the same dither index: w divides m
+                    w, c = win.numel(), (first * STRIPE - pos) % win.numel()
+                    u = win if c == 0 else torch.cat([win[c:], win[:c]], out=s.get("rotated", w, torch.float32))
+                    xs = xs.view(end - first, k, m // w, w)
+                if not _fused.table_planar(code, bits, xs, bounds[:, b], u, out.view(xs.shape[0], *xs.shape[2:])):
+                    return False
+                fused.append((first, end))
+                return part(pos, first * STRIPE, b, win, pos) and part(end * STRIPE, pos + take, b, win, pos)
+            return part(pos, pos + take, b, win, pos)
+
         for start, nb, blen, first in blocks_for(layout, self.block_size).runs:
-            if dither is None:
-                ok = call(start, nb, blen, lo_w[first:first + nb, None], hi_w[first:first + nb, None],
-                          inv[first:first + nb, None], half)
-            elif nb > 1 and blen <= _random.POOL_SIZE:   # short blocks: whole ones per piece
-                per = _random.POOL_SIZE // blen
-                d_all = s.get("dither", _random.POOL_SIZE, torch.float32) if d_all is None else d_all
-                ok = all(call(start + r * blen, rows, blen, lo_w[b:b + rows, None], hi_w[b:b + rows, None],
-                              inv[b:b + rows, None], dither.piece(start + r * blen, rows * blen, d_all,
-                                                                  window_ok=False).view(rows, blen))
-                         for r in range(0, nb, per) for b, rows in [(first + r, min(per, nb - r))])
-            else:
-                ok = True
-                for b in range(first, first + nb):
-                    lo, hi, inv_b = (t[b:b + 1, None] for t in (lo_w, hi_w, inv))
-                    for pos, take, win in dither.segments(start + (b - first) * blen, blen):
-                        if win is None:
-                            d_all = s.get("dither", _random.POOL_SIZE, torch.float32) if d_all is None else d_all
-                            ok = ok and call(pos, 1, take, lo, hi, inv_b, dither.piece(pos, take, d_all, window_ok=False))
-                        else:
-                            w = win.numel()
-                            ok = ok and _fused.clip_affine_window(self.levels, xf[pos:pos + take].view(-1, w), lo[0, 0],
-                                                                  hi[0, 0], inv_b[0, 0], win,
-                                                                  codes[pos:pos + take].view(-1, w))
-            if not ok:
-                return False  # the eager pass then writes every code again
-        return True
+            if nb > 1 and blen < STRIPE:   # short blocks: whole ones per pass
+                per = max(1, _random.POOL_SIZE // blen)
+                for r in range(0, nb, per):
+                    rows, at = min(per, nb - r), start + r * blen
+                    u = half if dither is None else dither_piece(at, rows * blen).view(rows, blen)
+                    if not _fused.table_codes(code, xf[at:at + rows * blen].view(rows, blen),
+                                              bounds[:, first + r:first + r + rows, None], u,
+                                              codes[at:at + rows * blen].view(rows, blen)):
+                        return None
+                continue
+            for b in range(first, first + nb):
+                at = start + (b - first) * blen
+                segments = [(at, blen, None)] if dither is None else dither.segments(at, blen)
+                for pos, take, win in segments:
+                    if not (stretch(pos, take, b, win) if win is not None or dither is None
+                            else row(pos, take, b, dither_piece(pos, take))):
+                        return None
+        return fused
 
     # -- decode --------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
@@ -331,6 +373,18 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         if not direct:
             out.copy_(acc.view(out.shape))
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _code_fn(levels: int):
+    """The encoder's per-value steps for the compiled kernels (one function per level count, so
+    that kernels are reused): ``bounds`` holds lo, hi and inv along its first dimension."""
+    def code(x, bounds, u):
+        # clip to [lo, hi], (v - lo) * inv, + u, truncation (the operand is >= 0: the floor), at most
+        # levels (round-off at hi): the eager order
+        lo, hi, inv = bounds[0], bounds[1], bounds[2]
+        return ((torch.clamp(x, lo, hi) - lo) * inv + u).to(torch.int32).clamp(max=levels)
+    return code
 
 
 def _fits_fp32(meta: torch.Tensor, step: torch.Tensor) -> bool:
