@@ -21,35 +21,21 @@ _broken = False
 _FMA = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 
-def _affine_to_codes(xc, rounding, bias, shift, inv, out):
-    out.copy_(((rounding + bias) + (xc - shift) * inv).to(torch.int32))
+def _affine_code(xc, params, rounding):
+    # params: (bias, shift, inv)
+    return ((rounding + params[0]) + (xc - params[1]) * params[2]).to(torch.int32)
 
 
-def _affine_residual(xc, rounding, bias, shift, inv, lo, scale, err):
-    # the codes again, by the same expression as the codes kernels (the same compiled arithmetic),
-    # then the residual as the eager path forms it: (x - lo) first, then minus code * step
-    code = ((rounding + bias) + (xc - shift) * inv).to(torch.int32)
+def _affine_residual(xc, rounding, params, lo, scale, err):
+    # the codes again, by the codes kernels' expression (the same compiled arithmetic), then the
+    # residual as the eager path forms it: (x - lo) first, then minus code * step
+    code = _affine_code(xc, params, rounding)
     e = (xc - lo) - code.to(torch.float32) * scale
     err.copy_(e)
     e64, x64 = e.double(), xc.double()  # float64 squares: no overflow or underflow
     if xc.dim() > 1:  # (rows, period) with a broadcast dither: row sums first (2.6x faster here)
         return (e64 * e64).sum(-1).sum(), (x64 * x64).sum(-1).sum()
     return (e64 * e64).sum(), (x64 * x64).sum()
-
-
-def _planar_kernel(bits: int):
-    k = 8 // bits
-
-    def affine_to_planar(xs, rounding, bias, shift, inv, out):
-        # xs: (stripes, k, ...) planes; out: (stripes, ...) packed bytes.  Codes are formed per
-        # plane (not once for all of xs and then sliced): that keeps them out of memory, in one loop.
-        def code(plane):
-            return ((rounding + bias) + (plane - shift) * inv).to(torch.int32)
-        acc = code(xs[:, 0])
-        for p in range(1, k):
-            acc = acc | (code(xs[:, p]) << (p * bits))
-        out.copy_(acc)
-    return affine_to_planar
 
 
 # Kernels parameterised by a function (a codec's per-value arithmetic) are templates whose
@@ -253,24 +239,25 @@ def _call(name, make, *args, options=None) -> tuple[bool, object]:
         return False, None
 
 
-def _run(name, make, x, rounding, bias: float, shift: float, inv: float, out) -> bool:
-    # scalars travel as 0-d tensors so that new ranges do not trigger recompiles
-    scalars = (torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv))
-    return _call(name, make, x, rounding, *scalars, out)[0]
+def _affine_params(bias: float, shift: float, inv: float) -> torch.Tensor:
+    # a tensor, so that new ranges do not trigger recompiles
+    return torch.tensor([bias, shift, inv], dtype=torch.float32)
 
 
 def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
                     out: torch.Tensor) -> bool:
     """``out = trunc(rounding + bias + (xc - shift) * inv)`` as uint8 (``rounding`` broadcasts over
-    the last dimension); False when the compiled kernel is unavailable."""
-    return _run("codes", lambda: _affine_to_codes, xc, rounding, bias, shift, inv, out)
+    the last dimension: a window over rows is loaded once per ``ROW_GROUP`` rows); False when the
+    compiled kernel is unavailable."""
+    codes = table_rows if rounding.dim() and xc.dim() == 2 else table_codes
+    return codes(_affine_code, xc, _affine_params(bias, shift, inv), rounding, out)
 
 
 def affine_to_planar(xs: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
                      out: torch.Tensor, bits: int) -> bool:
     """Codes as in :func:`affine_to_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into
     ``out`` of shape ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``."""
-    return _run(("planar", bits), lambda: _planar_kernel(bits), xs, rounding, bias, shift, inv, out)
+    return table_planar(_affine_code, bits, xs, _affine_params(bias, shift, inv), rounding, out)
 
 
 def affine_residual(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float, lo: float,
@@ -278,6 +265,7 @@ def affine_residual(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift
     """``err = (x - lo) - code * scale`` for the codes of :func:`affine_to_codes` (recomputed, same
     arithmetic), and the float64 squared sums of ``err`` and ``x``; None when compilation is
     unavailable."""
-    scalars = (torch.tensor(v, dtype=torch.float32) for v in (bias, shift, inv, lo, scale))
-    ok, sums = _call("affine-residual", lambda: _affine_residual, xc, rounding, *scalars, err)
+    lo, scale = (torch.tensor(v, dtype=torch.float32) for v in (lo, scale))
+    ok, sums = _call("affine-residual", lambda: _affine_residual, xc, rounding, _affine_params(bias, shift, inv),
+                     lo, scale, err)
     return sums if ok else None

@@ -150,8 +150,10 @@ class _ScaledTableCodec(Codec):
                                        denom[0], rnd, rows(packed[:stripes * m].view(stripes, m)), self._fused_fma):
                     done = packed_upto = stripes * STRIPE
             end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
-            if end > done and _fused.table_codes(self._fused_code, rows(xf[done:end]), denom[0], rnd, rows(codes[done:end]),
-                                                   self._fused_fma):
+            # with a dither window: several rows per load of it (table_rows)
+            whole_codes = _fused.table_rows if rnd.dim() else _fused.table_codes
+            if end > done and whole_codes(self._fused_code, rows(xf[done:end]), denom[0], rnd, rows(codes[done:end]),
+                                          self._fused_fma):
                 done = end
         rel = None
         if blocks.count > 1:  # x / m block by block, over the bucket (chunks do not follow blocks)
