@@ -51,6 +51,7 @@ class _ScaledTableCodec(Codec):
     _fused_value = None
     _fused_residual_ok = True   # False: value lookups that cost more in the residual pass than the eager decode
     _fused_fma = False   # True: the compiled encoder may contract a * b + c (not bitwise the eager one)
+    _fused_min_scale = 0.0   # block max below which the compiled encoder is not used
 
     def __init__(self, bits: int, block_size, rounding: str, compile: bool = False):
         bits = check_bits(self.name, bits, 2)
@@ -139,7 +140,7 @@ class _ScaledTableCodec(Codec):
             dither = _random.param_dither(layout, key, xf.device)
         done = packed_upto = 0  # values with codes (in ``codes`` or packed) / packed by the kernel
         if (self.compile and self._fused_code is not None and self.block_size is None and xf.device.type == "cpu"
-                and xf.is_contiguous() and n >= _random.PERIOD):
+                and xf.is_contiguous() and n >= _random.PERIOD and float(denom[0]) >= self._fused_min_scale):
             rnd = window if window is not None else torch.tensor(0.5)
             rows = _random.period_rows  # the dither repeats per period
             if self.bits in PLANAR_BITS and n >= STRIPE:

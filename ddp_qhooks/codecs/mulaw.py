@@ -58,6 +58,7 @@ import torch
 
 from ._scaled import _ScaledTableCodec, select_by_bits, select_tree
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 __all__ = ["MuLawCodec"]
 
 MU_MIN, MU_MAX = 1e-30, 1e30
@@ -82,6 +83,10 @@ class MuLawCodec(_ScaledTableCodec):
         self._log1p_mu = math.log1p(self.mu)
 
     _fused_fma = True   # the compiled compander is not bitwise the eager one anyway
+
+    @property
+    def _fused_min_scale(self):   # mu / m stays finite (the 8-bit kernel multiplies by it)
+        return 4 * self.mu / _FP32_MAX
 
     @property
     def _fused_code(self):
@@ -161,7 +166,9 @@ def _code_fn(K: int, mu: float, stochastic: bool):
 
     def code(x, scale, rnd):
         ax = x.abs()
-        z = (ax / scale) * mu
+        # |x| * (mu / m): rounded twice, as (|x| / m) * mu, without a division per value (finite:
+        # the codec compiles only for m >= _fused_min_scale)
+        z = ax * (mu / scale)
         v = z + 1.0
         bits = v.view(torch.int32) - sqrt_half
         f = ((bits & 0x7FFFFF) + sqrt_half).view(torch.float32) - 1.0   # v = 2^e * (1 + f)
