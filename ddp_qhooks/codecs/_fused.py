@@ -38,6 +38,13 @@ def _affine_residual(xc, rounding, params, lo, scale, err):
     return (e64 * e64).sum(), (x64 * x64).sum()
 
 
+def _affine_residual_rows(xs, rounding, params, lo, scale, errs):
+    # xs: (groups, len(errs), window) rows that all take the dither window: one loop serves
+    # len(errs) rows per load of it (see table_rows)
+    sums = [_affine_residual(xs[:, p], rounding, params, lo, scale, err) for p, err in enumerate(errs)]
+    return sum(e for e, _ in sums), sum(x for _, x in sums)
+
+
 # Kernels parameterised by a function (a codec's per-value arithmetic) are templates whose
 # parameters are globals of a copy (:func:`_instantiate`): reached through a closure cell instead,
 # the traced kernel came out 2.4x slower (torch 2.13).
@@ -266,6 +273,18 @@ def affine_residual(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift
     arithmetic), and the float64 squared sums of ``err`` and ``x``; None when compilation is
     unavailable."""
     lo, scale = (torch.tensor(v, dtype=torch.float32) for v in (lo, scale))
-    ok, sums = _call("affine-residual", lambda: _affine_residual, xc, rounding, _affine_params(bias, shift, inv),
-                     lo, scale, err)
-    return sums if ok else None
+    params = _affine_params(bias, shift, inv)
+    whole = xc.shape[0] // ROW_GROUP * ROW_GROUP if rounding.dim() and xc.dim() == 2 else 0
+    total = (0.0, 0.0)
+    if whole:   # rows sharing the dither window, ROW_GROUP per load of it
+        w = xc.shape[1]
+        errs = err[:whole].view(-1, ROW_GROUP, w)
+        ok, total = _call("affine-residual-rows", lambda: _affine_residual_rows, xc[:whole].view(-1, ROW_GROUP, w),
+                          rounding, params, lo, scale, tuple(errs[:, p] for p in range(ROW_GROUP)))
+        if not ok:
+            return None
+        if whole == xc.shape[0]:
+            return total
+        xc, err = xc[whole:], err[whole:]
+    ok, sums = _call("affine-residual", lambda: _affine_residual, xc, rounding, params, lo, scale, err)
+    return (total[0] + sums[0], total[1] + sums[1]) if ok else None

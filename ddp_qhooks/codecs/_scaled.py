@@ -53,6 +53,10 @@ class _ScaledTableCodec(Codec):
     _fused_fma = False   # True: the compiled encoder may contract a * b + c (not bitwise the eager one)
     _fused_min_scale = 0.0   # block max below which the compiled encoder is not used
 
+    def _fused_scale(self, m: torch.Tensor) -> torch.Tensor:
+        """What the compiled ``_fused_code`` takes as its second argument, for the block max ``m``."""
+        return m
+
     def __init__(self, bits: int, block_size, rounding: str, compile: bool = False):
         bits = check_bits(self.name, bits, 2)
         block_size = check_block_size(self.name, block_size)
@@ -143,17 +147,18 @@ class _ScaledTableCodec(Codec):
                 and xf.is_contiguous() and n >= _random.PERIOD and float(denom[0]) >= self._fused_min_scale):
             rnd = window if window is not None else torch.tensor(0.5)
             rows = _random.period_rows  # the dither repeats per period
+            scale = self._fused_scale(denom[0])
             if self.bits in PLANAR_BITS and n >= STRIPE:
                 # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py)
                 k = 8 // self.bits
                 stripes, m = n // STRIPE, STRIPE // k
                 if _fused.table_planar(self._fused_code, self.bits, rows(xf[:stripes * STRIPE].view(stripes, k, m)),
-                                       denom[0], rnd, rows(packed[:stripes * m].view(stripes, m)), self._fused_fma):
+                                       scale, rnd, rows(packed[:stripes * m].view(stripes, m)), self._fused_fma):
                     done = packed_upto = stripes * STRIPE
             end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
             # with a dither window: several rows per load of it (table_rows)
             whole_codes = _fused.table_rows if rnd.dim() else _fused.table_codes
-            if end > done and whole_codes(self._fused_code, rows(xf[done:end]), denom[0], rnd, rows(codes[done:end]),
+            if end > done and whole_codes(self._fused_code, rows(xf[done:end]), scale, rnd, rows(codes[done:end]),
                                           self._fused_fma):
                 done = end
         rel = None

@@ -84,6 +84,11 @@ class MuLawCodec(_ScaledTableCodec):
 
     _fused_fma = True   # the compiled compander is not bitwise the eager one anyway
 
+    def _fused_scale(self, m: torch.Tensor) -> torch.Tensor:
+        if not self.stochastic and self.half_levels <= 7:   # the threshold search compares |x| with t_k
+            return _scaled_thresholds(self.half_levels, self.mu, m)
+        return m
+
     @property
     def _fused_min_scale(self):   # mu / m stays finite (the 8-bit kernel multiplies by it)
         return 4 * self.mu / _FP32_MAX
@@ -152,10 +157,11 @@ def _ln_poly() -> tuple:
 def _code_fn(K: int, mu: float, stochastic: bool):
     """The codes of ``_codes`` from ``x`` and the block max, for a compiled kernel: ``K * |y|`` within
     ~3e-6 of the eager float32 value (so a value that close to a rounding boundary may get the
-    neighbouring code), the rest exact: the division, ``|x| >= m`` gives ``K``, the sign.  Nearest
-    rounding at up to 4 bits (K <= 7) counts the thresholds below ``r`` instead (:func:`_nearest_by_thresholds`)."""
+    neighbouring code), the rest exact: ``|x| >= m`` gives ``K``, the sign.  Nearest rounding at up
+    to 4 bits (K <= 7) counts the scaled thresholds below ``|x|`` instead
+    (:func:`_nearest_by_thresholds`; the kernel then takes them, :meth:`MuLawCodec._fused_scale`)."""
     if not stochastic and K <= 7:
-        return _nearest_by_thresholds(K, mu)
+        return _nearest_by_thresholds(K)
     gain = K / math.log1p(mu)
     coeffs = [c * gain for c in _ln_poly()]   # gain folded in: t = gain * ln(v) directly
     gain_ln2 = gain * math.log(2.0)
@@ -185,20 +191,29 @@ def _code_fn(K: int, mu: float, stochastic: bool):
     return code
 
 
-def _nearest_by_thresholds(K: int, mu: float):
-    """Nearest codes as ``q = #{k : r >= T_k}``, ``T_k`` the float64 boundary between levels k-1 and k
-    (``|y| = (k - 1/2) / K``) rounded up to float32: the exact nearest level of the float32 ``r``, ties
-    up (the eager float32 compander agrees but within a few ulps of a boundary), found by a binary
-    search of log2(K + 1) compares per value instead of a logarithm."""
+@functools.lru_cache(maxsize=None)
+def _boundaries64(K: int, mu: float) -> torch.Tensor:
+    """The float64 boundaries between neighbouring levels: ``T_k`` (|y| = (k - 1/2) / K), k = 1..K."""
     k = torch.arange(1, K + 1, dtype=torch.float64)
-    bound = torch.expm1((k - 0.5) / K * math.log1p(mu)) / mu
-    t32 = bound.float()
-    t32 = torch.where(t32.double() < bound, torch.nextafter(t32, torch.tensor(math.inf)), t32)
-    thresholds = tuple(t32.tolist())
+    return torch.expm1((k - 0.5) / K * math.log1p(mu)) / mu
 
-    def code(x, scale, rnd):
-        rel = x / scale
-        r = rel.abs()
+
+def _scaled_thresholds(K: int, mu: float, m: torch.Tensor) -> torch.Tensor:
+    """``t_k``: the least float32 >= ``T_k * m`` (the product in float64), so that ``|x| >= t_k`` exactly
+    when ``|x| / m >= T_k`` (up to the float64 rounding of the boundary): no division per value."""
+    bound = _boundaries64(K, mu) * m.double()
+    t32 = bound.float()
+    return torch.where(t32.double() < bound, torch.nextafter(t32, torch.tensor(math.inf)), t32)
+
+
+@functools.lru_cache(maxsize=None)
+def _nearest_by_thresholds(K: int):
+    """Nearest codes as ``q = #{k : |x| >= t_k}`` (:func:`_scaled_thresholds`, the kernel's second
+    argument): the nearest level of ``|x| / m``, ties up, found by a binary search of log2(K + 1)
+    compares per value instead of a logarithm (and a division)."""
+
+    def code(x, thresholds, rnd):
+        r = x.abs()
         # binary search over the K = 2^j - 1 sorted thresholds, one bit of q per level (msb first):
         # the threshold compared at a level is picked by the bits found so far (a select tree)
         found, step = [], (K + 1) // 2
@@ -209,7 +224,7 @@ def _nearest_by_thresholds(K: int, mu: float):
         q = found[0].to(torch.int32)
         for bit in found[1:]:
             q = q * 2 + bit.to(torch.int32)
-        return torch.where(rel.view(torch.int32) < 0, K - q, K + q)
+        return torch.where(x.view(torch.int32) < 0, K - q, K + q)
     return code
 
 
