@@ -1111,6 +1111,21 @@ def test_compiled_adaptive_matches_eager():
             codec.encode(x * 0.5, body, layout, key=6)   # on the running ranges of the first step
             bodies.append(body)
         assert torch.equal(bodies[0], bodies[1]), (block_size, grid, bits)
+        if block_size != "layer":   # (the residual's kernel forms: windows, tails, short blocks, no dither)
+            continue
+        # with error feedback the compiled passes form the residual from the codes again: x minus the
+        # decoded value lo + code * step, which the decoder rounds once (add with alpha) and the kernel
+        # twice: equal up to an ulp of the range (a wrong code or step would be off by a step)
+        infos, errs = [], []
+        for compiled in (False, True):
+            codec = make_codec("adaptive", bits=bits, block_size=block_size, grid=grid, compile=compiled)
+            body, err = new_body(codec, layout), torch.empty_like(x)
+            infos.append(codec.encode(x, body, layout, key=5, error_out=err))
+            errs.append(err)
+        ulp = torch.finfo(torch.float32).eps * 2 * float(x.abs().max())
+        assert float((errs[1] - errs[0]).abs().max()) <= ulp, (block_size, grid, bits)
+        assert infos[1].error_sq == pytest.approx(infos[0].error_sq, rel=1e-5)
+        assert infos[1].input_sq == pytest.approx(infos[0].input_sq, rel=1e-9)
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):  # the compiled pass ran (not an eager fallback)
         from ddp_qhooks.codecs.adaptive import _code_fn

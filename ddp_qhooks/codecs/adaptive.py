@@ -206,9 +206,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         s = self._scratch_for(x.device)
         packed = body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)]
         codes = packed if self.bits == 8 else s.get("codes", n, torch.uint8)   # 8 bits: no packing
-        fused = None   # stripe ranges the compiled pass packed itself
+        fused = bounds = None   # stripe ranges the compiled pass packed itself
         if self.compile and x.device.type == "cpu" and work == torch.float32:
-            fused = self._encode_compiled(xf, layout, lo_w, hi_w, inv, dither, codes, packed, s)
+            # what _code_fn and _value_fn take: lo, hi, inv and the decoder's step per block
+            bounds = torch.stack([lo_w, hi_w, inv, (span / self.levels).to(work)])
+            fused = self._encode_compiled(xf, layout, bounds, dither, codes, packed, s)
         if fused is None:
             self._encode_eager(xf, layout, lo_w, hi_w, inv, dither, codes, s)
             fused = []
@@ -222,6 +224,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 done = end * STRIPE if end is not None else n
         self._state.write(slots, running, prior)
         if error_out is not None:
+            if (bounds is not None and fused is not None and error_out.dtype == torch.float32
+                    and error_out.is_contiguous()):   # the residual from the codes again, compiled
+                sums = self._encode_compiled(xf, layout, bounds, dither, codes, packed, s, err=error_out.view(-1))
+                if sums is not None:
+                    return EncodeInfo(True, *sums)
             return self._error_via_decode(x, body, layout, error_out)
         return EncodeInfo()
 
@@ -253,7 +260,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             else:
                 codes[start:start + m].copy_(v.view(-1))
 
-    def _encode_compiled(self, xf, layout, lo_w, hi_w, inv, dither, codes, packed, s):
+    def _encode_compiled(self, xf, layout, bounds, dither, codes, packed, s, err=None):
         """The eager steps as compiled passes (:func:`_code_fn`: the same float32 steps in the same
         order, bitwise the same codes), in as few calls as the dither allows (a call costs ~60 us):
         stretches of one block with the constant 1/2, or of whole dither periods of one parameter
@@ -262,11 +269,12 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         short blocks, several per pass, and parts of periods, with the dither assembled.
 
         Returns the ``(first, end)`` stripe ranges written to ``packed`` (the rest of the codes are
-        in ``codes``), or None when compilation is unavailable."""
+        in ``codes``), or None when compilation is unavailable.  With ``err``: the same passes write
+        the residual ``x - decode(codes)`` there instead (the codes again, then the decoder's values,
+        :func:`_value_fn`) and it returns the float64 squared sums of the residual and of ``x``."""
         if not xf.is_contiguous():
             return None
-        code, bits, fused = _code_fn(self.levels), self.bits, []
-        bounds = torch.stack([lo_w, hi_w, inv])   # (3, blocks): what code() takes
+        code, value, bits, fused, sums = _code_fn(self.levels), _value_fn(), self.bits, [], []
         half, d_all = torch.tensor(0.5), None
 
         def dither_piece(pos, take):
@@ -274,31 +282,34 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             d_all = s.get("dither", _random.POOL_SIZE, torch.float32) if d_all is None else d_all
             return dither.piece(pos, take, d_all, window_ok=False)
 
-        def row(pos, take, b, u):   # values pos .. pos+take of block b, dither u (or 1/2)
-            return _fused.table_codes(code, xf[pos:pos + take].view(1, take), bounds[:, b], u,
-                                      codes[pos:pos + take].view(1, take))
+        def run(pos, rows, cols, bnd, u, shared=False):   # rows x cols values from pos; shared: u is every row's
+            xv, m = xf[pos:pos + rows * cols].view(rows, cols), rows * cols
+            if err is not None:
+                sums.append(_fused.table_residual(code, value, xv, bnd, u, err[pos:pos + m].view(rows, cols)))
+                return sums[-1] is not None
+            return (_fused.table_rows if shared else _fused.table_codes)(code, xv, bnd, u, codes[pos:pos + m].view(rows, cols))
 
         def part(a, e, b, win, pos):   # values a .. e of a stretch of block b whose periods start at pos
             if win is None:
-                return a >= e or row(a, e - a, b, half)
+                return a >= e or run(a, 1, e - a, bounds[:, b], half)
             w = win.numel()
             c = (a - pos) % w
             if c and a < e:   # up to the next period start
                 h = min(w - c, e - a)
-                if not row(a, h, b, win[c:c + h]):
+                if not run(a, 1, h, bounds[:, b], win[c:c + h]):
                     return False
                 a += h
-            whole = (e - a) // w * w
-            if whole and not _fused.table_rows(code, xf[a:a + whole].view(-1, w), bounds[:, b], win,
-                                               codes[a:a + whole].view(-1, w)):
+            rows = (e - a) // w
+            if rows and not run(a, rows, w, bounds[:, b], win, shared=True):
                 return False
-            a += whole
-            return a >= e or row(a, e - a, b, win[:e - a])
+            a += rows * w
+            return a >= e or run(a, 1, e - a, bounds[:, b], win[:e - a])
 
         def stretch(pos, take, b, win):
             first, end = -(-pos // STRIPE), (pos + take) // STRIPE
             k = 8 // bits
-            if bits in PLANAR_BITS and end > first and (win is None or STRIPE // k % win.numel() == 0):
+            if (err is None and bits in PLANAR_BITS and end > first
+                    and (win is None or STRIPE // k % win.numel() == 0)):
                 m = STRIPE // k
                 xs, out, u = xf[first * STRIPE:end * STRIPE].view(end - first, k, m), packed[first * m:end * m], half
                 if win is not None:   # every plane starts at the same dither index: w divides m
@@ -317,9 +328,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 for r in range(0, nb, per):
                     rows, at = min(per, nb - r), start + r * blen
                     u = half if dither is None else dither_piece(at, rows * blen).view(rows, blen)
-                    if not _fused.table_codes(code, xf[at:at + rows * blen].view(rows, blen),
-                                              bounds[:, first + r:first + r + rows, None], u,
-                                              codes[at:at + rows * blen].view(rows, blen)):
+                    if not run(at, rows, blen, bounds[:, first + r:first + r + rows, None], u):
                         return None
                 continue
             for b in range(first, first + nb):
@@ -327,9 +336,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 segments = [(at, blen, None)] if dither is None else dither.segments(at, blen)
                 for pos, take, win in segments:
                     if not (stretch(pos, take, b, win) if win is not None or dither is None
-                            else row(pos, take, b, dither_piece(pos, take))):
+                            else run(pos, 1, take, bounds[:, b], dither_piece(pos, take))):
                         return None
-        return fused
+        if err is None:
+            return fused
+        return tuple(float(sum(t[i] for t in sums)) for i in range(2))
 
     # -- decode --------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
@@ -385,6 +396,16 @@ def _code_fn(levels: int):
         lo, hi, inv = bounds[0], bounds[1], bounds[2]
         return ((torch.clamp(x, lo, hi) - lo) * inv + u).to(torch.int32).clamp(max=levels)
     return code
+
+
+@functools.lru_cache(maxsize=None)
+def _value_fn():
+    """The decoder's value of a code for the compiled residual: ``lo + code * step`` (``bounds`` as in
+    :func:`_code_fn`, step in its fourth row); rounded twice where the decoder's add(alpha) rounds
+    once, so the residual may differ from ``x - decode(body)`` by an ulp."""
+    def value(code, bounds):
+        return bounds[0] + code.to(torch.float32) * bounds[3]
+    return value
 
 
 def _fits_fp32(meta: torch.Tensor, step: torch.Tensor) -> bool:
