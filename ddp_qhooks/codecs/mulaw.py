@@ -179,14 +179,15 @@ def _code_fn(K: int, mu: float, stochastic: bool):
         bits = v.view(torch.int32) - sqrt_half
         f = ((bits & 0x7FFFFF) + sqrt_half).view(torch.float32) - 1.0   # v = 2^e * (1 + f)
         p = coeffs[0]
-        for c in coeffs[1:]:
+        for c in coeffs[1:] + [gain]:   # gain * ln(1 + f) = f * (gain + f * P(f)), by Horner
             p = p * f + c
-        t = (bits >> 23).to(torch.float32) * gain_ln2 + (f * gain + (f * f) * p)
+        t = (bits >> 23).to(torch.float32) * gain_ln2 + p * f
         if compensate:  # z - (v - 1) is exact: what rounding 1 + z lost; ln(1+z) ~ ln v + that / v
             t = t + ((z - (v - 1.0)) / v) * gain
-        # |x| == m exactly: K, as in the eager path (so that stochastic rounding keeps maxima exact)
-        t = torch.where(ax >= scale, float(K), t)
-        q = (t + rnd).to(torch.int32).clamp(0, K)  # t + rnd >= 0: truncation is the floor
+        if stochastic:  # |x| == m exactly: K, as in the eager path (stochastic rounding keeps maxima
+            t = torch.where(ax >= scale, float(K), t)   # exact; nearest rounds t ~ K to K anyway)
+        # 0 <= t <= K + 3e-5 (|x| <= m) and rnd <= 1 - 2^-10: truncation is the floor, and gives 0..K
+        q = (t + rnd).to(torch.int32)
         return torch.where(x.view(torch.int32) < 0, K - q, K + q)
     return code
 
