@@ -22,27 +22,20 @@ _FMA = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 
 def _affine_code(xc, params, rounding):
-    # params: (bias, shift, inv)
+    # params: (bias, shift, inv, lo, step)
     return ((rounding + params[0]) + (xc - params[1]) * params[2]).to(torch.int32)
 
 
-def _affine_residual(xc, rounding, params, lo, scale, err):
-    # the codes again, by the codes kernels' expression (the same compiled arithmetic), then the
-    # residual as the eager path forms it: (x - lo) first, then minus code * step
-    code = _affine_code(xc, params, rounding)
-    e = (xc - lo) - code.to(torch.float32) * scale
-    err.copy_(e)
-    e64, x64 = e.double(), xc.double()  # float64 squares: no overflow or underflow
-    if xc.dim() > 1:  # (rows, period) with a broadcast dither: row sums first (2.6x faster here)
+def _affine_error(xc, code, params):
+    # the residual as the eager path forms it: (x - lo) first, then minus code * step
+    return (xc - params[3]) - code.to(torch.float32) * params[4]
+
+
+def _sq_sums(e, x):
+    e64, x64 = e.double(), x.double()  # float64 squares: no overflow or underflow
+    if x.dim() > 1:  # row sums first (2.6x faster here)
         return (e64 * e64).sum(-1).sum(), (x64 * x64).sum(-1).sum()
     return (e64 * e64).sum(), (x64 * x64).sum()
-
-
-def _affine_residual_rows(xs, rounding, params, lo, scale, errs):
-    # xs: (groups, len(errs), window) rows that all take the dither window: one loop serves
-    # len(errs) rows per load of it (see table_rows)
-    sums = [_affine_residual(xs[:, p], rounding, params, lo, scale, err) for p, err in enumerate(errs)]
-    return sum(e for e, _ in sums), sum(x for _, x in sums)
 
 
 # Kernels parameterised by a function (a codec's per-value arithmetic) are templates whose
@@ -98,28 +91,22 @@ def _value_decode_template(codes, scale, out):
 
 
 def _table_residual_template(x, scale, rnd, err):
-    # the codes again by code_of (the codes kernels' arithmetic), their values, the residual and the
-    # float64 squared sums of it and of x, in one pass
-    e = x - value_of(code_of(x, scale, rnd), scale)  # noqa: F821 (globals of the instance)
+    # the codes again by code_of (the codes kernels' arithmetic), the residual error_of forms from
+    # them, and the float64 squared sums of it and of x, in one pass
+    e = error_of(x, code_of(x, scale, rnd), scale)  # noqa: F821 (globals of the instance)
     err.copy_(e)
-    e64, x64 = e.double(), x.double()
-    if x.dim() > 1:  # row sums first (2.6x faster here)
-        return (e64 * e64).sum(-1).sum(), (x64 * x64).sum(-1).sum()
-    return (e64 * e64).sum(), (x64 * x64).sum()
+    return _sq_sums(e, x)
 
 
 def _table_residual_rows_template(xs, scale, rnd, errs):
-    # xs: (groups, len(errs), window) rows that all take the dither window rnd (see table_rows).  The
-    # expression of _table_residual_template, inlined: dynamo guards the globals of a nested
-    # instance as if they were this module's
+    # xs: (groups, len(errs), window) rows that all take the dither window rnd (see table_rows)
     total_e = total_x = 0.0
     for p, err in enumerate(errs):
         x = xs[:, p]
-        e = x - value_of(code_of(x, scale, rnd), scale)  # noqa: F821 (globals of the instance)
+        e = error_of(x, code_of(x, scale, rnd), scale)  # noqa: F821 (globals of the instance)
         err.copy_(e)
-        e64, x64 = e.double(), x.double()
-        total_e = total_e + (e64 * e64).sum(-1).sum()
-        total_x = total_x + (x64 * x64).sum(-1).sum()
+        sums = _sq_sums(e, x)
+        total_e, total_x = total_e + sums[0], total_x + sums[1]
     return total_e, total_x
 
 
@@ -128,8 +115,7 @@ def _value_residual_template(x, codes, scale, err):
     # and the float64 squared sums of it and of x, in one pass
     e = x - value_of(codes.to(torch.int32)) * scale  # noqa: F821 (a global of the instance)
     err.copy_(e)
-    e64, x64 = e.double(), x.double()
-    return (e64 * e64).sum(), (x64 * x64).sum()
+    return _sq_sums(e, x)
 
 
 def _instantiate(template, **params):
@@ -216,29 +202,27 @@ def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.
                  codes, scale, out)[0]
 
 
-def table_residual(code_of, value_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, err: torch.Tensor):
-    """``err = x - value_of(code_of(x, scale, rnd), scale)`` (the codes of :func:`table_codes` again) and
-    the float64 squared sums of ``err`` and ``x`` (0-d tensors); rows of ``x`` that all take the
-    dither window ``rnd`` are handled ``ROW_GROUP`` per load of it.  None when compilation is
-    unavailable."""
-    def single():
-        return _instantiate(_table_residual_template, code_of=code_of, value_of=value_of)
-
+def table_residual(code_of, error_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, err: torch.Tensor):
+    """``err = error_of(x, code_of(x, scale, rnd), scale)`` (the codes of :func:`table_codes` again, and
+    ``x`` minus their value) and the float64 squared sums of ``err`` and ``x`` (0-d tensors); rows of
+    ``x`` that all take the dither window ``rnd`` are handled ``ROW_GROUP`` per load of it.  None when
+    compilation is unavailable."""
     whole = x.shape[0] // ROW_GROUP * ROW_GROUP if rnd.dim() == 1 and x.dim() == 2 else 0
     total = (0.0, 0.0)
     if whole:
         w = x.shape[1]
         errs = err[:whole].view(-1, ROW_GROUP, w)
-        ok, total = _call(("table-residual-rows", code_of, value_of),
-                          lambda: _instantiate(_table_residual_rows_template, code_of=code_of, value_of=value_of),
+        ok, total = _call(("table-residual-rows", code_of, error_of),
+                          lambda: _instantiate(_table_residual_rows_template, code_of=code_of, error_of=error_of),
                           x[:whole].view(-1, ROW_GROUP, w), scale, rnd, tuple(errs[:, p] for p in range(ROW_GROUP)))
         if not ok:
             return None
         if whole == x.shape[0]:
             return total
         x, err = x[whole:], err[whole:]
-    ok, sums = _call(("table-residual", code_of, value_of, x.dim(), rnd.dim(), x.dim() > 1 and x.shape[0] == 1),
-                     single, x, scale, rnd, err)
+    ok, sums = _call(("table-residual", code_of, error_of, x.dim(), rnd.dim(), x.dim() > 1 and x.shape[0] == 1),
+                     lambda: _instantiate(_table_residual_template, code_of=code_of, error_of=error_of),
+                     x, scale, rnd, err)
     return (total[0] + sums[0], total[1] + sums[1]) if ok else None
 
 
@@ -298,9 +282,9 @@ def _call(name, make, *args, options=None) -> tuple[bool, object]:
         return False, None
 
 
-def _affine_params(bias: float, shift: float, inv: float) -> torch.Tensor:
+def _affine_params(bias: float, shift: float, inv: float, lo: float = 0.0, step: float = 0.0) -> torch.Tensor:
     # a tensor, so that new ranges do not trigger recompiles
-    return torch.tensor([bias, shift, inv], dtype=torch.float32)
+    return torch.tensor([bias, shift, inv, lo, step], dtype=torch.float32)
 
 
 def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
@@ -324,19 +308,4 @@ def affine_residual(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift
     """``err = (x - lo) - code * scale`` for the codes of :func:`affine_to_codes` (recomputed, same
     arithmetic), and the float64 squared sums of ``err`` and ``x``; None when compilation is
     unavailable."""
-    lo, scale = (torch.tensor(v, dtype=torch.float32) for v in (lo, scale))
-    params = _affine_params(bias, shift, inv)
-    whole = xc.shape[0] // ROW_GROUP * ROW_GROUP if rounding.dim() and xc.dim() == 2 else 0
-    total = (0.0, 0.0)
-    if whole:   # rows sharing the dither window, ROW_GROUP per load of it
-        w = xc.shape[1]
-        errs = err[:whole].view(-1, ROW_GROUP, w)
-        ok, total = _call("affine-residual-rows", lambda: _affine_residual_rows, xc[:whole].view(-1, ROW_GROUP, w),
-                          rounding, params, lo, scale, tuple(errs[:, p] for p in range(ROW_GROUP)))
-        if not ok:
-            return None
-        if whole == xc.shape[0]:
-            return total
-        xc, err = xc[whole:], err[whole:]
-    ok, sums = _call("affine-residual", lambda: _affine_residual, xc, rounding, params, lo, scale, err)
-    return (total[0] + sums[0], total[1] + sums[1]) if ok else None
+    return table_residual(_affine_code, _affine_error, xc, _affine_params(bias, shift, inv, lo, scale), rounding, err)

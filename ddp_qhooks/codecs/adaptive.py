@@ -208,7 +208,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         codes = packed if self.bits == 8 else s.get("codes", n, torch.uint8)   # 8 bits: no packing
         fused = bounds = None   # stripe ranges the compiled pass packed itself
         if self.compile and x.device.type == "cpu" and work == torch.float32:
-            # what _code_fn and _value_fn take: lo, hi, inv and the decoder's step per block
+            # what _code_fn and _error take: lo, hi, inv and the decoder's step per block
             bounds = torch.stack([lo_w, hi_w, inv, (span / self.levels).to(work)])
             fused = self._encode_compiled(xf, layout, bounds, dither, codes, packed, s)
         if fused is None:
@@ -270,11 +270,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
 
         Returns the ``(first, end)`` stripe ranges written to ``packed`` (the rest of the codes are
         in ``codes``), or None when compilation is unavailable.  With ``err``: the same passes write
-        the residual ``x - decode(codes)`` there instead (the codes again, then the decoder's values,
-        :func:`_value_fn`) and it returns the float64 squared sums of the residual and of ``x``."""
+        the residual ``x - decode(codes)`` there instead (the codes again, then :func:`_error`) and
+        it returns the float64 squared sums of the residual and of ``x``."""
         if not xf.is_contiguous():
             return None
-        code, value, bits, fused, sums = _code_fn(self.levels), _value_fn(), self.bits, [], []
+        code, bits, fused, sums = _code_fn(self.levels), self.bits, [], []
         half, d_all = torch.tensor(0.5), None
 
         def dither_piece(pos, take):
@@ -285,7 +285,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         def run(pos, rows, cols, bnd, u, shared=False):   # rows x cols values from pos; shared: u is every row's
             xv, m = xf[pos:pos + rows * cols].view(rows, cols), rows * cols
             if err is not None:
-                sums.append(_fused.table_residual(code, value, xv, bnd, u, err[pos:pos + m].view(rows, cols)))
+                sums.append(_fused.table_residual(code, _error, xv, bnd, u, err[pos:pos + m].view(rows, cols)))
                 return sums[-1] is not None
             return (_fused.table_rows if shared else _fused.table_codes)(code, xv, bnd, u, codes[pos:pos + m].view(rows, cols))
 
@@ -398,14 +398,11 @@ def _code_fn(levels: int):
     return code
 
 
-@functools.lru_cache(maxsize=None)
-def _value_fn():
-    """The decoder's value of a code for the compiled residual: ``lo + code * step`` (``bounds`` as in
-    :func:`_code_fn`, step in its fourth row); rounded twice where the decoder's add(alpha) rounds
-    once, so the residual may differ from ``x - decode(body)`` by an ulp."""
-    def value(code, bounds):
-        return bounds[0] + code.to(torch.float32) * bounds[3]
-    return value
+def _error(x, code, bounds):
+    """The compiled residual: ``x`` minus the decoder's value ``lo + code * step`` (``bounds`` as in
+    :func:`_code_fn`, step in its fourth row), rounded twice where the decoder's add(alpha) rounds
+    once: it may differ from ``x - decode(body)`` by an ulp of the range."""
+    return x - (bounds[0] + code.to(torch.float32) * bounds[3])
 
 
 def _fits_fp32(meta: torch.Tensor, step: torch.Tensor) -> bool:
