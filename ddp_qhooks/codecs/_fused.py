@@ -170,20 +170,24 @@ def table_codes(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor
 ROW_GROUP = 4  # rows per load of a dither window in :func:`table_rows`
 
 
+def _row_groups(x: torch.Tensor, out: torch.Tensor):
+    """The first ``whole`` rows of ``x`` (a multiple of ``ROW_GROUP``) as ``(groups, ROW_GROUP, w)``,
+    the matching rows of ``out`` as ``ROW_GROUP`` separate ``(groups, w)`` views, and ``whole``."""
+    whole, w = x.shape[0] // ROW_GROUP * ROW_GROUP, x.shape[1]
+    outs = out[:whole].view(-1, ROW_GROUP, w)
+    return x[:whole].view(-1, ROW_GROUP, w), tuple(outs[:, p] for p in range(ROW_GROUP)), whole
+
+
 def table_rows(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, out: torch.Tensor,
                fma: bool = False) -> bool:
     """:func:`table_codes` for ``x`` of shape ``(rows, len(rnd))``, every row taking the dither window
     ``rnd``, ``ROW_GROUP`` rows per loop iteration: one load of the window then serves several rows
     (a load per row, though the window stays in cache, cost as much as the rest of a pass: 1.6x)."""
-    rows, w = x.shape
-    whole = rows // ROW_GROUP * ROW_GROUP
-    if whole:
-        outs = out[:whole].view(-1, ROW_GROUP, w)
-        if not _call(("table-rows", code_of, fma), lambda: _instantiate(_table_rows_template, code_of=code_of),
-                     x[:whole].view(-1, ROW_GROUP, w), scale, rnd, tuple(outs[:, p] for p in range(ROW_GROUP)),
-                     options=_FMA if fma else None)[0]:
-            return False
-    return whole == rows or table_codes(code_of, x[whole:], scale, rnd, out[whole:], fma)
+    xs, outs, whole = _row_groups(x, out)
+    if whole and not _call(("table-rows", code_of, fma), lambda: _instantiate(_table_rows_template, code_of=code_of),
+                           xs, scale, rnd, outs, options=_FMA if fma else None)[0]:
+        return False
+    return whole == x.shape[0] or table_codes(code_of, x[whole:], scale, rnd, out[whole:], fma)
 
 
 def table_planar(code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor,
@@ -207,14 +211,12 @@ def table_residual(code_of, error_of, x: torch.Tensor, scale: torch.Tensor, rnd:
     ``x`` minus their value) and the float64 squared sums of ``err`` and ``x`` (0-d tensors); rows of
     ``x`` that all take the dither window ``rnd`` are handled ``ROW_GROUP`` per load of it.  None when
     compilation is unavailable."""
-    whole = x.shape[0] // ROW_GROUP * ROW_GROUP if rnd.dim() == 1 and x.dim() == 2 else 0
+    xs, errs, whole = _row_groups(x, err) if rnd.dim() == 1 and x.dim() == 2 else (None, None, 0)
     total = (0.0, 0.0)
     if whole:
-        w = x.shape[1]
-        errs = err[:whole].view(-1, ROW_GROUP, w)
         ok, total = _call(("table-residual-rows", code_of, error_of),
                           lambda: _instantiate(_table_residual_rows_template, code_of=code_of, error_of=error_of),
-                          x[:whole].view(-1, ROW_GROUP, w), scale, rnd, tuple(errs[:, p] for p in range(ROW_GROUP)))
+                          xs, scale, rnd, errs)
         if not ok:
             return None
         if whole == x.shape[0]:

@@ -224,8 +224,8 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 done = end * STRIPE if end is not None else n
         self._state.write(slots, running, prior)
         if error_out is not None:
-            if (bounds is not None and fused is not None and error_out.dtype == torch.float32
-                    and error_out.is_contiguous()):   # the residual from the codes again, compiled
+            if bounds is not None and error_out.dtype == torch.float32 and error_out.is_contiguous():
+                # the residual from the codes again, compiled
                 sums = self._encode_compiled(xf, layout, bounds, dither, codes, packed, s, err=error_out.view(-1))
                 if sums is not None:
                     return EncodeInfo(True, *sums)
