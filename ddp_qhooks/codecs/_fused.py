@@ -199,11 +199,17 @@ def table_planar(code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, rnd:
                  xs, scale, rnd, out, options=_FMA if fma else None)[0]
 
 
+# A ``value_of`` marked ``gathers`` reads a table at the code.  Inductor vectorises such a read by
+# widening the indices to int64 in a stack buffer and loading lane by lane; the plain scalar loop
+# the C++ compiler makes without it is ~1.4x faster (mu-law 8-bit decode of 25 MiB: 3.6 vs 5.0 ms).
+_GATHER_OPTIONS = {"cpp.simdlen": 1}
+
+
 def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
     """``out = (out +) value_of(int32 codes) * scale``; False when compilation is unavailable."""
     return _call(("value-decode", value_of, accumulate),
                  lambda: _instantiate(_value_decode_template, value_of=value_of, ACCUMULATE=accumulate),
-                 codes, scale, out)[0]
+                 codes, scale, out, options=_GATHER_OPTIONS if getattr(value_of, "gathers", False) else None)[0]
 
 
 def table_residual(code_of, error_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, err: torch.Tensor):
@@ -232,7 +238,8 @@ def value_residual(value_of, x: torch.Tensor, codes: torch.Tensor, scale: torch.
     """``err = x - value_of(int32 codes) * scale`` and the float64 squared sums of ``err`` and ``x``;
     None when compilation is unavailable."""
     ok, sums = _call(("value-residual", value_of),
-                     lambda: _instantiate(_value_residual_template, value_of=value_of), x, codes, scale, err)
+                     lambda: _instantiate(_value_residual_template, value_of=value_of), x, codes, scale, err,
+                     options=_GATHER_OPTIONS if getattr(value_of, "gathers", False) else None)
     return sums if ok else None
 
 

@@ -233,8 +233,8 @@ def _nearest_by_thresholds(K: int):
 @functools.lru_cache(maxsize=None)
 def _value_fn(bits: int, mu: float):
     """``table[code]`` (float32) for a compiled decoder, bitwise the eager lookup: up to 4 bits a
-    tree of selects between the table's values (vectorised), above that a gather from the table
-    (inductor gathers one value at a time: ~2x slower than the selects where both apply)."""
+    tree of selects between the table's values (vectorised), above that a read of the table at the
+    code (marked ``gathers``: compiled as a scalar loop, ~2x slower than the selects where both apply)."""
     table = _levels64(bits, mu).float()
     if bits <= 4:
         return functools.partial(select_tree, values=tuple(table.tolist()))
@@ -242,4 +242,5 @@ def _value_fn(bits: int, mu: float):
 
     def value(code):
         return table[code]
+    value.gathers = True
     return value
