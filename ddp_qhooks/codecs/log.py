@@ -125,16 +125,17 @@ def _code_fn(bits: int, stochastic: bool):
     M = (1 << (bits - 1)) - 1
 
     def code(x, scale, rnd):
-        rb = (x / scale).view(torch.int32)
-        sign = (rb >> 31) & 1
+        # a float <-> int view compiles to a round trip through memory: two per value, not three
+        r = x / scale
+        rb = r.view(torch.int32)
         ab = rb & 0x7FFFFFFF
         lower = (ab >> 23) + (M - 127)
         frac = ((ab & 0x7FFFFF) | 0x3F800000).view(torch.float32) - 1.0
-        pos = torch.where(lower <= 0, ab.view(torch.float32) * 2.0 ** (M - 1), frac)
+        pos = torch.where(lower <= 0, r.abs() * 2.0 ** (M - 1), frac)
         # pos + rnd >= 0: truncation is the floor (and vectorises; floor did not)
         up = (pos + rnd).to(torch.int32) if stochastic else (pos >= 0.5).to(torch.int32)
         mag = lower.clamp(min=0) + up
-        return mag | ((sign * mag.clamp(max=1)) << (bits - 1))
+        return mag | (((rb >> 31) & mag.clamp(max=1)) << (bits - 1))   # the sign bit, unless mag is 0
     return code
 
 

@@ -189,7 +189,7 @@ def _code_fn(K: int, mu: float, stochastic: bool):
             t = torch.where(ax >= scale, float(K), t)   # exact; nearest rounds t ~ K to K anyway)
         # 0 <= t <= K + 3e-5 (|x| <= m) and rnd <= 1 - 2^-10: truncation is the floor, and gives 0..K
         q = (t + rnd).to(torch.int32)
-        return torch.where(x.view(torch.int32) < 0, K - q, K + q)
+        return torch.where(x < 0, K - q, K + q)   # -0.0: q = 0 either way
     return code
 
 
@@ -226,7 +226,7 @@ def _nearest_by_thresholds(K: int):
         q = found[0].to(torch.int32)
         for bit in found[1:]:
             q = q * 2 + bit.to(torch.int32)
-        return torch.where(x.view(torch.int32) < 0, K - q, K + q)
+        return torch.where(x < 0, K - q, K + q)   # -0.0: q = 0 either way
     return code
 
 
