@@ -926,7 +926,8 @@ def test_compiled_kernel_matches_eager(name):
     g = torch.Generator().manual_seed(11)
     for bits, with_error in ((8, True), (4, False), (3, True), (2, True), (1, False)):
         # one call, several dither periods plus a tail, and two full packing stripes plus a tail
-        for n in (1, 1001, (1 << 20) + 4099):
+        # (then plus a last stripe of whole periods, which the planar kernel packs too)
+        for n in (1, 1001, (1 << 20) + 4099) + (((1 << 20) + (1 << 18),) if bits in (4, 2) else ()):
             x = torch.randn(n, generator=g) * 2 + 0.3
             layout = Layout.flat(n)
             eager, fused = make_codec(name, bits=bits), make_codec(name, bits=bits, compile=True)
@@ -1031,7 +1032,8 @@ def test_compiled_table_codec_matches_eager(name):
     g = torch.Generator().manual_seed(14)
     for bits in (8, 3, 2):  # byte-wide, packed after the kernel, packed inside it (planar)
         for rounding in ("nearest", "stochastic"):
-            for n in (1001, 3 * 65536 + 1001) + ((2 * (1 << 19) + 4099,) if bits == 2 else ()):
+            # (2 bits: two packing stripes and a tail; two stripes and a last one of whole periods)
+            for n in (1001, 3 * 65536 + 1001) + ((2 * (1 << 19) + 4099, 2 * (1 << 19) + (1 << 18)) if bits == 2 else ()):
                 x = torch.randn(n, generator=g) ** 3
                 x[::9] = 0.0
                 layout = Layout.flat(n)

@@ -135,11 +135,6 @@ class _ScaledTableCodec(Codec):
         window = tiled = dither = None
         if self.stochastic and self.block_size is None:
             window = _random.PeriodDither(n, _random.splitmix64(key, layout.param_keys[0]), xf.device).window
-            # chunks start at multiples of the period: one tiled chunk of dither serves them all
-            tiled = s.get("dither", min(chunk, n), torch.float32)
-            full = tiled.numel() // window.numel() * window.numel()
-            tiled[:full].view(-1, window.numel()).copy_(window)
-            tiled[full:].copy_(window[:tiled.numel() - full])
         elif self.stochastic:
             dither = _random.param_dither(layout, key, xf.device)
         done = packed_upto = 0  # values with codes (in ``codes`` or packed) / packed by the kernel
@@ -148,13 +143,23 @@ class _ScaledTableCodec(Codec):
             rnd = window if window is not None else torch.tensor(0.5)
             rows = _random.period_rows  # the dither repeats per period
             scale = self._fused_scale(denom[0])
-            if self.bits in PLANAR_BITS and n >= STRIPE:
+            if self.bits in PLANAR_BITS:
                 # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py)
                 k = 8 // self.bits
                 stripes, m = n // STRIPE, STRIPE // k
-                if _fused.table_planar(self._fused_code, self.bits, rows(xf[:stripes * STRIPE].view(stripes, k, m)),
-                                       scale, rnd, rows(packed[:stripes * m].view(stripes, m)), self._fused_fma):
+                if stripes and _fused.table_planar(self._fused_code, self.bits,
+                                                   rows(xf[:stripes * STRIPE].view(stripes, k, m)), scale, rnd,
+                                                   rows(packed[:stripes * m].view(stripes, m)), self._fused_fma):
                     done = packed_upto = stripes * STRIPE
+                # the last, shorter stripe too when its planes are whole periods (a bucket of whole
+                # 64 K rows): its codes would otherwise take one more compiled call and a packing pass
+                tail = n - stripes * STRIPE
+                if done == stripes * STRIPE and tail and tail % (k * _random.PERIOD) == 0:
+                    a = done // k
+                    if _fused.table_planar(self._fused_code, self.bits, rows(xf[done:].view(1, k, tail // k)),
+                                           scale, rnd, rows(packed[a:a + tail // k].view(1, tail // k)),
+                                           self._fused_fma):
+                        done = packed_upto = n
             end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
             # with a dither window: several rows per load of it (table_rows)
             whole_codes = _fused.table_rows if rnd.dim() else _fused.table_codes
@@ -166,6 +171,12 @@ class _ScaledTableCodec(Codec):
             rel = s.get("rel", n, torch.float32)
             for (view, sl), (dst, _) in zip(blocks.views(xf), blocks.views(rel)):
                 torch.div(view, denom[sl, None], out=dst)
+        if window is not None and done < n:
+            # chunks start at multiples of the period: one tiled chunk of dither serves them all
+            tiled = s.get("dither", min(chunk, n), torch.float32)
+            full = tiled.numel() // window.numel() * window.numel()
+            tiled[:full].view(-1, window.numel()).copy_(window)
+            tiled[full:].copy_(window[:tiled.numel() - full])
         for a in range(done, n, chunk):  # the rest eagerly (under one period when compiled)
             c = min(chunk, n - a)
             rc = rel[a:a + c] if rel is not None else torch.div(xf[a:a + c], denom[0], out=s.get("rel", min(chunk, n), torch.float32)[:c])

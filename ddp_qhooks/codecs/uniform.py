@@ -288,7 +288,7 @@ class UniformCodec(Codec):
         reading one period of dither straight from the pool, exactly as the chunked path.
 
         Returns ``(done, codes)``: elements ``[0, done)`` are encoded into ``codes`` (``done`` is 0
-        when the kernel is unavailable, and stops at the last full stripe for the planar widths,
+        when the kernel is unavailable, and may stop at the last full stripe for the planar widths,
         whose kernel writes packed bytes directly), and their uint8 codes when they exist
         unpacked (else None)."""
         n, bits = x.numel(), self.bits
@@ -296,12 +296,21 @@ class UniformCodec(Codec):
         rows = _random.period_rows if self.stochastic else (lambda t: t)
         if bits in PLANAR_BITS:
             k, stripes = 8 // bits, n // STRIPE
-            if not stripes:
-                return 0, None
-            m = STRIPE // k
-            ok = _fused.affine_to_planar(rows(x[:stripes * STRIPE].view(stripes, k, m)), rounding, bias, shift, inv,
-                                         rows(codes[:stripes * m].view(stripes, m)), bits)
-            return (stripes * STRIPE, None) if ok else (0, None)
+            m, done = STRIPE // k, 0
+            if stripes:
+                if not _fused.affine_to_planar(rows(x[:stripes * STRIPE].view(stripes, k, m)), rounding, bias, shift,
+                                               inv, rows(codes[:stripes * m].view(stripes, m)), bits):
+                    return 0, None
+                done = stripes * STRIPE
+            # the last, shorter stripe too when its planes are whole dither periods (or rows of
+            # anything without dither): it would otherwise be encoded and packed eagerly
+            tail = n - done
+            if tail and tail % (k * (_random.PERIOD if self.stochastic else 1)) == 0:
+                a = done // k
+                if _fused.affine_to_planar(rows(x[done:].view(1, k, tail // k)), rounding, bias, shift, inv,
+                                           rows(codes[a:a + tail // k].view(1, tail // k)), bits):
+                    done = n
+            return done, None
         cu = codes[:n] if bits == 8 else s.whole(n)[0]
         if self.stochastic:
             period = rounding.numel()
