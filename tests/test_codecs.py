@@ -1128,6 +1128,17 @@ def test_compiled_adaptive_matches_eager():
         assert float((errs[1] - errs[0]).abs().max()) <= ulp, (block_size, grid, bits)
         assert infos[1].error_sq == pytest.approx(infos[0].error_sq, rel=1e-5)
         assert infos[1].input_sq == pytest.approx(infos[0].input_sq, rel=1e-9)
+    # the bucket's last, shorter packing stripe, packed by the kernel when its planes are whole
+    # windows: after whole stripes, and in a parameter of whole periods that starts mid-stripe
+    for numels in ([2 * REF_STRIPE + 2 * 65536], [65536, REF_STRIPE + 3 * 65536]):
+        y = torch.randn(sum(numels), generator=g)
+        layout = Layout(numels, list(range(len(numels))))
+        bodies = []
+        for compiled in (False, True):
+            codec = make_codec("adaptive", bits=4, compile=compiled)
+            bodies.append(new_body(codec, layout))
+            codec.encode(y, bodies[-1], layout, key=5)
+        assert torch.equal(bodies[0], bodies[1]), numels
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):  # the compiled pass ran (not an eager fallback)
         from ddp_qhooks.codecs.adaptive import _code_fn

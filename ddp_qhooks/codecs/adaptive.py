@@ -275,6 +275,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         if not xf.is_contiguous():
             return None
         code, bits, fused, sums = _code_fn(self.levels), self.bits, [], []
+        k = 8 // bits
         half, d_all = torch.tensor(0.5), None
 
         def dither_piece(pos, take):
@@ -305,22 +306,31 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             a += rows * w
             return a >= e or run(a, 1, e - a, bounds[:, b], win[:e - a])
 
+        def planar(a, stripes, m, b, win, pos):   # stripes of k planes of m values from a, packed
+            xs, out, u = xf[a:a + stripes * k * m].view(stripes, k, m), packed[a // k:a // k + stripes * m], half
+            if win is not None:   # every plane starts at the same dither index: w divides m
+                w, c = win.numel(), (a - pos) % win.numel()
+                u = win if c == 0 else torch.cat([win[c:], win[:c]], out=s.get("rotated", w, torch.float32))
+                xs = xs.view(stripes, k, m // w, w)
+            return _fused.table_planar(code, bits, xs, bounds[:, b], u, out.view(xs.shape[0], *xs.shape[2:]))
+
         def stretch(pos, take, b, win):
             first, end = -(-pos // STRIPE), (pos + take) // STRIPE
-            k = 8 // bits
-            if (err is None and bits in PLANAR_BITS and end > first
-                    and (win is None or STRIPE // k % win.numel() == 0)):
-                m = STRIPE // k
-                xs, out, u = xf[first * STRIPE:end * STRIPE].view(end - first, k, m), packed[first * m:end * m], half
-                if win is not None:   # every plane starts at the same dither index: w divides m
-                    w, c = win.numel(), (first * STRIPE - pos) % win.numel()
-                    u = win if c == 0 else torch.cat([win[c:], win[:c]], out=s.get("rotated", w, torch.float32))
-                    xs = xs.view(end - first, k, m // w, w)
-                if not _fused.table_planar(code, bits, xs, bounds[:, b], u, out.view(xs.shape[0], *xs.shape[2:])):
-                    return False
-                fused.append((first, end))
-                return part(pos, first * STRIPE, b, win, pos) and part(end * STRIPE, pos + take, b, win, pos)
-            return part(pos, pos + take, b, win, pos)
+            w = 1 if win is None else win.numel()
+            if err is not None or bits not in PLANAR_BITS or STRIPE // k % w:
+                return part(pos, pos + take, b, win, pos)
+            # the bucket's last, shorter stripe too when this stretch ends the bucket and its planes
+            # are whole windows (it would otherwise take a pass of its own and a packing pass)
+            tail = pos + take - end * STRIPE if pos + take == xf.numel() and end >= first else 0
+            tail = 0 if tail % (k * w) else tail
+            if end <= first and not tail:
+                return part(pos, pos + take, b, win, pos)
+            if end > first and not planar(first * STRIPE, end - first, STRIPE // k, b, win, pos):
+                return False
+            if tail and not planar(end * STRIPE, 1, tail // k, b, win, pos):
+                return False
+            fused.append((first, end + (1 if tail else 0)))
+            return part(pos, first * STRIPE, b, win, pos) and (tail > 0 or part(end * STRIPE, pos + take, b, win, pos))
 
         for start, nb, blen, first in blocks_for(layout, self.block_size).runs:
             if nb > 1 and blen < STRIPE:   # short blocks: whole ones per pass
