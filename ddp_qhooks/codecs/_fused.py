@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from .packing import STRIPE
+
 _lock = threading.Lock()
 _kernels: dict = {}
 _broken = False
@@ -77,12 +79,14 @@ def _table_rows_template(xs, scale, rnd, outs):
         out.copy_(code_of(xs[:, p], scale, rnd))  # noqa: F821 (a global of the instance)
 
 
-def _table_planar_template(xs, scale, rnd, out):
-    # xs: (stripes, PLANES, ...); out: (stripes, ...) packed bytes, plane p at bit offset p*BITS
-    acc = code_of(xs[:, 0], scale, rnd)  # noqa: F821 (a global of the instance)
-    for p in range(1, PLANES):  # noqa: F821
-        acc = acc | (code_of(xs[:, p], scale, rnd) << (p * BITS))  # noqa: F821
-    out.copy_(acc)
+def _table_planar_template(parts, scale, rnd, outs):
+    # parts[i]: (stripes, PLANES, ...); outs[i]: (stripes, ...) packed bytes, plane p at bit offset
+    # p*BITS.  Several parts (whole stripes, a shorter last one) in one call: a call costs ~0.1 ms
+    for xs, out in zip(parts, outs):
+        acc = code_of(xs[:, 0], scale, rnd)  # noqa: F821 (a global of the instance)
+        for p in range(1, PLANES):  # noqa: F821
+            acc = acc | (code_of(xs[:, p], scale, rnd) << (p * BITS))  # noqa: F821
+        out.copy_(acc)
 
 
 def _value_decode_template(codes, scale, out):
@@ -190,13 +194,34 @@ def table_rows(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor,
     return whole == x.shape[0] or table_codes(code_of, x[whole:], scale, rnd, out[whole:], fma)
 
 
-def table_planar(code_of, bits: int, xs: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor,
-                 out: torch.Tensor, fma: bool = False) -> bool:
+def table_planar(code_of, bits: int, xs, scale: torch.Tensor, rnd: torch.Tensor, out, fma: bool = False) -> bool:
     """:func:`table_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into ``out`` of shape
-    ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``."""
-    return _call(("table-planar", code_of, bits, fma),
+    ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``.  ``xs`` and ``out`` may be tuples of such
+    parts (:func:`planar_parts`), done in one call."""
+    parts, outs = (xs, out) if isinstance(xs, tuple) else ((xs,), (out,))
+    return _call(("table-planar", code_of, bits, fma, len(parts)),
                  lambda: _instantiate(_table_planar_template, code_of=code_of, BITS=bits, PLANES=8 // bits),
-                 xs, scale, rnd, out, options=_FMA if fma else None)[0]
+                 parts, scale, rnd, outs, options=_FMA if fma else None)[0]
+
+
+def planar_parts(x: torch.Tensor, packed: torch.Tensor, bits: int, period: int):
+    """The packing stripes of the 1-D ``x`` as planes for :func:`table_planar` (packing.py's layout):
+    the whole stripes as ``(stripes, 8/bits, STRIPE*bits/8)``, and the last, shorter stripe as
+    ``(1, 8/bits, r*bits/8)`` when its planes are whole multiples of ``period`` (a dither window's
+    length, which callers cut the last dimension into; 1 without one), with the views of
+    ``packed`` they go to, and how many values of ``x`` they cover."""
+    k, n = 8 // bits, x.numel()
+    stripes, m = n // STRIPE, STRIPE // k
+    parts, outs = [], []
+    if stripes:
+        parts.append(x[:stripes * STRIPE].view(stripes, k, m))
+        outs.append(packed[:stripes * m].view(stripes, m))
+    tail, done = n - stripes * STRIPE, stripes * STRIPE
+    if tail and tail % (k * period) == 0:
+        parts.append(x[done:].view(1, k, tail // k))
+        outs.append(packed[done // k:done // k + tail // k].view(1, tail // k))
+        done = n
+    return tuple(parts), tuple(outs), done
 
 
 # A ``value_of`` marked ``gathers`` reads a table at the code.  Inductor vectorises such a read by
@@ -305,10 +330,10 @@ def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift
     return codes(_affine_code, xc, _affine_params(bias, shift, inv), rounding, out)
 
 
-def affine_to_planar(xs: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float,
-                     out: torch.Tensor, bits: int) -> bool:
+def affine_to_planar(xs, rounding: torch.Tensor, bias: float, shift: float, inv: float, out, bits: int) -> bool:
     """Codes as in :func:`affine_to_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into
-    ``out`` of shape ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``."""
+    ``out`` of shape ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits`` (or tuples of such parts,
+    as :func:`table_planar`)."""
     return table_planar(_affine_code, bits, xs, _affine_params(bias, shift, inv), rounding, out)
 
 

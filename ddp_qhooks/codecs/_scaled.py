@@ -12,7 +12,7 @@ from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
 from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_choice
-from .packing import PLANAR_BITS, STRIPE, pack_codes, packed_nbytes, unpack_codes
+from .packing import PLANAR_BITS, pack_codes, packed_nbytes, unpack_codes
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _ROUNDINGS = ("nearest", "stochastic")
@@ -144,22 +144,12 @@ class _ScaledTableCodec(Codec):
             rows = _random.period_rows  # the dither repeats per period
             scale = self._fused_scale(denom[0])
             if self.bits in PLANAR_BITS:
-                # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py)
-                k = 8 // self.bits
-                stripes, m = n // STRIPE, STRIPE // k
-                if stripes and _fused.table_planar(self._fused_code, self.bits,
-                                                   rows(xf[:stripes * STRIPE].view(stripes, k, m)), scale, rnd,
-                                                   rows(packed[:stripes * m].view(stripes, m)), self._fused_fma):
-                    done = packed_upto = stripes * STRIPE
-                # the last, shorter stripe too when its planes are whole periods (a bucket of whole
-                # 64 K rows): its codes would otherwise take one more compiled call and a packing pass
-                tail = n - stripes * STRIPE
-                if done == stripes * STRIPE and tail and tail % (k * _random.PERIOD) == 0:
-                    a = done // k
-                    if _fused.table_planar(self._fused_code, self.bits, rows(xf[done:].view(1, k, tail // k)),
-                                           scale, rnd, rows(packed[a:a + tail // k].view(1, tail // k)),
-                                           self._fused_fma):
-                        done = packed_upto = n
+                # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py),
+                # the last, shorter stripe too when its planes are whole periods
+                parts, outs, upto = _fused.planar_parts(xf, packed, self.bits, _random.PERIOD)
+                if parts and _fused.table_planar(self._fused_code, self.bits, tuple(map(rows, parts)), scale, rnd,
+                                                 tuple(map(rows, outs)), self._fused_fma):
+                    done = packed_upto = upto
             end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
             # with a dither window: several rows per load of it (table_rows)
             whole_codes = _fused.table_rows if rnd.dim() else _fused.table_codes

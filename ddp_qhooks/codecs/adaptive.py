@@ -306,13 +306,18 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             a += rows * w
             return a >= e or run(a, 1, e - a, bounds[:, b], win[:e - a])
 
-        def planar(a, stripes, m, b, win, pos):   # stripes of k planes of m values from a, packed
-            xs, out, u = xf[a:a + stripes * k * m].view(stripes, k, m), packed[a // k:a // k + stripes * m], half
-            if win is not None:   # every plane starts at the same dither index: w divides m
-                w, c = win.numel(), (a - pos) % win.numel()
+        def planar(specs, b, win, pos):   # per (a, stripes, m): stripes of k planes of m values from a, packed
+            parts, outs, u = [], [], half
+            for a, stripes, m in specs:
+                xs, out = xf[a:a + stripes * k * m].view(stripes, k, m), packed[a // k:a // k + stripes * m]
+                if win is not None:   # every plane starts at the same dither index: w divides m
+                    xs = xs.view(stripes, k, m // win.numel(), win.numel())
+                parts.append(xs)
+                outs.append(out.view(xs.shape[0], *xs.shape[2:]))
+            if win is not None:   # the stripes start at the same dither index (see stretch)
+                w, c = win.numel(), (specs[0][0] - pos) % win.numel()
                 u = win if c == 0 else torch.cat([win[c:], win[:c]], out=s.get("rotated", w, torch.float32))
-                xs = xs.view(stripes, k, m // w, w)
-            return _fused.table_planar(code, bits, xs, bounds[:, b], u, out.view(xs.shape[0], *xs.shape[2:]))
+            return _fused.table_planar(code, bits, tuple(parts), bounds[:, b], u, tuple(outs))
 
         def stretch(pos, take, b, win):
             first, end = -(-pos // STRIPE), (pos + take) // STRIPE
@@ -325,9 +330,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             tail = 0 if tail % (k * w) else tail
             if end <= first and not tail:
                 return part(pos, pos + take, b, win, pos)
-            if end > first and not planar(first * STRIPE, end - first, STRIPE // k, b, win, pos):
-                return False
-            if tail and not planar(end * STRIPE, 1, tail // k, b, win, pos):
+            # (a stripe boundary minus pos is the same multiple of w plus c for every stripe: the
+            # stretch is whole periods up to its end, and a tail's planes are whole windows)
+            specs = ([(first * STRIPE, end - first, STRIPE // k)] if end > first else []) + \
+                ([(end * STRIPE, 1, tail // k)] if tail else [])
+            if not planar(specs, b, win, pos):
                 return False
             fused.append((first, end + (1 if tail else 0)))
             return part(pos, first * STRIPE, b, win, pos) and (tail > 0 or part(end * STRIPE, pos + take, b, win, pos))

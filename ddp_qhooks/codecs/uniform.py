@@ -294,23 +294,11 @@ class UniformCodec(Codec):
         n, bits = x.numel(), self.bits
         rounding = self._rounding(key, n, x.device)
         rows = _random.period_rows if self.stochastic else (lambda t: t)
-        if bits in PLANAR_BITS:
-            k, stripes = 8 // bits, n // STRIPE
-            m, done = STRIPE // k, 0
-            if stripes:
-                if not _fused.affine_to_planar(rows(x[:stripes * STRIPE].view(stripes, k, m)), rounding, bias, shift,
-                                               inv, rows(codes[:stripes * m].view(stripes, m)), bits):
-                    return 0, None
-                done = stripes * STRIPE
-            # the last, shorter stripe too when its planes are whole dither periods (or rows of
-            # anything without dither): it would otherwise be encoded and packed eagerly
-            tail = n - done
-            if tail and tail % (k * (_random.PERIOD if self.stochastic else 1)) == 0:
-                a = done // k
-                if _fused.affine_to_planar(rows(x[done:].view(1, k, tail // k)), rounding, bias, shift, inv,
-                                           rows(codes[a:a + tail // k].view(1, tail // k)), bits):
-                    done = n
-            return done, None
+        if bits in PLANAR_BITS:  # whole stripes, and the last one when its planes are whole periods
+            parts, outs, upto = _fused.planar_parts(x, codes, bits, _random.PERIOD if self.stochastic else 1)
+            ok = parts and _fused.affine_to_planar(tuple(map(rows, parts)), rounding, bias, shift, inv,
+                                                   tuple(map(rows, outs)), bits)
+            return (upto, None) if ok else (0, None)
         cu = codes[:n] if bits == 8 else s.whole(n)[0]
         if self.stochastic:
             period = rounding.numel()
