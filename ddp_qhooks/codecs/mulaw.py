@@ -105,7 +105,7 @@ class MuLawCodec(_ScaledTableCodec):
         return _value_fn(self.bits, self.mu)
 
     @property
-    def _fused_residual_ok(self):  # above 4 bits the value is a gather: slower than the eager decoder
+    def _fused_residual_ok(self):  # above 4 bits a table read: as a residual kernel slower than decode + subtract
         return self.bits <= 4
 
     def _table64(self) -> torch.Tensor:
