@@ -149,9 +149,11 @@ class BlockState:
             have.append(ok)
             counts.append(e[1] if ok else 0)
             nbs.append(nb)
-        reps = torch.tensor(nbs, dtype=torch.int64)
-        return (slots, rows, torch.tensor(have, dtype=torch.bool).repeat_interleave(reps),
-                torch.tensor(counts, dtype=torch.int64).repeat_interleave(reps), prior)
+        have_t, counts_t = torch.tensor(have, dtype=torch.bool), torch.tensor(counts, dtype=torch.int64)
+        if nblocks != len(slots):   # per block (repeat_interleave costs ~80 us a call: not for one block per slot)
+            reps = torch.tensor(nbs, dtype=torch.int64)
+            have_t, counts_t = have_t.repeat_interleave(reps), counts_t.repeat_interleave(reps)
+        return slots, rows, have_t, counts_t, prior
 
     def write(self, slots: list, rows: torch.Tensor, prior: list) -> None:
         for (key, first, nb, numel), p in zip(slots, prior):
