@@ -194,32 +194,34 @@ def table_rows(code_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor,
     return whole == x.shape[0] or table_codes(code_of, x[whole:], scale, rnd, out[whole:], fma)
 
 
-def table_planar(code_of, bits: int, xs, scale: torch.Tensor, rnd: torch.Tensor, out, fma: bool = False) -> bool:
-    """:func:`table_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into ``out`` of shape
-    ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``.  ``xs`` and ``out`` may be tuples of such
-    parts (:func:`planar_parts`), done in one call."""
-    parts, outs = (xs, out) if isinstance(xs, tuple) else ((xs,), (out,))
+def table_planar(code_of, bits: int, parts: tuple, scale: torch.Tensor, rnd: torch.Tensor, outs: tuple,
+                 fma: bool = False) -> bool:
+    """:func:`table_codes` for each of ``parts`` of shape ``(stripes, 8/bits, ...)``, packed into the
+    matching ``outs`` of shape ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits``; one call for
+    all of them (:func:`planar_parts` cuts a bucket into such parts)."""
     return _call(("table-planar", code_of, bits, fma, len(parts)),
                  lambda: _instantiate(_table_planar_template, code_of=code_of, BITS=bits, PLANES=8 // bits),
                  parts, scale, rnd, outs, options=_FMA if fma else None)[0]
 
 
 def planar_parts(x: torch.Tensor, packed: torch.Tensor, bits: int, period: int):
-    """The packing stripes of the 1-D ``x`` as planes for :func:`table_planar` (packing.py's layout):
-    the whole stripes as ``(stripes, 8/bits, STRIPE*bits/8)``, and the last, shorter stripe as
-    ``(1, 8/bits, r*bits/8)`` when its planes are whole multiples of ``period`` (a dither window's
-    length, which callers cut the last dimension into; 1 without one), with the views of
-    ``packed`` they go to, and how many values of ``x`` they cover."""
+    """The packing stripes of the 1-D ``x`` (starting on a stripe) as planes for :func:`table_planar`
+    (packing.py's layout): the whole stripes as ``(stripes, 8/bits, STRIPE*bits/8)``, and the last,
+    shorter stripe as ``(1, 8/bits, r*bits/8)`` when its planes are whole multiples of ``period``,
+    with the views of ``packed`` they go to, and how many values of ``x`` they cover.  ``period``:
+    the length of a dither window (which must divide a stripe's planes), 1 without one; above 1 the
+    last dimension is cut into period-long rows, over which the window broadcasts."""
     k, n = 8 // bits, x.numel()
     stripes, m = n // STRIPE, STRIPE // k
+    rows = (lambda t: t.view(*t.shape[:-1], -1, period)) if period > 1 else (lambda t: t)
     parts, outs = [], []
     if stripes:
-        parts.append(x[:stripes * STRIPE].view(stripes, k, m))
-        outs.append(packed[:stripes * m].view(stripes, m))
+        parts.append(rows(x[:stripes * STRIPE].view(stripes, k, m)))
+        outs.append(rows(packed[:stripes * m].view(stripes, m)))
     tail, done = n - stripes * STRIPE, stripes * STRIPE
     if tail and tail % (k * period) == 0:
-        parts.append(x[done:].view(1, k, tail // k))
-        outs.append(packed[done // k:done // k + tail // k].view(1, tail // k))
+        parts.append(rows(x[done:].view(1, k, tail // k)))
+        outs.append(rows(packed[done // k:done // k + tail // k].view(1, tail // k)))
         done = n
     return tuple(parts), tuple(outs), done
 
@@ -230,11 +232,15 @@ def planar_parts(x: torch.Tensor, packed: torch.Tensor, bits: int, period: int):
 _GATHER_OPTIONS = {"cpp.simdlen": 1}
 
 
+def _value_options(value_of):
+    return _GATHER_OPTIONS if getattr(value_of, "gathers", False) else None
+
+
 def value_decode(value_of, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
     """``out = (out +) value_of(int32 codes) * scale``; False when compilation is unavailable."""
     return _call(("value-decode", value_of, accumulate),
                  lambda: _instantiate(_value_decode_template, value_of=value_of, ACCUMULATE=accumulate),
-                 codes, scale, out, options=_GATHER_OPTIONS if getattr(value_of, "gathers", False) else None)[0]
+                 codes, scale, out, options=_value_options(value_of))[0]
 
 
 def table_residual(code_of, error_of, x: torch.Tensor, scale: torch.Tensor, rnd: torch.Tensor, err: torch.Tensor):
@@ -264,7 +270,7 @@ def value_residual(value_of, x: torch.Tensor, codes: torch.Tensor, scale: torch.
     None when compilation is unavailable."""
     ok, sums = _call(("value-residual", value_of),
                      lambda: _instantiate(_value_residual_template, value_of=value_of), x, codes, scale, err,
-                     options=_GATHER_OPTIONS if getattr(value_of, "gathers", False) else None)
+                     options=_value_options(value_of))
     return sums if ok else None
 
 
@@ -330,11 +336,11 @@ def affine_to_codes(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift
     return codes(_affine_code, xc, _affine_params(bias, shift, inv), rounding, out)
 
 
-def affine_to_planar(xs, rounding: torch.Tensor, bias: float, shift: float, inv: float, out, bits: int) -> bool:
-    """Codes as in :func:`affine_to_codes` for ``xs`` of shape ``(stripes, 8/bits, ...)``, packed into
-    ``out`` of shape ``(stripes, ...)``: plane ``p`` at bit offset ``p*bits`` (or tuples of such parts,
-    as :func:`table_planar`)."""
-    return table_planar(_affine_code, bits, xs, _affine_params(bias, shift, inv), rounding, out)
+def affine_to_planar(parts: tuple, rounding: torch.Tensor, bias: float, shift: float, inv: float, outs: tuple,
+                     bits: int) -> bool:
+    """Codes as in :func:`affine_to_codes` for each of ``parts`` of shape ``(stripes, 8/bits, ...)``,
+    packed into ``outs`` as :func:`table_planar` does."""
+    return table_planar(_affine_code, bits, parts, _affine_params(bias, shift, inv), rounding, outs)
 
 
 def affine_residual(xc: torch.Tensor, rounding: torch.Tensor, bias: float, shift: float, inv: float, lo: float,

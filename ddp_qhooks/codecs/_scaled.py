@@ -147,8 +147,8 @@ class _ScaledTableCodec(Codec):
                 # the planes of each stripe OR-ed into packed bytes inside the kernel (see packing.py),
                 # the last, shorter stripe too when its planes are whole periods
                 parts, outs, upto = _fused.planar_parts(xf, packed, self.bits, _random.PERIOD)
-                if parts and _fused.table_planar(self._fused_code, self.bits, tuple(map(rows, parts)), scale, rnd,
-                                                 tuple(map(rows, outs)), self._fused_fma):
+                if parts and _fused.table_planar(self._fused_code, self.bits, parts, scale, rnd, outs,
+                                                 self._fused_fma):
                     done = packed_upto = upto
             end = done + (n - done) // _random.PERIOD * _random.PERIOD  # whole periods into codes
             # with a dither window: several rows per load of it (table_rows)

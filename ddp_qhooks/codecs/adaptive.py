@@ -306,38 +306,25 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             a += rows * w
             return a >= e or run(a, 1, e - a, bounds[:, b], win[:e - a])
 
-        def planar(specs, b, win, pos):   # per (a, stripes, m): stripes of k planes of m values from a, packed
-            parts, outs, u = [], [], half
-            for a, stripes, m in specs:
-                xs, out = xf[a:a + stripes * k * m].view(stripes, k, m), packed[a // k:a // k + stripes * m]
-                if win is not None:   # every plane starts at the same dither index: w divides m
-                    xs = xs.view(stripes, k, m // win.numel(), win.numel())
-                parts.append(xs)
-                outs.append(out.view(xs.shape[0], *xs.shape[2:]))
-            if win is not None:   # the stripes start at the same dither index (see stretch)
-                w, c = win.numel(), (specs[0][0] - pos) % win.numel()
-                u = win if c == 0 else torch.cat([win[c:], win[:c]], out=s.get("rotated", w, torch.float32))
-            return _fused.table_planar(code, bits, tuple(parts), bounds[:, b], u, tuple(outs))
-
         def stretch(pos, take, b, win):
             first, end = -(-pos // STRIPE), (pos + take) // STRIPE
             w = 1 if win is None else win.numel()
             if err is not None or bits not in PLANAR_BITS or STRIPE // k % w:
                 return part(pos, pos + take, b, win, pos)
-            # the bucket's last, shorter stripe too when this stretch ends the bucket and its planes
-            # are whole windows (it would otherwise take a pass of its own and a packing pass)
-            tail = pos + take - end * STRIPE if pos + take == xf.numel() and end >= first else 0
-            tail = 0 if tail % (k * w) else tail
-            if end <= first and not tail:
+            # the whole stripes inside the stretch, and the bucket's last, shorter stripe too when
+            # the stretch ends the bucket (planar_parts takes it when its planes are whole windows)
+            a, stop = first * STRIPE, (pos + take if pos + take == xf.numel() else end * STRIPE)
+            parts, outs, upto = _fused.planar_parts(xf[a:stop], packed[a // k:], bits, w) if stop > a else ((), (), 0)
+            if not parts:
                 return part(pos, pos + take, b, win, pos)
-            # (a stripe boundary minus pos is the same multiple of w plus c for every stripe: the
-            # stretch is whole periods up to its end, and a tail's planes are whole windows)
-            specs = ([(first * STRIPE, end - first, STRIPE // k)] if end > first else []) + \
-                ([(end * STRIPE, 1, tail // k)] if tail else [])
-            if not planar(specs, b, win, pos):
+            u = half
+            if win is not None:   # every plane starts at the same dither index (a whole number of
+                c = (a - pos) % w   # periods after a stripe start, which w divides)
+                u = win if c == 0 else torch.cat([win[c:], win[:c]], out=s.get("rotated", w, torch.float32))
+            if not _fused.table_planar(code, bits, parts, bounds[:, b], u, outs):
                 return False
-            fused.append((first, end + (1 if tail else 0)))
-            return part(pos, first * STRIPE, b, win, pos) and (tail > 0 or part(end * STRIPE, pos + take, b, win, pos))
+            fused.append((first, first + -(-upto // STRIPE)))
+            return part(pos, a, b, win, pos) and part(a + upto, pos + take, b, win, pos)
 
         for start, nb, blen, first in blocks_for(layout, self.block_size).runs:
             if nb > 1 and blen < STRIPE:   # short blocks: whole ones per pass

@@ -125,7 +125,7 @@ def _code_fn(bits: int, stochastic: bool):
     M = (1 << (bits - 1)) - 1
 
     def code(x, scale, rnd):
-        # a float <-> int view compiles to a round trip through memory: two per value, not three
+        # |r| from the float (not the masked bits viewed back) and the sign from the shifted bits
         r = x / scale
         rb = r.view(torch.int32)
         ab = rb & 0x7FFFFFFF

@@ -293,11 +293,9 @@ class UniformCodec(Codec):
         unpacked (else None)."""
         n, bits = x.numel(), self.bits
         rounding = self._rounding(key, n, x.device)
-        rows = _random.period_rows if self.stochastic else (lambda t: t)
         if bits in PLANAR_BITS:  # whole stripes, and the last one when its planes are whole periods
             parts, outs, upto = _fused.planar_parts(x, codes, bits, _random.PERIOD if self.stochastic else 1)
-            ok = parts and _fused.affine_to_planar(tuple(map(rows, parts)), rounding, bias, shift, inv,
-                                                   tuple(map(rows, outs)), bits)
+            ok = parts and _fused.affine_to_planar(parts, rounding, bias, shift, inv, outs, bits)
             return (upto, None) if ok else (0, None)
         cu = codes[:n] if bits == 8 else s.whole(n)[0]
         if self.stochastic:
