@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2, help="processes when started without a launcher")
     p.add_argument("--save-state", help="accelerator.save_state() folder written at the end")
     p.add_argument("--resume", help="accelerator.load_state() folder to resume from")
-    p.add_argument("--data", help="Fashion-MNIST directory (default: see ddp_qhooks.data)")
+    p.add_argument("--data", help="Fashion-MNIST directory (default: see ddp_qhooks.tools.data)")
     args = p.parse_args()
 
     if "LOCAL_RANK" not in os.environ:  # not under torchrun / accelerate launch: start 2 CPU processes
@@ -58,7 +58,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     from ddp_qhooks.accelerate import register
-    from ddp_qhooks.data import SmallCNN, load
+    from ddp_qhooks.tools.data import SmallCNN, load
 
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.accumulate)

@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 
 import ddp_qhooks
-from ddp_qhooks.data import SmallCNN, load
+from ddp_qhooks.tools.data import SmallCNN, load
 from ddp_qhooks.lightning import QuantizedDDPStrategy, RequireCommHook
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--strategy", choices=["quantized", "plain-ddp"], default="quantized")
     p.add_argument("--save-ckpt", help="write a checkpoint (with the hook state of every rank) here at the end")
     p.add_argument("--resume", help="checkpoint to resume from")
-    p.add_argument("--data", help="Fashion-MNIST directory (default: see ddp_qhooks.data)")
+    p.add_argument("--data", help="Fashion-MNIST directory (default: see ddp_qhooks.tools.data)")
     args = p.parse_args()
 
     torch.set_num_threads(1)

@@ -32,11 +32,11 @@ step() {  # step TITLE LIMIT_S COMMAND...: run COMMAND under LIMIT_S if the budg
   step "CUDA / NCCL tests (every codec on CUDA tensors, NCCL DDP with the hook)" 170 \
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
   step "micro-benchmark, GPU, 25 MiB bucket, every codec" 150 \
-    python3 -m ddp_qhooks.microbench --device cuda --repeat 10 --markdown
+    python3 -m ddp_qhooks.tools.microbench --device cuda --repeat 10 --markdown
   step "bench on one GPU with NCCL (world 1: the code path and compute time)" 130 \
     torchrun --nproc-per-node=1 -m ddp_qhooks.bench --params 25e6 --steps 5 --output "$out/bench_gpu" \
     --configs fp32 fp16_hook stochastic:4 sign --timeline
   step "micro-benchmark, GPU, 256 MiB bucket" 60 \
-    python3 -m ddp_qhooks.microbench --device cuda --numel 67108864 --repeat 10 \
+    python3 -m ddp_qhooks.tools.microbench --device cuda --numel 67108864 --repeat 10 \
     --codecs uniform stochastic fp16 none --no-naive --markdown
 } 2>&1 | tee "$out/gpu_check.log"

@@ -10,7 +10,7 @@ import sys
 import _dist  # tests/conftest.py puts tests/ on sys.path
 import pytest
 
-from ddp_qhooks import bench
+from ddp_qhooks.tools import bench
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ def test_netsim_bytes_on_the_wire_and_teardown(tmp_path):
 
 
 def test_netsim_refuses_clearly_without_root(monkeypatch):
-    from ddp_qhooks import netsim
+    from ddp_qhooks.tools import netsim
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(netsim.NetSimError, match="root"):
         netsim.check_environment()

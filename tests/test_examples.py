@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ddp_qhooks import data
+from ddp_qhooks.tools import data
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def test_fmnist_example_without_dataset_names_the_package(tmp_path):
 def test_torchrun_two_nodes_in_network_namespaces(tmp_path):
     """torchrun --nnodes=2: one agent per namespace "host", joined by a rate-limited veth pair; both
     nodes finish and hold identical parameters."""
-    from ddp_qhooks.netsim import NetSim
+    from ddp_qhooks.tools.netsim import NetSim
 
     with NetSim(nodes=2, rate="1gbit", latency="20ms") as net:
         port = 29000 + os.getpid() % 1000

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddp_qhooks import data, fidelity
+from ddp_qhooks.tools import data, fidelity
 from ddp_qhooks.codecs import Layout, make_codec, payload_nbytes
 
 

@@ -12,7 +12,7 @@ import _dist  # tests/conftest.py puts tests/ on sys.path
 import pytest
 import torch
 
-from ddp_qhooks import data
+from ddp_qhooks.tools import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")

@@ -11,7 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_qhooks
-from ddp_qhooks.soak import _walk
+from ddp_qhooks.tools.soak import _walk
 
 HEADER = 16
 BITS = 4

@@ -1,6 +1,6 @@
 """The codec micro-benchmark CLI runs and reports every requested row (numbers are not asserted:
 it is a benchmark, not a timed test)."""
-from ddp_qhooks import microbench
+from ddp_qhooks.tools import microbench
 
 
 def test_microbench_cli_prints_every_row(capsys):

@@ -1,7 +1,7 @@
 """Soak (reliability): every codec trains a small model for many steps through the real hook in
 2 Gloo processes; resident memory, the C heap and the hook state's size stay flat.
 
-The full soak is the CLI, ``python -m ddp_qhooks.soak`` (2,000 steps per codec, each codec in fresh
+The full soak is the CLI, ``python -m ddp_qhooks.tools.soak`` (2,000 steps per codec, each codec in fresh
 processes; tables in results/soak.txt).  That takes minutes per exchange on a 2-core machine, so
 this test soaks every codec for STEPS steps, all in one process group (``fresh=False``), with the
 same criteria, plus the self-check run that leaks 1 KiB a step outside the hook and must be
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddp_qhooks import soak as soak_mod
+from ddp_qhooks.tools import soak as soak_mod
 from ddp_qhooks.codecs import CODECS
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ddp_qhooks import data, study
+from ddp_qhooks.tools import data, study
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not data.available(), reason="Debian package dataset-fashion-mnist not installed")]
@@ -60,7 +60,7 @@ def test_short_run_every_family_learns(tmp_path, capsys):
 def test_noniid_split_gives_each_rank_mostly_its_two_classes():
     import torch
 
-    from ddp_qhooks.bench import FashionMnistTask
+    from ddp_qhooks.tools.bench import FashionMnistTask
     for rank in range(4):
         task = FashionMnistTask(200, rank, "cpu", noniid=0.9)
         y = torch.cat([task.batch_for(step)[1] for step in range(5)])

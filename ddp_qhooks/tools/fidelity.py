@@ -1,7 +1,7 @@
 """Fidelity table: bits per value and quantization error (NMSE) of every codec configuration.
 
-    python -m ddp_qhooks.fidelity                 # real Fashion-MNIST gradients + synthetic tensors
-    python -m ddp_qhooks.fidelity --markdown --json fidelity.json
+    python -m ddp_qhooks.tools.fidelity                 # real Fashion-MNIST gradients + synthetic tensors
+    python -m ddp_qhooks.tools.fidelity --markdown --json fidelity.json
 
 Inputs:
 
@@ -28,8 +28,8 @@ import time
 import torch
 
 from . import data
-from .codecs import CODECS, Layout, make_codec
-from .codecs.wire import payload_nbytes
+from ..codecs import CODECS, Layout, make_codec
+from ..codecs.wire import payload_nbytes
 
 # (label, codec, bits, options)
 CONFIGS = [

@@ -1,7 +1,7 @@
 """Codec micro-benchmark: encode / decode throughput next to ``tensor.clone()`` bandwidth.
 
-    python -m ddp_qhooks.microbench                      # 25 MiB bucket, 1 thread, all codecs
-    python -m ddp_qhooks.microbench --numel 1048576 --codecs uniform --bits 8 4 --markdown
+    python -m ddp_qhooks.tools.microbench                      # 25 MiB bucket, 1 thread, all codecs
+    python -m ddp_qhooks.tools.microbench --numel 1048576 --codecs uniform --bits 8 4 --markdown
 
 Rows ``<codec>+compile`` (uniform, stochastic, qsgd, sign, ternary, log, mulaw, adaptive) use the codecs' ``compile=True`` option (fused
 kernels built by torch.compile: ~15 s of compilation before the first timed run, needs a C++
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
+from ..codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
 
 QUANTIZERS = ("uniform", "stochastic", "qsgd", "sign", "ternary", "log", "mulaw", "adaptive")  # the codecs with a compile=True option
 DEFAULT_CODECS = ("uniform", "stochastic", "sign", "ternary", "qsgd", "log", "mulaw", "adaptive", "kmeans", "topk",

@@ -1,7 +1,7 @@
 """Soak test: many steps of a small model per codec; memory and the hook state must stay flat.
 
-    python -m ddp_qhooks.soak                                   # every codec, 2,000 steps, 2 ranks
-    python -m ddp_qhooks.soak --codecs stochastic topk --steps 500 --exchange alltoall --json soak.json
+    python -m ddp_qhooks.tools.soak                                   # every codec, 2,000 steps, 2 ranks
+    python -m ddp_qhooks.tools.soak --codecs stochastic topk --steps 500 --exchange alltoall --json soak.json
 
 Per codec, W local Gloo processes (spawned, one torch thread each) train a 3-layer MLP (49,504
 parameters in 6 tensors; ``bucket_cap_mb`` small enough for 3 DDP buckets) on synthetic data from
@@ -127,8 +127,8 @@ def codec_settings(name: str, bits: int = DEFAULT_BITS) -> dict:
     exceed the value), default codec options."""
     if name == CONTROL:
         return {"codec": CONTROL, "bits": 32, "error_feedback": False, "options": {}}
-    from .codecs import _valid_bits
-    from .hook import QuantizedHookState
+    from ..codecs import _valid_bits
+    from ..hook import QuantizedHookState
 
     valid = _valid_bits(name)
     b = bits if bits in valid else (8 if 8 in valid else valid[0])
@@ -503,8 +503,8 @@ def soak(codecs=None, steps: int = DEFAULT_STEPS, world: int = 2, exchange: str 
     ``seconds`` (wall time of its process group, spawn included; with ``fresh=False`` the
     training time).
     """
-    from .codecs import CODECS
-    from .exchange import check_exchange
+    from ..codecs import CODECS
+    from ..exchange import check_exchange
 
     check_exchange(exchange)
     if configs is not None and codecs:
@@ -625,10 +625,10 @@ def failed(result: dict) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .codecs import CODECS
-    from .exchange import EXCHANGES
+    from ..codecs import CODECS
+    from ..exchange import EXCHANGES
 
-    p = argparse.ArgumentParser(prog="python -m ddp_qhooks.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddp_qhooks.tools.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--codecs", nargs="+", default=None, metavar="CODEC",
                    help=f"codecs to soak, space or comma separated (default: all of {', '.join(CODECS)})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -658,7 +658,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     codecs = [c for item in args.codecs for c in item.split(",") if c] if args.codecs else None
-    from .codecs import CODECS
+    from ..codecs import CODECS
     unknown = [c for c in codecs or () if c not in CODECS]
     if unknown:
         parser.error(f"unknown codec(s) {', '.join(unknown)}; valid: {', '.join(CODECS)}")

@@ -1,8 +1,8 @@
 """Convergence study: does a model still reach fp32 accuracy with each codec, and how fast?
 
-    python -m ddp_qhooks.study                                   # every codec +- EF, 3 seeds, 4 ranks
-    python -m ddp_qhooks.study --configs fp32 stochastic:4 "sign,lr=0.3,momentum=0" --seeds 0 --steps 200
-    python -m ddp_qhooks.study --netsim 200mbit                  # + accuracy vs wall time at 200 Mbit/s (root)
+    python -m ddp_qhooks.tools.study                                   # every codec +- EF, 3 seeds, 4 ranks
+    python -m ddp_qhooks.tools.study --configs fp32 stochastic:4 "sign,lr=0.3,momentum=0" --seeds 0 --steps 200
+    python -m ddp_qhooks.tools.study --netsim 200mbit                  # + accuracy vs wall time at 200 Mbit/s (root)
 
 Trains ``data.SmallCNN`` on Fashion-MNIST (Debian package dataset-fashion-mnist) with W local Gloo
 ranks for a fixed budget of steps, for fp32 allreduce and every configuration (the bench's syntax:
@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import data
 from .bench import FashionMnistTask, _register, parse_config
-from .local_sgd import LocalSGD, local_phase_hook
+from ..local_sgd import LocalSGD, local_phase_hook
 
 # every codec at its main widths, with and without error feedback, and the recipes that work
 # (sign + error feedback loses 4.5 pt with SGD momentum 0.9 at any lr that does not diverge, and
@@ -192,7 +192,7 @@ def step_times(args) -> dict:
     ``args.world`` namespaced hosts (one rank each)."""
     specs = {split_lr(c, args.lr)[0] for c in args.configs}
     with tempfile.TemporaryDirectory(prefix="ddp_qhooks_study_net_") as tmp:
-        argv = [sys.executable, "-m", "ddp_qhooks.bench", "--task", "fmnist", "--netsim", args.netsim,
+        argv = [sys.executable, "-m", "ddp_qhooks.tools.bench", "--task", "fmnist", "--netsim", args.netsim,
                 "--nodes", str(args.world), "--steps", "10", "--warmup", "3", "--train-steps", "0",
                 "--batch", str(args.batch), "--output", tmp, "--configs", *sorted(specs)]
         if args.data:
@@ -297,7 +297,7 @@ def plot(runs: list[dict], step_s: dict | None, lr: float, path: str) -> str | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ddp_qhooks.study", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddp_qhooks.tools.study", description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                    help="fp32 or codec[:bits][,option=value...][,ef=0][,lr=X] (default: every codec +- EF)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
