@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ResidualMemory"]
+__all__ = ["ResidualMemory", "add_residual", "restore_held", "param_slices"]
 
 
 class ResidualMemory:
@@ -104,3 +104,31 @@ class ResidualMemory:
 
     def clear(self) -> None:
         self.load({})
+
+
+def add_residual(x: torch.Tensor, residual: torch.Tensor, layout, hold_unused: bool) -> list:
+    """``x += residual`` (the error-feedback input ``g + e``).
+
+    With ``hold_unused`` (DDP's ``find_unused_parameters``), a parameter whose values in ``x`` are
+    all exactly zero was unused in this step: it sends zero and keeps its residual.  Decided on the
+    device, without reading anything on the host; returns the (slice, used) pairs that
+    :func:`restore_held` needs."""
+    if not hold_unused:
+        x.add_(residual)
+        return []
+    held = []
+    for sl in param_slices(layout):
+        used = x[sl].ne(0).any()
+        x[sl].add_(residual[sl] * used)
+        held.append((sl, used))
+    return held
+
+
+def restore_held(next_residual: torch.Tensor, residual: torch.Tensor, held: list) -> None:
+    """Where a parameter was unused, its next residual is the old one (see :func:`add_residual`)."""
+    for sl, used in held:
+        torch.where(used, next_residual[sl], residual[sl], out=next_residual[sl])
+
+
+def param_slices(layout) -> list:
+    return [slice(off, off + n) for off, n in zip(layout.param_offsets(), layout.param_numels)]

@@ -8,7 +8,7 @@
     python examples/accelerate_train.py --resume ckpt --max-steps 200        # hook state resumes too
 
 ``accelerator.prepare(model)`` returns torch's DistributedDataParallel when several processes
-run, so the hook is registered on it directly (``ddp_qhooks.accelerate.register`` = that, plus
+run, so the hook is registered on it directly (``ddp_qhooks.integrations.accelerate.register`` = that, plus
 per-rank hook state in ``accelerator.save_state`` / ``load_state``).  With ``--accumulate N``,
 ``accelerator.accumulate`` skips DDP's gradient sync (``no_sync``) on N-1 of N micro-batches:
 the hook runs once per optimizer step.
@@ -57,7 +57,7 @@ def main() -> None:
 
     from accelerate import Accelerator
 
-    from ddp_qhooks.accelerate import register
+    from ddp_qhooks.integrations.accelerate import register
     from ddp_qhooks.tools.data import SmallCNN, load
 
     torch.set_num_threads(1)

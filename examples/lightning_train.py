@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 import ddp_qhooks
 from ddp_qhooks.tools.data import SmallCNN, load
-from ddp_qhooks.lightning import QuantizedDDPStrategy, RequireCommHook
+from ddp_qhooks.integrations.lightning import QuantizedDDPStrategy, RequireCommHook
 
 
 class LitCNN(pl.LightningModule):

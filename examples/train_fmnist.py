@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
 import ddp_qhooks
-from ddp_qhooks import launch
+from ddp_qhooks.integrations import launch
 from ddp_qhooks.tools import data
 
 KEEP_CHECKPOINTS = 2

@@ -138,7 +138,7 @@ def rank_main(argv) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import ddp_qhooks
-    import ddp_qhooks.exchange as ex
+    import ddp_qhooks.exchange.collectives as ex
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(a.port))
@@ -164,15 +164,15 @@ def rank_main(argv) -> None:
 
     if faulty and a.where == "phase2":
         world_group = dist.group.WORLD
-        real = ex.allgather_async
+        real = ex.allgather
 
-        def allgather_async(payload, out, group=None):
+        def allgather(payload, out, group=None):
             # the first collective of the step on a group other than the default one: the
             # second phase (alltoall) or the cross-node all-gather (hierarchical)
             if current["step"] == a.fault_step and group is not None and group is not world_group:
                 fault()
             return real(payload, out, group)
-        ex.allgather_async = allgather_async
+        ex.allgather = allgather
 
     for step in range(a.steps):
         current["step"] = step

@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import data
 from ..codecs import CODECS
-from ..local_sgd import LocalSGD, local_phase_hook
+from ..integrations.local_sgd import LocalSGD, local_phase_hook
 
 BUILTINS = ("fp32", "fp16_hook", "bf16_hook", "powersgd", "quant_pertensor")
 # options that turn a configuration into local SGD / DiLoCo (ddp_qhooks.LocalSGD) instead of a gradient hook
@@ -87,12 +87,12 @@ def parse_config(spec: str) -> dict:
         (local if key in LOCAL_OPTIONS else options)[key] = _literal(value)
     cfg = {"spec": spec, "kind": "ours", "codec": codec, "bits": int(bits) if bits else 8, "options": options,
            "error_feedback": ef}
-    from ..hook import QuantizedHookState
+    from ..engine import QuantizedHookState
     QuantizedHookState(codec=codec, bits=cfg["bits"], error_feedback=ef, **options)  # validate now, clearly
     if local:
         if "local_steps" not in local:
             raise ValueError(f"configuration {spec!r}: {', '.join(sorted(local))} need local_steps=H (local SGD)")
-        from ..local_sgd import LocalSGD
+        from ..integrations.local_sgd import LocalSGD
         probe = nn.Sequential(*[nn.Linear(1, 1) for _ in range(64)])
         LocalSGD(probe, codec=codec, bits=cfg["bits"], error_feedback=ef, **options, **local)  # validate
         cfg.update(kind="local", local=local)

@@ -128,7 +128,7 @@ def codec_settings(name: str, bits: int = DEFAULT_BITS) -> dict:
     if name == CONTROL:
         return {"codec": CONTROL, "bits": 32, "error_feedback": False, "options": {}}
     from ..codecs import _valid_bits
-    from ..hook import QuantizedHookState
+    from ..engine import QuantizedHookState
 
     valid = _valid_bits(name)
     b = bits if bits in valid else (8 if 8 in valid else valid[0])

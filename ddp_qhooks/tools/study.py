@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import data
 from .bench import FashionMnistTask, _register, parse_config
-from ..local_sgd import LocalSGD, local_phase_hook
+from ..integrations.local_sgd import LocalSGD, local_phase_hook
 
 # every codec at its main widths, with and without error feedback, and the recipes that work
 # (sign + error feedback loses 4.5 pt with SGD momentum 0.9 at any lr that does not diverge, and

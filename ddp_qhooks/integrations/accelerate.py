@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .hook import QuantizedHookState
-from .hook import register as _register
+from ..engine import QuantizedHookState
+from .ddp import register as _register
 
 __all__ = ["register", "state_file"]
 

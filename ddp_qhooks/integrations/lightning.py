@@ -5,7 +5,7 @@ when the device is CUDA (Lightning 2.x): on CPU it silently trains with DDP's pl
 and the hook is never called.  :class:`QuantizedDDPStrategy` registers ``ddp_qhooks.register(...)``
 on every device type (CPU/Gloo and CUDA/NCCL) and keeps the hook state in checkpoints::
 
-    from ddp_qhooks.lightning import QuantizedDDPStrategy
+    from ddp_qhooks.integrations.lightning import QuantizedDDPStrategy
     strategy = QuantizedDDPStrategy(codec="stochastic", bits=8)
     trainer = lightning.pytorch.Trainer(accelerator="cpu", devices=2, strategy=strategy)
     trainer.fit(model)
@@ -38,7 +38,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("ddp_qhooks.lightning needs PyTorch Lightning 2.x: pip install lightning") from exc
 
-from .hook import QuantizedHookState, register
+from ..engine import QuantizedHookState
+from .ddp import register
 
 __all__ = ["QuantizedDDPStrategy", "RequireCommHook", "CHECKPOINT_KEY"]
 

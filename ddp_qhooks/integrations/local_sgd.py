@@ -41,8 +41,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import exchange as _exchange  # the constructor's `exchange` argument shadows the name
-from .hook import QuantizedHookState, quantized_allgather_hook
+from ..engine import QuantizedHookState, Unit, submit
+from ..exchange import check_agreement
 
 __all__ = ["LocalSGD", "local_phase_hook", "OUTER_OPTIMIZERS"]
 
@@ -58,25 +58,6 @@ def local_phase_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[tor
     return fut
 
 
-class _Fragment:
-    """The hook's view of one fragment: a flat pseudo-gradient and its parameters (GradBucket's API)."""
-
-    def __init__(self, index: int, params: list, buffer: torch.Tensor):
-        self._index, self._params, self._buffer = index, params, buffer
-
-    def buffer(self) -> torch.Tensor:
-        return self._buffer
-
-    def parameters(self) -> list:
-        return self._params
-
-    def index(self) -> int:
-        return self._index
-
-    def is_last(self) -> bool:
-        return True  # one fragment per synchronization: the hook's "step" ends with it
-
-
 class LocalSGD:
     """H local steps, then quantized pseudo-gradients with error feedback and an outer step.
 
@@ -85,7 +66,7 @@ class LocalSGD:
             starting weights are broadcast from rank 0 here).
         local_steps: H, inner steps between synchronizations of a fragment (>= 1).
         codec, bits, error_feedback, exchange, seed, **codec_options: as for :func:`~ddp_qhooks.register`
-            (:class:`~ddp_qhooks.hook.QuantizedHookState`); error feedback acts on pseudo-gradients.
+            (:class:`~ddp_qhooks.QuantizedHookState`); error feedback acts on pseudo-gradients.
         outer: ``"average"`` or ``"nesterov"`` (see the module docstring).
         outer_lr: outer learning rate (default 1.0 for average, 0.7 for nesterov).
         outer_momentum: Nesterov momentum (default 0.9; ignored by average).
@@ -133,7 +114,7 @@ class LocalSGD:
         # outer optimizers act on the parameters themselves (theta_start + pseudo-gradient as .grad)
         self._outer = [self._make_outer(frag) for frag in self.fragments]
         if dist.is_initialized():
-            _exchange.check_agreement({"local_steps": local_steps, "outer": outer, "outer_lr": self.outer_lr,
+            check_agreement({"local_steps": local_steps, "outer": outer, "outer_lr": self.outer_lr,
                                       "outer_momentum": self.outer_momentum, "fragments": fragments,
                                       "params": [p.numel() for p in params]}, params[0].device, process_group)
 
@@ -166,7 +147,7 @@ class LocalSGD:
     def _sync(self, i: int) -> None:
         frag, start = self.fragments[i], self._start[i]
         delta = torch.cat([(s - p.detach()).reshape(-1).float() for s, p in zip(start, frag)])
-        mean = quantized_allgather_hook(self.hook, _Fragment(i, frag, delta)).wait()
+        mean = submit(self.hook, Unit(i, delta, frag, is_last=True)).wait()
         if not bool(torch.isfinite(mean).all()):
             # some rank's local steps went non-finite: the hook made the mean NaN on every rank and
             # kept the residuals; every rank drops the round and restarts from the last start point

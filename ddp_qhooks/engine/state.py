@@ -1,0 +1,258 @@
+"""The configured state of a quantized exchange (like torch's ``PowerSGDState``)."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..codecs import Layout, make_codec
+from ..error_feedback import ResidualMemory
+from ..exchange import STRATEGIES, TwoPhase, check_exchange, choose, collectives, piece_layouts
+from .accounting import Accounting
+from .checkpoint import Checkpointing
+from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds
+from .completion import Completion
+
+DEFAULT_SERVER_BITS_LOW = 2  # re-encoded mean of sign / ternary codecs in the two-phase exchange (see _server_codec)
+STATE_OPTIONS = ("seed", "measure_error", "hold_unused_residuals", "exchange", "ranks_per_node", "server_bits",
+                 "chunk_size")
+
+
+@dataclass
+class Plan:
+    """How one unit layout is exchanged; built once per layout, reused every step."""
+
+    layout: Layout
+    mode: str
+    reason: str
+    strategy: object
+    bounds: list                  # (start, end) of each pipelined chunk
+    layouts: list                 # Layout of each chunk
+    buffers: list                 # the strategy's buffers of each chunk
+    payload_bytes: int
+    sent_bytes: int
+    fp32_values: int
+    scratch: Optional[torch.Tensor] = None  # error buffer for measure_error without error feedback
+    uses: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class QuantizedHookState(Accounting, Checkpointing):
+    """State of :func:`~ddp_qhooks.quantized_allgather_hook` and of every integration built on the
+    engine (LocalSGD).  Picklable (the process group is dropped, as in PowerSGD); its
+    :meth:`state_dict` holds only tensors and plain values (``torch.load(weights_only=True)``).
+
+    Args:
+        process_group: the group to communicate in (``None``: the default group).
+        codec: codec name, one of ``ddp_qhooks.codecs.available()``.
+        bits: bits per value for quantizing codecs (the valid range depends on the codec).
+        error_feedback: keep per-parameter residuals and add them to the next step's gradient
+            (default True).
+        seed: seeds stochastic rounding; randomness is keyed by (seed, rank, step) and, with
+            ``block_size``, by parameter, so a resumed run repeats the same random choices.
+        module: the wrapped model (``ddp.module``).  Gives parameters stable identities (their index
+            in ``module.parameters()``) and names in ``state_dict``.  Without it, parameters are
+            numbered in the order the first hook calls see them.
+        measure_error: compute the relative quantization error (``nmse`` in :meth:`stats`).
+        hold_unused_residuals: for DDP's ``find_unused_parameters=True`` (``register`` sets it from
+            the model): a parameter whose local gradient is exactly zero in a step (unused here)
+            neither receives nor updates its residual that step, since DDP discards the result for
+            globally unused parameters.
+        exchange: how payloads travel, one of ``ddp_qhooks.EXCHANGES``: ``"allgather"`` (one
+            quantization, (W-1) x payload per rank), ``"alltoall"`` (two-phase: bytes flat in W, the
+            mean re-encoded with a server-side residual), ``"hierarchical"`` (full precision inside
+            each node, quantized between nodes), ``"auto"`` (default: hierarchical when several
+            nodes each hold several ranks, else per bucket whichever sends fewer bytes).
+        ranks_per_node: ranks per machine for the hierarchical exchange (default: torchrun's
+            ``LOCAL_WORLD_SIZE``).
+        server_bits: two-phase only: bits of the re-encoded mean of each shard (default: the
+            codec's own; sign and ternary means are re-encoded by ``uniform`` at 2 bits).
+        chunk_size: buckets above this many values are cut into chunks that are encoded, sent and
+            decoded as a pipeline, several collectives in flight (default 2**21; ``None``: never
+            cut).  Each chunk has its own scales.
+        **codec_options: codec specific, e.g. ``block_size``.
+    """
+
+    def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
+                 seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
+                 hold_unused_residuals: bool = False, exchange: str = "auto", ranks_per_node: Optional[int] = None,
+                 server_bits: Optional[int] = None, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+                 **codec_options):
+        # -- configuration (must agree across ranks) --
+        self.codec = make_codec(codec, bits, _extra_valid=STATE_OPTIONS, **codec_options)
+        self.server_codec = _server_codec(self.codec, server_bits, codec_options)
+        self.exchange = check_exchange(exchange)
+        self.chunk_size = check_chunk_size(chunk_size)
+        if ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+            ranks_per_node = int(os.environ["LOCAL_WORLD_SIZE"])  # torchrun: ranks on this node
+        if ranks_per_node is not None and (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
+                                           or ranks_per_node < 1):
+            raise ValueError(f"ranks_per_node must be a positive integer, got {ranks_per_node!r}")
+        self.ranks_per_node = ranks_per_node
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if getattr(self.codec, "error_feedback_diverges", False) and error_feedback:
+            raise ValueError(f"codec {codec!r} with {self.codec.config()} is unbiased but its error can exceed the value "
+                             "itself, so error-feedback residuals grow without bound (training diverges); use "
+                             "error_feedback=False with it (unbiased codecs need no feedback), or a biased, "
+                             "contractive codec with error feedback: sign (mode='scaled'), ternary, uniform, "
+                             "stochastic at >= 2 bits, or qsgd with block_size <= s^2, s = 2^(bits-1) - 1")
+        if getattr(self.codec, "needs_error_feedback", False) and not error_feedback:
+            raise ValueError(f"codec {codec!r} clips values to its range and relies on error feedback to carry the "
+                             "clipped part into the next step; use error_feedback=True")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.process_group = process_group
+        self.error_feedback = error_feedback
+        self.seed = seed
+        self.measure_error = measure_error
+        self.hold_unused_residuals = hold_unused_residuals
+        # -- parameter identities --
+        self._param_key: Dict[int, int] = {}
+        self._param_names: Dict[int, str] = {}
+        self._param_numels: Dict[int, int] = {}
+        self._needs_bind = False
+        if module is not None:
+            self.bind(module)
+        # -- progress --
+        self.step = 0
+        self._agreed = False
+        self._announced = False
+        self._init_runtime()
+        self._reset_stats()
+
+    def _init_runtime(self) -> None:
+        """What is rebuilt after unpickling: memories, plans, strategies, the completion thread."""
+        self.memory = ResidualMemory()
+        # two-phase: residual of the re-encoded mean of this rank's shards, kept per parameter
+        # (zero outside the own shards) so that it survives bucket rebuilds like ``memory``
+        self.server_memory = ResidualMemory()
+        self._plans: Dict[tuple, Plan] = {}
+        self._strategies: Dict[str, object] = {}
+        self._used_this_step: set = set()
+        self._lock = threading.Lock()
+        self._completion = Completion()
+
+    # -- identities ----------------------------------------------------------------------------
+    def bind(self, module: torch.nn.Module) -> "QuantizedHookState":
+        """Identify parameters by their index in ``module.parameters()`` (names for checkpoints).
+
+        Needed after unpickling a state that was built with a module: object identities do not
+        survive pickling, and guessing the order could attach residuals to the wrong parameters.
+        """
+        named = list(module.named_parameters())
+        if self._param_names and {i: n for i, (n, _) in enumerate(named)} != self._param_names:
+            raise ValueError("bind(): the module's parameters differ from the ones this state was built for")
+        self._param_key = {id(p): i for i, (_, p) in enumerate(named)}
+        self._param_names = {i: n for i, (n, _) in enumerate(named)}
+        self._param_numels = {i: p.numel() for i, (_, p) in enumerate(named)}
+        self._needs_bind = False
+        return self
+
+    def _key_of(self, p: torch.Tensor) -> int:
+        key = self._param_key.get(id(p))
+        if key is None:
+            key = self._param_key[id(p)] = len(self._param_key)
+            self._param_numels[key] = p.numel()
+        return key
+
+    def _name_of(self, key: int) -> str:
+        return self._param_names.get(key, f"param{key}")
+
+    def agreed_config(self) -> dict:
+        """What every rank must have alike (checked once, collectively)."""
+        return {**self.codec.config(), "error_feedback": self.error_feedback, "exchange": self.exchange,
+                "ranks_per_node": self.ranks_per_node, "server_codec": self.server_codec.config(),
+                "chunk_size": self.chunk_size}
+
+    # -- plans -------------------------------------------------------------------------------------
+    def _plan(self, signature: tuple, numels: list, device) -> Plan:
+        plan = self._plans.get(signature)
+        if plan is not None:
+            return plan
+        layout = Layout(numels, signature)
+        group = self.process_group
+        w, me = collectives.world_size(group), collectives.rank(group)
+        bounds = chunk_bounds(layout.numel, self.chunk_size)
+        layouts = piece_layouts(layout, bounds)
+        mode, reason = self._choose(layouts[0], w)
+        strategy = self._strategy(mode, w, me)
+        buffers = [strategy.prepare(sl, device) for sl in layouts]
+        sizes = [strategy.bytes(sl, b) for sl, b in zip(layouts, buffers)]
+        scratch = None
+        if self.measure_error and not self.error_feedback:
+            scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
+        plan = self._plans[signature] = Plan(layout, mode, reason, strategy, bounds, layouts, buffers,
+                                             sum(s[0] for s in sizes), sum(s[1] for s in sizes),
+                                             sum(s[2] for s in sizes), scratch)
+        return plan
+
+    def _choose(self, layout: Layout, w: int) -> tuple:
+        if w != dist.get_world_size():
+            # the extra groups of the other exchanges are created by dist.new_group, which every
+            # rank of the job must enter: ranks outside this subgroup never would (a hang)
+            if self.exchange in ("alltoall", "hierarchical"):
+                raise ValueError(f"exchange={self.exchange!r} needs the default process group (this one has {w} of "
+                                 f"{dist.get_world_size()} ranks); use exchange='allgather' for a subgroup")
+            return "allgather", "process group is a subgroup: all-gather only"
+        from ..codecs.wire import payload_nbytes
+        size = payload_nbytes(self.codec.body_nbytes(layout))
+        slot, mean_slot = TwoPhase.slots(self.codec, self.server_codec, layout, w) if layout.numel >= w > 1 else (0, 0)
+        return choose(self.exchange, w, layout.numel, (w - 1) * size, (w - 1) * (slot + mean_slot),
+                      ranks_per_node=self._ranks_per_node_checked(w), bits=self.server_codec.bits)
+
+    def _strategy(self, mode: str, w: int, me: int):
+        s = self._strategies.get(mode)
+        if s is None:
+            extra = {"ranks_per_node": self.ranks_per_node} if mode == "hierarchical" else {}
+            s = self._strategies[mode] = STRATEGIES[mode](self.codec, self.server_codec, self.process_group, w, me,
+                                                          **extra)
+        return s
+
+    def _ranks_per_node_checked(self, w: int) -> Optional[int]:
+        lpn = self.ranks_per_node
+        if lpn is None:
+            if self.exchange == "hierarchical":
+                raise ValueError("exchange='hierarchical' needs the node layout: pass ranks_per_node=... (torchrun's "
+                                 "LOCAL_WORLD_SIZE is not set)")
+            return None
+        if w % lpn:
+            raise ValueError(f"ranks_per_node={lpn} does not divide the world size {w}")
+        if self.exchange == "hierarchical" and self.hold_unused_residuals:
+            raise ValueError("exchange='hierarchical' does not support find_unused_parameters / hold_unused_residuals "
+                             "yet; use exchange='allgather' or 'alltoall'")
+        return lpn if not self.hold_unused_residuals else None
+
+
+def _server_codec(codec, server_bits: Optional[int], options: dict):
+    """The codec that re-encodes the mean of a shard in the two-phase exchange.
+
+    By default the worker codec itself, except for sign and ternary codecs: the mean of W signs or
+    trits is no longer one, and re-encoding it to 1 bit / 3 levels with a server residual costs
+    accuracy (sign) or diverges (stochastic ternary: the error of a stochastic trit exceeds the
+    value for most values, so the server residual grows without bound).  Their mean is re-encoded
+    with the deterministic, contractive ``uniform`` codec at ``DEFAULT_SERVER_BITS_LOW`` bits.  An
+    explicit ``server_bits`` uses the worker codec at that width where it has one, else ``uniform``
+    (same ``block_size``).
+    """
+    block = {"block_size": options["block_size"]} if "block_size" in options else {}
+    if server_bits is None:
+        if codec.bits > 1 and codec.name != "ternary":
+            return codec
+        return make_codec("uniform", DEFAULT_SERVER_BITS_LOW, **block)
+    if isinstance(server_bits, bool) or not isinstance(server_bits, int) or not 1 <= server_bits <= 8:
+        raise ValueError(f"server_bits must be an integer in 1..8 (bits of the re-encoded mean in the two-phase "
+                         f"exchange), got {server_bits!r}")
+    if server_bits == codec.bits:
+        return codec
+    try:
+        same = make_codec(codec.name, server_bits, **options)
+        if same.bits == server_bits:
+            return same
+    except (ValueError, TypeError):
+        pass
+    return make_codec("uniform", server_bits, **block)
