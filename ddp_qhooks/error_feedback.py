@@ -119,7 +119,7 @@ def add_residual(x: torch.Tensor, residual: torch.Tensor, layout, hold_unused: b
     held = []
     for sl in param_slices(layout):
         used = x[sl].ne(0).any()
-        x[sl].add_(residual[sl] * used)
+        x[sl].addcmul_(residual[sl], used.to(x.dtype))  # no parameter-sized temporary
         held.append((sl, used))
     return held
 

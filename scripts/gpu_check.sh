@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One-shot CUDA/NCCL check for a GPU machine (issue 8): correctness of every codec on CUDA tensors
-# and over NCCL, the codec micro-benchmark on the GPU (clone = device memory bandwidth), and a
-# one-GPU DDP run with the hook.  Usage: bash scripts/gpu_check.sh [OUTDIR]
+# One-shot CUDA/NCCL check for a GPU machine: codecs on CUDA tensors; DDP over NCCL with several
+# buckets, bitwise equal to CUDA_LAUNCH_BLOCKING=1 (stream ordering between the encode and the
+# completion thread's decode); torch's sync debug mode around steady-state steps (within the
+# per-codec budget that tests/test_engine.py proves on the CPU); a bf16 model; the codec
+# micro-benchmark on the GPU (clone = device memory bandwidth); the bench under torchrun with
+# NCCL.  Usage: bash scripts/gpu_check.sh [OUTDIR]
 #
 # Sized for one device call (at most 600 s): the steps run in order of importance under a total
 # budget (BUDGET_S, default 540 s); a step that would start with less than its own limit left is
@@ -29,11 +32,11 @@ step() {  # step TITLE LIMIT_S COMMAND...: run COMMAND under LIMIT_S if the budg
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
-  step "CUDA / NCCL tests (every codec on CUDA tensors, NCCL DDP with the hook)" 170 \
+  step "CUDA / NCCL tests (codecs on CUDA, DDP buckets vs launch blocking, sync budget, bf16)" 200 \
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-  step "micro-benchmark, GPU, 25 MiB bucket, every codec" 150 \
+  step "micro-benchmark, GPU, 25 MiB bucket, every codec" 130 \
     python3 -m ddp_qhooks.tools.microbench --device cuda --repeat 10 --markdown
-  step "bench on one GPU with NCCL (world 1: the code path and compute time)" 130 \
+  step "bench on one GPU with NCCL (world 1: the code path and compute time)" 120 \
     torchrun --nproc-per-node=1 -m ddp_qhooks.bench --params 25e6 --steps 5 --output "$out/bench_gpu" \
     --configs fp32 fp16_hook stochastic:4 sign --timeline
   step "micro-benchmark, GPU, 256 MiB bucket" 60 \

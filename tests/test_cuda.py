@@ -1,6 +1,10 @@
 """CUDA / NCCL checks.  Skipped where no GPU is present (as in CI); run on a GPU machine with
 ``python -m pytest -q tests/test_cuda.py``."""
 import datetime
+import os
+import subprocess
+import sys
+import warnings
 
 import _dist
 import pytest
@@ -138,3 +142,101 @@ def test_nccl_hierarchical_exchange():
 
 def _nccl_exchange(rank, world, codec, extra):
     return _nccl_train(rank, world, codec, 5, **extra)
+
+
+def _multi_bucket_run(out_path, codec, steps=6):
+    """One NCCL rank, a model cut into several DDP buckets, the engine on the GPU: final params."""
+    store = dist.FileStore(out_path + ".store", 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(6)]).cuda()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0], bucket_cap_mb=0.3)
+    ddp_qhooks.register(ddp, codec, bits=4 if codec != "sign" else 1, chunk_size=1 << 16)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 256, generator=g).cuda()
+        opt.zero_grad()
+        ddp(x).square().mean().backward()
+        opt.step()
+    torch.save(torch.cat([p.detach().flatten() for p in model.parameters()]).cpu(), out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("codec", ["stochastic", "sign"])
+def test_several_buckets_bitwise_equal_to_launch_blocking(codec, tmp_path):
+    """Encoding on the compute stream and decoding on the completion thread's stream: any missing
+    ordering between them shows up as a difference against fully serialized launches."""
+    params = {}
+    for blocking in ("0", "1"):
+        out = str(tmp_path / f"p{blocking}.pt")
+        env = dict(os.environ, CUDA_LAUNCH_BLOCKING=blocking, PYTHONPATH=os.pathsep.join(sys.path))
+        subprocess.run([sys.executable, __file__, out, codec], env=env, check=True, timeout=300)
+        params[blocking] = torch.load(out)
+    assert torch.equal(params["0"], params["1"])
+
+
+@pytest.mark.parametrize("codec", ["none", "stochastic", "sign"])
+def test_steady_state_syncs_within_the_cpu_budget(codec, tmp_path):
+    """torch's sync debug mode counts what the CPU test (test_engine.test_host_reads_per_step)
+    counts with a dispatch mode: the same budget per step holds on the GPU."""
+    from test_engine import HOST_READ_BUDGET
+    _init_nccl_single(tmp_path)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)).cuda()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0], bucket_cap_mb=1)
+        ddp_qhooks.register(ddp, codec, bits={"none": 32, "sign": 1}.get(codec, 4), measure_error=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        x = torch.randn(32, 256, device="cuda")
+
+        def step():
+            opt.zero_grad()
+            ddp(x).square().mean().backward()
+            opt.step()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        steps = 3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        assert syncs <= HOST_READ_BUDGET[codec] * steps, (codec, syncs, [str(w.message)[:120] for w in caught][:5])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_model_trains_with_the_hook(tmp_path):
+    _init_nccl_single(tmp_path)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
+        model = model.to(torch.bfloat16)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0])
+        state = ddp_qhooks.register(ddp, "stochastic", bits=4)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(30):
+            x = torch.randn(64, 64, generator=g).cuda().to(torch.bfloat16)
+            y = torch.randint(0, 10, (64,), generator=g).cuda()
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(ddp(x).float(), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert state.stats()["steps"] == 30 and state.stats()["nonfinite_steps"] == 0
+        assert sum(losses[-5:]) < sum(losses[:5])
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # worker of test_several_buckets_bitwise_equal_to_launch_blocking
+    _multi_bucket_run(sys.argv[1], sys.argv[2])

@@ -42,8 +42,10 @@ class Accounting:
         per rank: 2(W-1)/W x 4 bytes per value), ``exchange`` (as configured),
         ``exchange_last_step`` (buckets per exchange used, e.g. ``{"alltoall": 3, "allgather": 1}``),
         ``exchange_reason`` (why, per exchange used), ``chunks_last_step`` (pipelined chunks in the
-        last step, see ``chunk_size``), plus ``payload_bytes_last_step``, ``buckets_last_step``,
-        ``hook_calls``, ``nonfinite_steps``, ``world_size``, ``codec`` and ``bits``.  Time (seconds,
+        last step, see ``chunk_size``), ``payload_bytes_last_step`` and ``buckets_last_step`` (the
+        last step's payload bytes and buckets), ``hook_calls`` (buckets exchanged so far),
+        ``nonfinite_steps`` (steps with a non-finite input on some rank: NaN everywhere, residuals
+        kept), ``world_size``, ``codec`` and ``bits`` (the configuration).  Time (seconds,
         since the state was built, not checkpointed): ``hook_seconds`` spent inside hook calls
         (adding residuals, encoding, launching: the autograd thread waits for it) and
         ``callback_seconds`` on the completion thread (decoding, later phases: overlapping later

@@ -19,14 +19,24 @@ __all__ = ["quantized_allgather_hook", "register"]
 
 
 def quantized_allgather_hook(state: QuantizedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Quantize the bucket, exchange packed payloads (see ``state.exchange``), return the decoded
-    mean (DDP does not divide by the world size when a hook is registered)."""
+    """The DDP comm hook: quantize the ``bucket`` (a ``dist.GradBucket``) with ``state``'s codec and
+    error feedback, exchange packed payloads (see ``state.exchange``) and return a Future of the
+    decoded mean (DDP does not divide by the world size when a hook is registered)."""
     return submit(state, Unit(bucket.index(), bucket.buffer(), bucket.parameters(), bucket.is_last()))
 
 
 def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedback: bool = True,
              process_group=None, exchange: str = "auto", **options) -> QuantizedHookState:
     """Register the quantized hook on a DistributedDataParallel model; return its state.
+
+    Args:
+        ddp_model: the ``DistributedDataParallel`` model (one hook per model, DDP's rule).
+        codec: codec name (``ddp_qhooks.codecs.available()``), default ``"stochastic"``.
+        bits: bits per value (valid range per codec), default 8.
+        error_feedback: keep per-parameter residuals (default True).
+        process_group: the group to average over (default: the model's).
+        exchange: ``"auto"`` (default), ``"allgather"``, ``"alltoall"`` or ``"hierarchical"``.
+        options: codec options and state options, below.
 
     Collective, like DDP's constructor: call it on every rank.  ``options`` go to the codec (e.g.
     ``block_size``) or to the state (``seed``, ``measure_error``, ``chunk_size``, ``server_bits``,

@@ -52,7 +52,8 @@ STATE_FORMAT = 1
 
 def local_phase_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """A DDP comm hook that communicates nothing: each rank keeps its own gradient (the local phase of
-    :class:`LocalSGD` for a model that stays wrapped in DDP)."""
+    :class:`LocalSGD` for a model that stays wrapped in DDP).  ``state`` is ignored (register it with
+    ``None``); ``bucket`` is DDP's GradBucket, returned unchanged."""
     fut = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
@@ -173,10 +174,11 @@ class LocalSGD:
 
     # -- reporting and checkpoints ---------------------------------------------------------------
     def stats(self) -> dict:
-        """The hook's counters for the pseudo-gradient exchanges (``wire_bytes_sent``,
-        ``compression_ratio``, ...), plus ``inner_steps``, ``syncs``, ``nonfinite_syncs`` (rounds
-        dropped because a pseudo-gradient was not finite), ``local_steps``, ``fragments`` and
-        ``wire_bytes_per_inner_step``."""
+        """The engine's counters for the pseudo-gradient exchanges (``wire_bytes_sent``,
+        ``compression_ratio``, ... as in :meth:`QuantizedHookState.stats`), plus ``inner_steps``
+        (optimizer steps so far), ``syncs`` (fragment synchronizations so far), ``nonfinite_syncs``
+        (rounds dropped because a pseudo-gradient was not finite), ``local_steps`` (H),
+        ``fragments`` (F) and ``wire_bytes_per_inner_step`` (bytes sent per inner step, averaged)."""
         s = self.hook.stats()
         s.update(inner_steps=self.inner_steps, syncs=self.syncs, nonfinite_syncs=self.nonfinite_syncs,
                  local_steps=self.local_steps,
@@ -185,6 +187,8 @@ class LocalSGD:
         return s
 
     def state_dict(self) -> dict:
+        """Everything needed to resume bitwise: the outer start point, the outer optimizers' state,
+        the engine's state (residuals, step, seed), the counters and the configuration."""
         return {"format": STATE_FORMAT, "inner_steps": self.inner_steps, "syncs": self.syncs,
                 "nonfinite_syncs": self.nonfinite_syncs,
                 "start": [[t.detach().cpu().clone() for t in frag] for frag in self._start],
@@ -193,6 +197,7 @@ class LocalSGD:
                            "outer_momentum": self.outer_momentum, "fragments": len(self.fragments)}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (``state``) saved with the same configuration and model."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a LocalSGD state_dict (format {state.get('format')!r}, expected {STATE_FORMAT})")
         mine = self.state_dict()["config"]
