@@ -273,7 +273,7 @@ def api_markdown() -> str:
            "Generated from the docstrings (`python scripts/gen_api_docs.py`; `tests/test_docs.py` fails when",
            "this page is stale or a public name, argument or `stats()` key is undocumented). Everything",
            "below is importable as `ddp_qhooks.<name>`. How to use it: [guide.md](guide.md).", ""]
-    anchors = _anchors([n for n, _ in names])
+    anchors = dict(zip([n for n, _ in names], slugs([f"`{n}`" for n, _ in names])))
     out += ["| name | kind | summary |", "|---|---|---|"]
     for n, obj in names:
         summary = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ") \
@@ -314,12 +314,13 @@ def api_markdown() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def _anchors(headings) -> dict:
-    """GitHub's anchors of the headings ``## `name` `` in this order (a repeated slug gets -1, -2...)."""
-    out, seen = {}, {}
+def slugs(headings) -> list:
+    """GitHub's anchors of Markdown headings (their text, in page order): lower case, punctuation
+    dropped, spaces as dashes; a repeated slug gets -1, -2, ..."""
+    out, seen = [], {}
     for h in headings:
         slug = re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-        out[h] = slug if slug not in seen else f"{slug}-{seen[slug]}"
+        out.append(slug if slug not in seen else f"{slug}-{seen[slug]}")
         seen[slug] = seen.get(slug, 0) + 1
     return out
 

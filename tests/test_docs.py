@@ -126,18 +126,8 @@ def test_readme_stays_short_and_about_the_product():
                 assert not re.search(pattern, _read(page), re.I), f"{page} narrates how it was made ({pattern})"
 
 
-def _slug(heading):
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-
-
 def _anchors(text):
-    text = re.sub(r"```.*?```", "", text, flags=re.S)
-    out, seen = set(), {}
-    for h in re.findall(r"^#{1,6} (.+)$", text, re.M):
-        s = _slug(h)
-        out.add(s if s not in seen else f"{s}-{seen[s]}")
-        seen[s] = seen.get(s, 0) + 1
-    return out
+    return set(gen.slugs(re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)))
 
 
 # pages that another change adds; a link to them may dangle until it lands
