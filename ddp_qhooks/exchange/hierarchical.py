@@ -92,7 +92,9 @@ class Hierarchical(Strategy):
         rows = b.node_means.view(self.lpn, -1)
         for i, (s0, e0) in enumerate(b.bounds):
             piece.out[s0:e0].copy_(rows[i, :e0 - s0])
-        # one non-finite chunk anywhere makes the piece non-finite on every rank
-        bad = piece.out.isfinite().logical_not().any()
+        # one non-finite chunk anywhere makes the piece non-finite on every rank (min and max
+        # carry any NaN or infinity, without a piece-sized temporary)
+        lo, hi = torch.aminmax(piece.out)
+        bad = lo.isfinite().logical_and(hi.isfinite()).logical_not()
         piece.out.masked_fill_(bad, float("nan"))
         return PieceResult(info, bad)
