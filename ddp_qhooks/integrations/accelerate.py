@@ -12,7 +12,7 @@ on every rank) so that each rank writes and reads its own ``ddp_qhooks_rank{r}.p
 checkpoint folder::
 
     model, opt, loader = accelerator.prepare(model, opt, loader)
-    state = ddp_qhooks.accelerate.register(accelerator, model, codec="stochastic", bits=8)
+    state = ddp_qhooks.integrations.accelerate.register(accelerator, model, codec="stochastic", bits=8)
     ...
     accelerator.save_state("ckpt")     # every rank: ckpt/ddp_qhooks_rank{r}.pt
     accelerator.load_state("ckpt")     # every rank reads its own file

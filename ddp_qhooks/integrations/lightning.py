@@ -36,7 +36,7 @@ try:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import DDPStrategy
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("ddp_qhooks.lightning needs PyTorch Lightning 2.x: pip install lightning") from exc
+    raise ImportError("ddp_qhooks.integrations.lightning needs PyTorch Lightning 2.x: pip install lightning") from exc
 
 from ..engine import QuantizedHookState
 from .ddp import register
@@ -153,4 +153,5 @@ class RequireCommHook(Callback):
             f"ddp_qhooks: {what} in {trainer.global_step} optimizer step(s) on {strategy.root_device.type}, so "
             f"gradients were exchanged UNCOMPRESSED by DDP's fp32 allreduce. Lightning's "
             f"DDPStrategy(ddp_comm_hook=...) registers comm hooks only on CUDA devices; use "
-            f"ddp_qhooks.lightning.QuantizedDDPStrategy(codec=..., bits=...), which registers the hook on every device.")
+            f"ddp_qhooks.integrations.lightning.QuantizedDDPStrategy(codec=..., bits=...), which registers the hook "
+            f"on every device.")
