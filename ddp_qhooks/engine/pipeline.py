@@ -1,6 +1,5 @@
-"""The per-unit pipeline every integration uses (DDP buckets, LocalSGD fragments):
-
-    add residual -> encode -> exchange -> decode and average -> commit residual
+"""The per-unit pipeline every integration uses: add residual, encode, exchange, decode and average,
+commit the residual.  A unit is a DDP bucket or a LocalSGD fragment.
 
 :func:`submit` runs the first half on the caller's thread (the residual is added, every chunk is
 encoded and its first collective launched) and returns a Future of the unit's mean; the completion
