@@ -430,19 +430,24 @@ def check_multi(case: Case, layout: Layout, blocks: Blocks) -> None:
 # ------------------------------------------------------------------------------------------------
 # the fuzz tests
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.fuzz
-@pytest.mark.parametrize("name", NAMES)
-def test_fuzz_codec(name):
+def fuzz_codec(name: str, examples: int = EXAMPLES) -> None:
+    """``examples`` derandomized cases of the named (registered) codec through :func:`run_case`."""
     ran = [0]
 
-    @FUZZ
+    @settings(FUZZ, max_examples=examples)
     @given(case=case_strategy(name))
     def fuzz(case):
         ran[0] += 1
         run_case(case)
 
     fuzz()
-    assert ran[0] >= EXAMPLES, f"only {ran[0]} examples ran for {name}"
+    assert ran[0] >= examples, f"only {ran[0]} examples ran for {name}"
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("name", NAMES)
+def test_fuzz_codec(name):
+    fuzz_codec(name)
 
 
 def test_every_codec_has_a_spec_and_strategy():
@@ -458,6 +463,10 @@ def test_every_codec_has_a_spec_and_strategy():
 @settings(FUZZ, max_examples=300)
 @given(name=st.sampled_from(NAMES), data=st.data())
 def test_fuzz_documented_errors(name, data):
+    check_documented_errors(name, data)
+
+
+def check_documented_errors(name, data):
     """Bad calls get the documented ValueError: input / output sizes that differ from the layout,
     bits a codec does not accept."""
     options = data.draw(option_strategy(name))
