@@ -236,3 +236,37 @@ def test_available_lists_every_codec_with_formula():
     assert all(f"`{name}`" in table for name in CODECS)
     assert rows["stochastic"]["bits_per_value_1M"][8] == pytest.approx(8 + 8 * (16 + 8) / 1e6)
     assert rows["stochastic"]["bits_per_value_1M"][1] == pytest.approx(8 * (16 + 8 + 125000) / 1e6)
+
+
+def test_server_codec_policy_from_metadata():
+    """The two-phase exchange's re-encoding of a shard mean (codecs.server_codec_for), as documented:
+    the worker codec itself; the codec its class names in ``server_codec`` (sign, ternary: uniform at
+    2 bits) or, for 1-bit codecs, uniform at 2 bits, with the worker's block_size; an explicit
+    server_bits: the worker codec at that width where it has one, else that fallback codec."""
+    from ddp_qhooks.codecs import LOW_BITS_SERVER_CODEC, server_codec_for
+    assert LOW_BITS_SERVER_CODEC == ("uniform", 2)
+    assert {n for n, cls in CODECS.items() if cls.server_codec is not None} == {"sign", "ternary"}
+    for name, bits, opts in FAMILY + [("stochastic", 1, {"block_size": 16}), ("uniform", 1, {})]:
+        codec = make_codec(name, bits=bits, **opts)
+        block = {"block_size": opts["block_size"]} if "block_size" in opts else {}
+        low = name in ("sign", "ternary") or codec.bits == 1
+        got = server_codec_for(codec, None, opts)
+        if low:
+            assert got.config() == make_codec("uniform", 2, **block).config(), (name, bits, opts)
+        else:
+            assert got is codec, (name, bits, opts)
+        if codec.bits <= 8:   # (server_bits is 1..8: casts and topk report 16 / 32)
+            assert server_codec_for(codec, codec.bits, opts) is codec
+        for sb in (2, 3, 8):
+            if sb == codec.bits:
+                continue
+            got = server_codec_for(codec, sb, opts)
+            try:
+                same = make_codec(name, sb, **opts)
+            except ValueError:
+                same = None
+            want = same if same is not None and same.bits == sb else make_codec("uniform", sb, **block)
+            assert got.config() == want.config(), (name, bits, opts, sb)
+        for bad in (0, 9, 2.5, True, "4"):
+            with pytest.raises(ValueError, match="server_bits"):
+                server_codec_for(codec, bad, opts)
