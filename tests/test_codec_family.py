@@ -12,30 +12,34 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from codec_specs import spec
 
 from ddp_qhooks.codecs import (
     CODECS,
     Layout,
     available,
     available_markdown,
+    codec_options,
+    examples,
+    fidelity_configs,
     make_codec,
+    option_space,
     payload_nbytes,
 )
 
-# one or two representative configurations per codec: (codec, bits, options)
-FAMILY = [
-    ("uniform", 4, {}), ("stochastic", 2, {"block_size": 16}), ("stochastic", 8, {"block_size": "layer"}),
-    ("qsgd", 4, {}), ("qsgd", 3, {"block_size": 16}),
-    ("log", 4, {}), ("log", 3, {"rounding": "nearest", "block_size": "layer"}),
-    ("mulaw", 4, {}), ("mulaw", 8, {"mu": 10.0, "block_size": 16}),
-    ("kmeans", 3, {}), ("kmeans", 2, {"block_size": "layer"}),
-    ("ternary", 8, {}), ("ternary", 8, {"rounding": "threshold", "packing": "base3", "block_size": 16}),
-    ("sign", 8, {}), ("sign", 8, {"mode": "stochastic", "block_size": "layer"}),
-    ("adaptive", 4, {}), ("adaptive", 2, {"stat": "percentile", "block_size": 16}),
-    ("topk", 8, {"ratio": 0.1}), ("topk", 4, {"k": 3, "block_size": "layer", "values": "stochastic"}),
-    ("fp16", 8, {}), ("bf16", 8, {}), ("none", 8, {}),
-]
-IDS = [f"{c}-{b}-" + "-".join(f"{k}={v}" for k, v in sorted(o.items())) for c, b, o in FAMILY]
+
+def family(names=None) -> list:
+    """Every registered codec's representative configurations (its class's ``examples``): (codec, bits, options)."""
+    return [(name, b, o) for name in (CODECS if names is None else names) for b, o in examples(name)]
+
+
+def cfg_id(cfg) -> str:
+    c, b, o = cfg
+    return f"{c}-{b}-" + "-".join(f"{k}={v}" for k, v in sorted(o.items()))
+
+
+FAMILY = family()
+IDS = [cfg_id(c) for c in FAMILY]
 LAYOUTS = [[0], [1], [7], [1001], [5, 0, 64, 1, 300]]
 
 
@@ -45,6 +49,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _finite_by_spec(cfg, x) -> bool:
+    """Whether the codec's test spec says this finite input encodes as finite (casts: the format holds it)."""
+    s = spec(cfg[0])
+    if s.cast_dtype is not None:
+        return bool(torch.isfinite(x.to(s.cast_dtype)).all())
+    return True if s.finite is None else s.finite(cfg[2], x)
 
 
 def _codec(cfg):
@@ -64,8 +76,7 @@ def test_every_registered_codec_is_covered():
     assert {c for c, _, _ in FAMILY} == set(CODECS)
 
 
-@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
-def test_sizes_and_ordinary_values(cfg):
+def check_sizes_and_ordinary_values(cfg):
     g = torch.Generator().manual_seed(3)
     for numels in LAYOUTS:
         layout = Layout(numels)
@@ -82,15 +93,14 @@ def test_sizes_and_ordinary_values(cfg):
     assert payload_nbytes(cfg[0], [1000], bits=cfg[1], **cfg[2]) % 4 == 0
 
 
-@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
-def test_zero_constant_extreme_and_half_inputs(cfg):
+def check_zero_constant_extreme_and_half_inputs(cfg):
     layout = Layout([40, 1, 200])
     n = layout.numel
     for x in (torch.zeros(n), torch.full((n,), 0.75), torch.full((n,), -3e-30),
               torch.randn(n, generator=torch.Generator().manual_seed(0)) * 1e30):
         body, info, out = _roundtrip(_codec(cfg), x, layout)
-        if cfg[0] == "fp16" and float(x.abs().max()) > 65504:
-            assert not info.finite  # documented: fp16 overflow is reported non-finite
+        if not _finite_by_spec(cfg, x):
+            assert not info.finite  # documented: e.g. fp16 overflow is reported non-finite
             continue
         assert info.finite, x[:3]
         assert bool(torch.isfinite(out).all())
@@ -102,9 +112,7 @@ def test_zero_constant_extreme_and_half_inputs(cfg):
         assert info.finite and out.dtype == dtype and bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_input_is_reported_not_raised(cfg, bad):
+def check_nonfinite_input_is_reported_not_raised(cfg, bad):
     layout = Layout([10, 90])
     x = torch.randn(100)
     x[37] = bad
@@ -116,8 +124,7 @@ def test_nonfinite_input_is_reported_not_raised(cfg, bad):
     assert bool((err == 5.0).all()), "error_out must be left untouched for a non-finite input"
 
 
-@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
-def test_average_of_payloads_and_residual(cfg):
+def check_average_of_payloads_and_residual(cfg):
     layout = Layout([33, 0, 150, 17])
     n = layout.numel
     g = torch.Generator().manual_seed(9)
@@ -146,8 +153,7 @@ def test_average_of_payloads_and_residual(cfg):
     assert bool((empty == 0).all())
 
 
-@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
-def test_same_key_same_payload_and_pickle(cfg):
+def check_same_key_same_payload_and_pickle(cfg):
     layout = Layout([64, 200])
     x = torch.randn(layout.numel, generator=torch.Generator().manual_seed(4))
     a = _roundtrip(_codec(cfg), x, layout, key=77)[0]
@@ -158,15 +164,109 @@ def test_same_key_same_payload_and_pickle(cfg):
     assert torch.equal(_roundtrip(clone, x, layout, key=77)[0], a)
 
 
+def check_nonfinite_inputs(cfg):
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        check_nonfinite_input_is_reported_not_raised(cfg, bad)
+
+
+def check_metadata(name):
+    """The registry metadata of a codec: its examples, option values and fidelity rows build, and
+    it has its row in available() and the docs table."""
+    assert examples(name), f"{name}: no example configuration"
+    for bits, opts in examples(name):
+        make_codec(name, bits=bits, **opts)
+    for option, values in option_space(name).items():
+        assert option in codec_options(name) and values, (name, option)
+        for v in values:
+            make_codec(name, **{option: v})
+    for label, _, bits, opts in fidelity_configs([name]):
+        assert label
+        make_codec(name, bits=bits, **opts)
+    row = {r["name"]: r for r in available()}[name]
+    assert row["summary"] and row["body_bytes"] and row["bits"]
+    assert f"| `{name}` |" in available_markdown()
+
+
+#: the common contract every registered codec gets, per configuration (a codec registered at runtime
+#: runs the same list: tests/test_add_codec.py)
+CONTRACT = [check_sizes_and_ordinary_values, check_zero_constant_extreme_and_half_inputs, check_nonfinite_inputs,
+            check_average_of_payloads_and_residual, check_same_key_same_payload_and_pickle]
+
+
+@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
+def test_sizes_and_ordinary_values(cfg):
+    check_sizes_and_ordinary_values(cfg)
+
+
+@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
+def test_zero_constant_extreme_and_half_inputs(cfg):
+    check_zero_constant_extreme_and_half_inputs(cfg)
+
+
+@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_input_is_reported_not_raised(cfg, bad):
+    check_nonfinite_input_is_reported_not_raised(cfg, bad)
+
+
+@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
+def test_average_of_payloads_and_residual(cfg):
+    check_average_of_payloads_and_residual(cfg)
+
+
+@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
+def test_same_key_same_payload_and_pickle(cfg):
+    check_same_key_same_payload_and_pickle(cfg)
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_registry_metadata(name):
+    check_metadata(name)
+
+
 def test_available_lists_every_codec_with_formula():
     rows = {r["name"]: r for r in available()}
     assert set(rows) == set(CODECS)
     for name, r in rows.items():
         assert r["summary"] and r["body_bytes"] and r["bits"], name
-        assert "block_size" in r["options"] or name in ("fp16", "bf16", "none")
+        assert "block_size" in r["options"] or spec(name).cast_dtype is not None, name  # every quantizer takes blocks
         for bits, bpv in r["bits_per_value_1M"].items():
             assert 0 < bpv < 40
     table = available_markdown()
     assert all(f"`{name}`" in table for name in CODECS)
     assert rows["stochastic"]["bits_per_value_1M"][8] == pytest.approx(8 + 8 * (16 + 8) / 1e6)
     assert rows["stochastic"]["bits_per_value_1M"][1] == pytest.approx(8 * (16 + 8 + 125000) / 1e6)
+
+
+def test_server_codec_policy_from_metadata():
+    """The two-phase exchange's re-encoding of a shard mean (codecs.server_codec_for), as documented:
+    the worker codec itself; the codec its class names in ``server_codec`` (sign, ternary: uniform at
+    2 bits) or, for 1-bit codecs, uniform at 2 bits, with the worker's block_size; an explicit
+    server_bits: the worker codec at that width where it has one, else that fallback codec."""
+    from ddp_qhooks.codecs import LOW_BITS_SERVER_CODEC, server_codec_for
+    assert LOW_BITS_SERVER_CODEC == ("uniform", 2)
+    assert {n for n, cls in CODECS.items() if cls.server_codec is not None} == {"sign", "ternary"}
+    for name, bits, opts in FAMILY + [("stochastic", 1, {"block_size": 16}), ("uniform", 1, {})]:
+        codec = make_codec(name, bits=bits, **opts)
+        block = {"block_size": opts["block_size"]} if "block_size" in opts else {}
+        low = name in ("sign", "ternary") or codec.bits == 1
+        got = server_codec_for(codec, None, opts)
+        if low:
+            assert got.config() == make_codec("uniform", 2, **block).config(), (name, bits, opts)
+        else:
+            assert got is codec, (name, bits, opts)
+        if codec.bits <= 8:   # (server_bits is 1..8: casts and topk report 16 / 32)
+            assert server_codec_for(codec, codec.bits, opts) is codec
+        for sb in (2, 3, 8):
+            if sb == codec.bits:
+                continue
+            got = server_codec_for(codec, sb, opts)
+            try:
+                same = make_codec(name, sb, **opts)
+            except ValueError:
+                same = None
+            want = same if same is not None and same.bits == sb else make_codec("uniform", sb, **block)
+            assert got.config() == want.config(), (name, bits, opts, sb)
+        for bad in (0, 9, 2.5, True, "4"):
+            with pytest.raises(ValueError, match="server_bits"):
+                server_codec_for(codec, bad, opts)

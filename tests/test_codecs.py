@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import REF_STRIPE, ref_block_lengths, ref_unpack
+from codec_specs import spec
 
 from ddp_qhooks.codecs import (
     CODECS,
@@ -37,7 +38,8 @@ EPS32 = 2.0 ** -23          # float32 machine epsilon
 TINY32 = 2.0 ** -149        # smallest positive float32 subnormal
 FP32_MAX = float(np.finfo(np.float32).max)
 QUANTIZERS = ("uniform", "stochastic")
-CASTS = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the cast codecs (their test specs name the format), e.g. {"fp16": torch.float16, "bf16": ..., "none": torch.float32}
+CASTS = {name: spec(name).cast_dtype for name in CODECS if spec(name).cast_dtype is not None}
 
 
 # ------------------------------------------------------------------------------------------------

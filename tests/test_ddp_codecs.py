@@ -5,19 +5,19 @@ averaged gradient DDP applied, the residuals, and the gathered payloads of the (
 Checks, in the pytest process:
 
 * all ranks hold identical grads, equal to the mean over ranks of each payload decoded by the
-  codec's *independent* numpy reference decoder (``ref_decode_<codec>`` in its test module);
+  codec's *independent* numpy reference decoder (``ref_decode`` of its test spec,
+  tests/codec_specs/<codec>.py, mostly ``ref_decode_<codec>`` in its test module);
 * the error-feedback identity per rank and step: decoded own payload == g + e_prev - e_new;
 * a NaN in one rank's gradient (step 3) makes the averaged bucket non-finite on every rank and
   leaves every residual as it was; step 4 is finite again.
 """
 from __future__ import annotations
 
-import importlib
-
 import _dist
 import numpy as np
 import pytest
 import torch
+from codec_specs import spec
 from test_ddp import (
     _assert_same_on_all_ranks,
     _batch,
@@ -32,35 +32,13 @@ from test_ddp import (
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_qhooks
+from ddp_qhooks.codecs import CODECS
 
 pytestmark = pytest.mark.slow
 
-# (codec, bits, options): every family, more than one variant where the codec has them
-CONFIGS = [
-    ("uniform", 4, {}),
-    ("stochastic", 2, {"block_size": 16}),
-    ("stochastic", 3, {"block_size": "layer"}),
-    ("qsgd", 4, {}),                      # w >= 1: without error feedback
-    ("qsgd", 8, {"block_size": 64}),      # w = min(64/127^2, 8/127) < 1: with error feedback
-    ("log", 4, {}),
-    ("log", 3, {"rounding": "nearest", "block_size": "layer"}),
-    ("mulaw", 4, {}),
-    ("mulaw", 8, {"mu": 100.0, "block_size": 32}),
-    ("kmeans", 3, {}),
-    ("kmeans", 2, {"block_size": "layer", "refresh_every": 2}),
-    ("ternary", 8, {}),
-    ("ternary", 8, {"rounding": "threshold", "packing": "base3", "block_size": "layer"}),
-    ("sign", 8, {}),
-    ("sign", 8, {"mode": "stochastic", "block_size": 32}),
-    ("adaptive", 4, {}),
-    ("adaptive", 2, {"stat": "percentile", "grid": "uniform"}),
-    ("topk", 8, {"ratio": 0.1}),
-    ("topk", 8, {"k": 5, "block_size": "layer", "values": "fp16"}),
-    ("topk", 4, {"ratio": 0.2, "values": "stochastic"}),
-    ("fp16", 8, {}),
-    ("bf16", 8, {}),
-    ("none", 8, {}),
-]
+# (codec, bits, options): every registered codec, the configurations of its test spec's ddp_examples
+# (default: the codec's examples), more than one variant where the codec has them
+CONFIGS = [cfg for name in CODECS for cfg in spec(name).ddp_configs(name)]
 STEPS, POISON = 5, 3
 
 
@@ -120,37 +98,10 @@ def runs():
 
 
 def _reference_decoder(codec: str):
-    if codec in ("uniform", "stochastic", "qsgd"):
-        family = importlib.import_module("test_codec_qsgd").ref_decode_minmax_family
-        return lambda body, numels, **o: family(body, numels, codec=codec, **o)
-    if codec in ("fp16", "bf16", "none"):
-        dtype = {"fp16": np.float16, "none": np.float32}.get(codec)
-
-        def cast(body, param_numels, **_):
-            raw = np.asarray(body, dtype=np.uint8)
-            if dtype is not None:
-                return np.frombuffer(raw.tobytes(), dtype=dtype).astype(np.float64)
-            u16 = np.frombuffer(raw.tobytes(), dtype="<u2").astype(np.uint32) << 16
-            return u16.view(np.float32).astype(np.float64)
-        return cast
-    if codec == "topk":
-        return _ref_decode_topk_any_values
-    return getattr(importlib.import_module(f"test_codec_{codec}"), f"ref_decode_{codec}")
-
-
-def _ref_decode_topk_any_values(body, param_numels, **config):
-    """topk's reference for raw values; for a quantized values section, the kept positions from the
-    topk reference parser and the values from the value codec's own reference decoder."""
-    topk = importlib.import_module("test_codec_topk")
-    if config["values"] in ("fp32", "none", "fp16", "bf16"):
-        return topk.ref_decode_topk(body, param_numels, **config)
-    positions, values_at, ks = topk.ref_parse_topk(body, param_numels, **config)
-    value_cfg = dict(config["value_config"])
-    value_codec = value_cfg.pop("codec")
-    values = _reference_decoder(value_codec)(np.asarray(body)[values_at:], [int(ks.sum())], **value_cfg)
-    out = np.zeros(sum(param_numels))
-    out[positions] = values
-    return out
+    """The codec's independent numpy decoder, from its test spec (tests/codec_specs/<codec>.py)."""
+    decoder = spec(codec).ref_decode
+    assert decoder is not None, f"codec {codec!r}: no ref_decode in its test spec"
+    return decoder
 
 
 def _decoded_payloads(step_rec, config, world):

@@ -10,8 +10,10 @@ smallest normal, +-float32 max, +-inf, NaN) inserted at drawn places, constant a
 tensors.  The tensor itself is then built by numpy from a drawn seed (drawing 10^5 floats through
 hypothesis would be far too slow).
 
-Properties, checked against the formats documented in each codec module (never by calling the
-codec's own helpers):
+Every registered codec is fuzzed (``ddp_qhooks.codecs.CODECS``); its options come from the codec
+class's ``option_space`` metadata, and its independent references (body size formula, level-set
+check) from its test spec ``tests/codec_specs/<name>.py``.  Properties, checked against the formats
+documented in each codec module (never by calling the codec's own helpers):
 
 * building a codec from a valid configuration and encoding any input never raise; ``body_nbytes``
   equals the documented body formula;
@@ -33,24 +35,36 @@ Regression tests for the bugs the fuzzer found are plain tests at the end of the
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+from codec_specs import spec
+from codec_specs._ref import (  # noqa: F401 (re-exported: the helpers the regression tests below use)
+    EPS32,
+    FP32_MAX,
+    MIN_NORMAL32,
+    TINY32,
+    Blocks,
+    assert_all,
+    assert_close,
+    assert_equal,
+    ceil_div,
+    check_cast,
+    default_of,
+    levels_ok,
+    meta_floats,
+    ref_block_lengths,
+    topk_k,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddp_qhooks.codecs import CODECS, EncodeInfo, Layout, codec_options, make_codec
+from ddp_qhooks.codecs import CODECS, EncodeInfo, Layout, codec_options, make_codec, option_space
 
-EPS32 = 2.0 ** -23
-TINY32 = 2.0 ** -149                      # smallest positive float32 subnormal
-MIN_NORMAL32 = 2.0 ** -126
-FP32_MAX = float(np.finfo(np.float32).max)
 NAMES = tuple(CODECS)
 EXAMPLES = int(os.environ.get("DDP_QHOOKS_FUZZ_EXAMPLES", "1000"))  # >= 1000 in the normal run
 
@@ -64,7 +78,6 @@ SPECIALS = {
 FINITE_SPECIALS = [k for k, v in SPECIALS.items() if math.isfinite(v)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
-CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": torch.float32}
 HALF_OUT = (torch.float16, torch.bfloat16)
 RECIPES = ("normal", "uniform", "heavy", "wide", "ints", "const", "zeros", "offset", "sparse", "positive",
            "negative")
@@ -106,61 +119,17 @@ def _bits_entry(name: str, options: dict):
 
 BLOCK_SIZES = st.one_of(st.none(), st.just("layer"), st.sampled_from([1, 2, 3, 7, 8, 9, 64, 1000]),
                         st.integers(1, 5000))
-ROUNDING = {"log": ("nearest", "stochastic"), "mulaw": ("nearest", "stochastic")}
 
 
 def option_strategy(name: str) -> st.SearchStrategy:
-    """Options of the named codec (besides bits), as documented in its module."""
-    if name in ("uniform", "stochastic", "qsgd"):
-        return st.fixed_dictionaries({"block_size": BLOCK_SIZES})
-    if name in ("log", "mulaw"):
-        opts = {"block_size": BLOCK_SIZES, "rounding": st.sampled_from(ROUNDING[name])}
-        if name == "mulaw":
-            opts["mu"] = st.sampled_from([255.0, 1e-30, 0.5, 1.0, 10.0, 1e6, 1e30])
-        return st.fixed_dictionaries(opts)
-    if name == "kmeans":
-        return st.fixed_dictionaries({"block_size": BLOCK_SIZES, "sample": st.sampled_from([65536, 1, 5, 100, 4096]),
-                                      "iterations": st.sampled_from([8, 1, 3]),
-                                      "refresh_every": st.sampled_from([10, 1, 2])})
-    if name == "adaptive":
-        return st.fixed_dictionaries({
-            "block_size": BLOCK_SIZES, "stat": st.sampled_from(["minmax", "percentile"]),
-            "percentile": st.sampled_from([99.9, 50.0, 100.0, 1e-3]), "momentum": st.sampled_from([0.9, 0.0, 0.5]),
-            "decay": st.sampled_from([None, 0.5, 0.99]), "grid": st.sampled_from(["stochastic", "uniform"]),
-            "sample": st.sampled_from([65536, 1, 10, 1000])})
-    if name == "ternary":
-        return st.fixed_dictionaries({"block_size": BLOCK_SIZES, "rounding": st.sampled_from(["stochastic", "threshold"]),
-                                      "threshold": st.sampled_from([0.7, 1e-3, 1.0, 3.0, 1e30]),
-                                      "packing": st.sampled_from(["2bit", "base3"])})
-    if name == "sign":
-        return st.fixed_dictionaries({"block_size": BLOCK_SIZES, "mode": st.sampled_from(["scaled", "stochastic"])})
-    if name == "topk":
-        return _topk_options()
-    assert name in CASTS, f"no option strategy for codec {name!r}: add one"
-    return st.just({})
-
-
-_TOPK_HOW = st.sampled_from(["default", "ratio", "k"])
-_TOPK_RATIO = st.sampled_from([0.07, 0.5, 1.0, 1e-9, 0.3333])
-_TOPK_K = st.sampled_from([1, 2, 3, 100])
-_TOPK_VALUES = st.sampled_from(["fp32", "fp32", "fp32"] + sorted(n for n in CODECS if n != "topk"))
-_TOPK_VALUE_BS = st.sampled_from(["layer", 1, 5, 64])
-
-
-@st.composite
-def _topk_options(draw):
-    opts = {"block_size": draw(BLOCK_SIZES)}
-    how = draw(_TOPK_HOW)
-    if how == "ratio":
-        opts["ratio"] = draw(_TOPK_RATIO)
-    elif how == "k":
-        opts["k"] = draw(_TOPK_K)
-    values = draw(_TOPK_VALUES)
-    opts["values"] = values
-    if values != "fp32" and "block_size" in codec_options(values) and draw(st.booleans()):
-        # (a kmeans codebook per tiny block of kept values would cost seconds per example)
-        opts["value_block_size"] = "layer" if values == "kmeans" else draw(_TOPK_VALUE_BS)
-    return opts
+    """Options of the named codec (besides bits): its spec's strategy, or ``block_size`` (when the
+    codec takes one) and each option of the codec's ``option_space`` drawn from its values."""
+    custom = spec(name).fuzz_options
+    if custom is not None:
+        return custom(BLOCK_SIZES)
+    opts = {"block_size": BLOCK_SIZES} if "block_size" in codec_options(name) else {}
+    opts.update({k: st.sampled_from(v) for k, v in option_space(name).items()})
+    return st.fixed_dictionaries(opts)
 
 
 SPECIAL_SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257,
@@ -175,7 +144,7 @@ def numel_strategy(draw, name: str):
     """0..100,000 values, mostly small: boundary sizes, small, medium, and some large buckets (the
     slower codecs reach 10^5 through SPECIAL_SIZES only)."""
     tier = draw(_TIER)
-    if tier == "large" and name in ("kmeans", "adaptive", "topk"):
+    if tier == "large" and spec(name).slow:
         tier = "medium"
     return draw(_TIERS[tier])
 
@@ -187,7 +156,7 @@ _SPECIAL_LIST = st.lists(st.tuples(st.sampled_from(FINITE_SPECIALS * 2 + ["inf",
                                    st.sampled_from(["random", "first", "last"])), max_size=4)
 _DTYPE = st.sampled_from(["float32"] * 5 + ["float16", "bfloat16", "float64"])
 _OPTIONS = {}
-_NUMELS = {name: numel_strategy(name) for name in NAMES}
+_NUMELS = {}
 _RECIPE = st.sampled_from(RECIPES)
 _ONE_IN_3 = st.integers(0, 2)
 _MULTI = st.sampled_from([0, 0, 0, 0, 0, 2, 3])
@@ -223,6 +192,7 @@ class Case:
 def case_strategy(draw, name: str):
     if name not in _OPTIONS:
         _OPTIONS[name] = option_strategy(name)
+        _NUMELS[name] = numel_strategy(name)
     options = dict(draw(_OPTIONS[name]))
     bits = draw(bits_strategy(name, options))
     numel = draw(_NUMELS[name])
@@ -231,15 +201,13 @@ def case_strategy(draw, name: str):
     edges = [0] + cuts + [numel]
     numels = [b - a for a, b in zip(edges[:-1], edges[1:])]
     keys = [1000 + 7 * i for i in range(len(numels))] if draw(st.booleans()) else None
-    bs = options.get("block_size")
-    if name == "kmeans" and isinstance(bs, int):
-        # a codebook of 2^bits floats per block: keep kmeans to <= 512 blocks per bucket
-        options["block_size"] = max(bs, -(-max(numels) // 64), -(-numel // 512))
+    if spec(name).fuzz_adjust is not None:   # e.g. bound the work per example for the layout drawn
+        options = spec(name).fuzz_adjust(options, numels)
     dtype = draw(_DTYPE)
     recipe = draw(_RECIPE)
     scale_exp = draw(_SCALE_EXP)
     specials = draw(_SPECIAL_LIST) if draw(_ONE_IN_3) == 0 else []
-    steps = 2 if name in ("kmeans", "adaptive") and numel <= 5000 and draw(st.booleans()) else 1
+    steps = 2 if spec(name).stateful and numel <= 5000 and draw(st.booleans()) else 1
     multi = draw(_MULTI) if numel <= 5000 else 0
     seed = draw(_SEED)
     return Case(name=name, bits=bits, options=options, numels=numels, keys=keys, dtype=dtype, recipe=recipe,
@@ -306,105 +274,9 @@ def input_of(case: Case, seed_offset: int = 0, finite: bool = False) -> torch.Te
     return to_input(x32, case.dtype, case.seed + seed_offset)
 
 
-# ------------------------------------------------------------------------------------------------
-# independent helpers
-# ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
-def _block_lengths(numels: tuple, block_size) -> np.ndarray:
-    """The documented blocks (blocks.py): one per bucket (None), one per non-empty parameter
-    ("layer"), or every parameter cut into blocks of ``block_size`` (the last one may be shorter)."""
-    if block_size is None:
-        return np.array([sum(numels)] if sum(numels) else [], dtype=np.int64)
-    if block_size == "layer":
-        return np.array([n for n in numels if n], dtype=np.int64)
-    parts = []
-    for n in numels:
-        full, rest = divmod(n, block_size)
-        parts.append(np.full(full, block_size, dtype=np.int64))
-        if rest:
-            parts.append(np.array([rest], dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def ref_block_lengths(numels, block_size) -> np.ndarray:
-    return _block_lengths(tuple(numels), block_size)
-
-
-class Blocks:
-    """The documented block segmentation (blocks.py)."""
-
-    def __init__(self, numels, block_size):
-        self.lengths = ref_block_lengths(numels, block_size)
-        self.count = self.lengths.size
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64) if self.count else \
-            np.zeros(0, dtype=np.int64)
-        self.ids = np.repeat(np.arange(self.count), self.lengths)
-
-    def reduce(self, ufunc, a: np.ndarray) -> np.ndarray:
-        return ufunc.reduceat(a, self.starts) if self.count else np.zeros(0, dtype=a.dtype)
-
-    def expand(self, per_block: np.ndarray) -> np.ndarray:
-        return per_block[self.ids]
-
-    def rows(self):
-        """(start, nblocks, block_len, first block) of runs of equal-length consecutive blocks."""
-        if not self.count:
-            return []
-        first = np.concatenate([[0], np.flatnonzero(np.diff(self.lengths)) + 1])
-        nbs = np.diff(np.concatenate([first, [self.count]]))
-        return [(int(self.starts[f]), int(nb), int(self.lengths[f]), int(f)) for f, nb in zip(first, nbs)]
-
-
-def meta_floats(body: torch.Tensor, count: int) -> np.ndarray:
-    """The first ``count`` little-endian float32 of a body, as float64."""
-    return np.frombuffer(body[:4 * count].numpy().tobytes(), dtype="<f4").astype(np.float64)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def topk_k(options: dict, block_len: int) -> int:
-    """Values kept in a block, from the module docstring."""
-    if options.get("k") is not None:
-        return min(options["k"], block_len)
-    r = Fraction(repr(float(options.get("ratio") or 0.01)))
-    return min(block_len, max(1, math.ceil(r * block_len)))
-
-
 def expected_nbytes(name: str, bits: int, options: dict, numels) -> int:
-    """Body bytes from the formulas in the codec modules' docstrings."""
-    n = sum(numels)
-    nb = len(ref_block_lengths(numels, options.get("block_size")))
-    packed = ceil_div(n * bits, 8)
-    if name in ("uniform", "stochastic", "qsgd", "adaptive"):
-        nb = len(ref_block_lengths(numels, options.get("block_size", "layer" if name == "adaptive" else None)))
-        return 8 * nb + packed
-    if name in ("log", "mulaw"):
-        return 4 * nb + packed
-    if name == "kmeans":
-        return 4 * nb * 2 ** bits + packed
-    if name == "ternary":
-        return 4 * nb + (ceil_div(n, 4) if options.get("packing", "2bit") == "2bit" else ceil_div(n, 5))
-    if name == "sign":
-        return 4 * nb + ceil_div(n, 8)
-    if name in ("fp16", "bf16"):
-        return 2 * n
-    if name == "none":
-        return 4 * n
-    assert name == "topk"
-    per_width: dict[int, int] = {}
-    blens, counts = np.unique(ref_block_lengths(numels, options.get("block_size")), return_counts=True)
-    for blen, count in zip(blens.tolist(), counts.tolist()):
-        w = math.ceil(math.log2(blen)) if blen > 1 else 0
-        per_width[w] = per_width.get(w, 0) + count * topk_k(options, blen)
-    index = sum(ceil_div(n_w * min(8, w - f), 8) for w, n_w in per_width.items() if w for f in range(0, w, 8))
-    kept = sum(per_width.values())
-    values = options.get("values", "fp32")
-    if values == "fp32":
-        return index + 4 * kept
-    vopts = {} if options.get("value_block_size") is None else {"block_size": options["value_block_size"]}
-    return index + expected_nbytes(values, make_codec(values, bits, **vopts).bits, vopts, [kept])
+    """Body bytes from the formula in the codec module's docstring (its test spec)."""
+    return spec(name).expected_nbytes(bits, options, numels)
 
 
 def expected_finite(case: Case, x: torch.Tensor) -> bool:
@@ -415,288 +287,10 @@ def expected_finite(case: Case, x: torch.Tensor) -> bool:
         return True
     if not bool(torch.isfinite(x32).all()):
         return False
-    fmt = CASTS.get(case.name)
-    if case.name == "topk" and case.options.get("values") in ("fp16", "bf16"):
-        fmt = CASTS[case.options["values"]]
-    if fmt is not None:
-        cast = x.to(fmt) if case.name in CASTS else x32.abs().max().to(fmt)
-        return bool(torch.isfinite(cast).all())
-    return True
-
-
-def levels_ok(d, lo, step, levels, tol) -> np.ndarray:
-    """Is ``d`` within ``tol`` of ``lo + k * step`` for an integer k in 0..levels?"""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        k = np.where(step > 0, np.rint((d - lo) / np.where(step > 0, step, 1.0)), 0.0)
-    k = np.clip(k, 0, levels)
-    return np.abs(d - (lo + k * step)) <= tol
-
-
-def assert_equal(got: np.ndarray, want: np.ndarray, what: str):
-    assert_all(np.asarray(got == want), what, got, want, names=("got", "want"))
-
-
-def assert_close(got, want, rtol: float, atol: float, what: str):
-    got, want = np.atleast_1d(np.asarray(got, dtype=np.float64)), np.atleast_1d(np.asarray(want, dtype=np.float64))
-    assert_all(np.asarray(np.abs(got - want) <= rtol * np.abs(want) + atol), what, got, want, names=("got", "want"))
-
-
-def assert_all(mask: np.ndarray, what: str, *arrays, names=()):
-    if mask.all():
-        return
-    bad = np.flatnonzero(~mask)[:5]
-    detail = "; ".join(f"{nm}={np.asarray(a)[bad].tolist()}" for nm, a in zip(names, arrays))
-    raise AssertionError(f"{what}: {int((~mask).sum())} of {mask.size} values fail, e.g. at {bad.tolist()}: {detail}")
-
-
-# ------------------------------------------------------------------------------------------------
-# per-codec level-set / rounding checks (x: float32 input as float64, d: decoded as float64)
-# ------------------------------------------------------------------------------------------------
-def check_uniform(case, codec, x, d, body, blocks, first):
-    meta = meta_floats(body, 2 * blocks.count).reshape(-1, 2)
-    lo_b, hi_b = meta[:, 0], meta[:, 1]
-    if case.name == "qsgd":
-        check_qsgd(case, codec, x, d, blocks, lo_b, hi_b)
-        return
-    if case.name == "adaptive":
-        check_adaptive_range(case, codec, x, blocks, lo_b, hi_b, first)
-    else:  # documented: the grid spans the block's min and max
-        assert_equal(lo_b, blocks.reduce(np.minimum, x), "lo must be the block min")
-        assert_equal(hi_b, blocks.reduce(np.maximum, x), "hi must be the block max")
-    L = (1 << case.bits) - 1
-    lo, hi = blocks.expand(lo_b), blocks.expand(hi_b)
-    step = (hi - lo) / L
-    mag = np.maximum(np.abs(lo), np.abs(hi))
-    tol = 1e-5 * step + 4 * EPS32 * mag + 4 * TINY32
-    assert_all(levels_ok(d, lo, step, L, tol), "decoded value off the grid lo + k (hi - lo) / L",
-               d, lo, hi, x, names=("d", "lo", "hi", "x"))
-    assert_all((d >= lo - tol) & (d <= hi + tol), "decoded value outside [lo, hi]", d, lo, hi, names=("d", "lo", "hi"))
-    assert_all(np.where(step == 0, d == lo, True), "a constant block must decode exactly", d, lo, names=("d", "lo"))
-    xc = np.clip(x, lo, hi)  # adaptive clips to its range; the others' range holds every value
-    nearest = case.name == "uniform" or (case.name == "adaptive" and case.options.get("grid") == "uniform")
-    bound = step * (0.5 + 2.0 ** -9) if nearest else step * (1 + 2.0 ** -9)
-    assert_all(np.abs(d - xc) <= bound + tol, "rounding error beyond " + ("half a step" if nearest else "one step"),
-               d, x, step, names=("d", "x", "step"))
-
-
-def check_qsgd(case, codec, x, d, blocks, lo_b, hi_b):
-    assert_equal(lo_b, -hi_b, "qsgd sends lo = -||v||")
-    norm = np.sqrt(blocks.reduce(np.add, x * x)) if blocks.count else np.zeros(0)
-    amax = blocks.reduce(np.maximum, np.abs(x))
-    ref = np.minimum(np.maximum(norm, amax), FP32_MAX)
-    assert np.all(hi_b >= amax), "the norm must never come out below max |v|"
-    assert np.all(hi_b <= FP32_MAX)
-    # a float32 sum of squares: relative error up to (block length) * 2**-24 in the worst case
-    rtol = 1e-6 + blocks.lengths * 2.0 ** -24
-    assert_all(np.abs(hi_b - ref) <= rtol * ref + 4 * TINY32, "block norm", hi_b, ref, names=("sent", "norm"))
-    s = (1 << (case.bits - 1)) - 1
-    N = blocks.expand(hi_b)
-    step = N / s
-    tol = 1e-5 * step + 4 * EPS32 * N + 4 * TINY32
-    assert_all(levels_ok(d, -N, step, 2 * s, tol), "decoded value off the grid l ||v|| / s", d, N, x,
-               names=("d", "N", "x"))
-    # the sign is kept, except that the float32 round-off of the code position (documented in
-    # uniform.py: a few 2**-21 of the L = 2s levels) may send a value that close to 0 to -+1 level
-    near_zero = (np.abs(x) <= 2.0 ** -18 * N) & (np.abs(d) <= step + tol)
-    assert_all((d * x >= -tol * np.abs(x)) | near_zero, "qsgd flipped a sign", d, x, N, names=("d", "x", "N"))
-    assert_all(np.abs(d - x) <= step * (1 + 2.0 ** -9) + tol, "qsgd rounding beyond one level", d, x, step,
-               names=("d", "x", "step"))
-
-
-def _percentile_obs(case, xv: np.ndarray) -> np.ndarray:
-    """The documented percentile observation of each row (block) of ``xv`` (nblocks, length)."""
-    p, sample = case.options.get("percentile", 99.9), case.options.get("sample", 65536)
-    a = np.abs(xv)
-    if p == 100:
-        return a.max(1)
-    n = a.shape[1]
-    S = min(sample, n)
-    smp = a if n <= sample else a[:, np.arange(S, dtype=np.int64) * n // S]
-    k = min(max(1, math.ceil(p * S / 100)), S)
-    return np.partition(smp, k - 1, axis=1)[:, k - 1]
-
-
-def check_adaptive_range(case, codec, x, blocks, lo_b, hi_b, first):
-    """The range sent is the running statistic of the documented update rule, rounded to float32."""
-    stat = case.options.get("stat", "minmax")
-    if stat == "minmax":
-        obs = np.stack([blocks.reduce(np.minimum, x), blocks.reduce(np.maximum, x)], 1)
-    else:
-        obs = np.zeros((blocks.count, 1))
-        for start, nb, blen, first_block in blocks.rows():
-            obs[first_block:first_block + nb, 0] = _percentile_obs(case, x[start:start + nb * blen].reshape(nb, blen))
-    prev = case.extra.get("adaptive_prev")
-    if first or prev is None:
-        run = obs
-    elif case.options.get("decay") is None:
-        m = case.options.get("momentum", 0.9)
-        run = prev * m + obs * (1 - m)
-    else:
-        dcy = case.options["decay"]
-        if stat == "minmax":
-            run = np.stack([np.minimum(obs[:, 0], prev[:, 0] * dcy), np.maximum(obs[:, 1], prev[:, 1] * dcy)], 1)
-        else:
-            run = np.maximum(obs, prev * dcy)
-    case.extra["adaptive_prev"] = run
-    lohi = run if stat == "minmax" else np.concatenate([-run, run], 1)
-    want = lohi.astype(np.float32).astype(np.float64)
-    assert_close(lo_b, want[:, 0], rtol=2 * EPS32, atol=0, what="adaptive lo")
-    assert_close(hi_b, want[:, 1], rtol=2 * EPS32, atol=0, what="adaptive hi")
-
-
-def _signed_levels_below_block_max(name, x, d, body, blocks):
-    """log / mulaw: the block scale is max |x|; 0 stays 0, signs are kept, |d| <= the scale.
-    Returns (per-value scale, |d|, |x|)."""
-    m_b = meta_floats(body, blocks.count)
-    assert_equal(m_b, blocks.reduce(np.maximum, np.abs(x)), f"{name} scale must be max |x|")
-    m = blocks.expand(m_b)
-    ad, ax = np.abs(d), np.abs(x)
-    assert_all(np.where(x == 0, d == 0, True), "zero must decode to 0", d, x, names=("d", "x"))
-    assert_all((d == 0) | (np.sign(d) == np.sign(x)), f"{name} flipped a sign", d, x, names=("d", "x"))
-    assert_all(ad <= m, "|decoded| above the block max", d, m, names=("d", "m"))
-    return m, ad, ax
-
-
-def check_log(case, codec, x, d, body, blocks):
-    M = (1 << (case.bits - 1)) - 1
-    m, ad, ax = _signed_levels_below_block_max("log", x, d, body, blocks)
-    # |d| is one of m * 2**-j, j = 0..M-1 (rounded to float32), or 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        j = np.clip(np.rint(np.log2(np.where(ad > 0, m / ad, 1.0))), 0, M - 1)
-    level = np.ldexp(m, -j.astype(np.int64))
-    assert_all((ad == 0) | (np.abs(ad - level) <= 2 * EPS32 * level + TINY32), "not a power-of-two level",
-               d, m, names=("d", "m"))
-    s = np.ldexp(m, 1 - M)  # smallest level
-    slack = 1 + 2.0 ** -20
-    if case.options.get("rounding", "stochastic") == "nearest":
-        ok = np.where(ax >= s, np.abs(ad - ax) <= ax / 3 * slack + TINY32,
-                      np.abs(ad - ax) <= s / 2 * slack + TINY32)
-        assert_all(ok, "nearest log rounding error beyond the documented bound", d, x, m, names=("d", "x", "m"))
-    else:  # between the two neighbouring levels
-        ok = np.where(ax >= s, (ad <= 2 * ax * slack + TINY32) & (ad >= ax / 2 / slack - TINY32),
-                      (ad == 0) | (np.abs(ad - s) <= 2 * EPS32 * s + TINY32))
-        assert_all(ok, "stochastic log value not a neighbouring level", d, x, m, names=("d", "x", "m"))
-
-
-def check_mulaw(case, codec, x, d, body, blocks):
-    K = (1 << (case.bits - 1)) - 1
-    mu = float(case.options.get("mu", 255.0))
-    l1p = math.log1p(mu)
-    m, ad, ax = _signed_levels_below_block_max("mulaw", x, d, body, blocks)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(m > 0, ax / np.where(m > 0, m, 1.0), 0.0)
-    t = K * np.log1p(mu * r) / l1p            # K |y| in float64
-    reach = 0.5 if case.options.get("rounding", "nearest") == "nearest" else 1.0
-    found = np.zeros(d.size, dtype=bool)
-    for dq in (-1, 0, 1, 2):
-        q = np.clip(np.floor(t) + dq, 0, K)
-        val = np.expm1(q / K * l1p) / mu
-        val = np.where(q == K, 1.0, val)
-        level = m * val
-        found |= (np.abs(q - t) <= reach + 1e-3) & (np.abs(ad - level) <= 2 * EPS32 * level + 2 * TINY32)
-    assert_all(found, "mulaw value not a (neighbouring) companded level", d, x, m, t, names=("d", "x", "m", "K|y|"))
-
-
-def _rows_member(levels: torch.Tensor, values: torch.Tensor):
-    """Per row: nearest level index, and distance of ``values`` to the nearest level."""
-    idx = torch.searchsorted(levels, values).clamp_(0, levels.shape[1] - 1)
-    below = (idx - 1).clamp_(min=0)
-    a, b = levels.gather(1, below), levels.gather(1, idx)
-    return torch.minimum((values - a).abs(), (values - b).abs())
-
-
-def check_kmeans(case, codec, x, d, body, blocks, first):
-    K = 1 << case.bits
-    cb = meta_floats(body, K * blocks.count).reshape(-1, K)
-    assert np.all(np.diff(cb, axis=1) >= 0), "codebooks must be sorted"
-    m_b = blocks.reduce(np.maximum, np.abs(x))
-    assert np.all(np.abs(cb) <= m_b[:, None]), "codebook level beyond the block max |x|"
-    if first:  # a fresh fit: levels are means of (sub)sample values, within the block's range
-        lo, hi, tol = blocks.reduce(np.minimum, x), blocks.reduce(np.maximum, x), 4 * EPS32 * m_b + TINY32
-        assert np.all((cb >= (lo - tol)[:, None]) & (cb <= (hi + tol)[:, None])), "level outside [min, max]"
-    for start, nb, blen, first_block in blocks.rows():
-        sl = slice(start, start + nb * blen)
-        levels = torch.from_numpy(cb[first_block:first_block + nb])
-        dv = torch.from_numpy(d[sl]).view(nb, blen)
-        xv = torch.from_numpy(x[sl]).view(nb, blen)
-        assert bool((_rows_member(levels, dv) == 0).all()), "decoded value not in its block's codebook"
-        mb = torch.from_numpy(m_b[first_block:first_block + nb])[:, None]
-        gap = (xv - dv).abs() - _rows_member(levels, xv)
-        assert bool((gap <= 4 * EPS32 * mb + TINY32).all()), "a value did not get its nearest level"
-        if first and blen <= case.options.get("sample", 65536):
-            # at most K distinct values in the (whole-block) sample: they are the codebook
-            for i in range(nb):
-                xb = xv[i]
-                if torch.unique(xb).numel() <= K:
-                    tol = 2.0 ** -22 * xb.abs() + 2 * TINY32 * max(float(mb[i]), 1.0)
-                    assert bool(((dv[i] - xb).abs() <= tol).all()), "a block of <= K distinct values must be exact"
-
-
-def check_ternary(case, codec, x, d, body, blocks):
-    a_b = meta_floats(body, blocks.count)
-    a = blocks.expand(a_b)
-    ax = np.abs(x)
-    assert_all((d == 0) | (d == a) | (d == -a), "ternary value not in {-a, 0, +a}", d, a, names=("d", "a"))
-    assert_all((d == 0) | (np.sign(d) == np.sign(x)), "ternary flipped a sign", d, x, names=("d", "x"))
-    assert_all(np.where(x == 0, d == 0, True), "zero must decode to 0", d, x, names=("d", "x"))
-    if case.options.get("rounding", "stochastic") == "stochastic":
-        assert_equal(a_b, blocks.reduce(np.maximum, ax), "ternary scale must be max |x|")
-        assert_all(np.where((ax == a) & (a > 0), d == np.sign(x) * a, True), "the block max must be kept",
-                   d, x, names=("d", "x"))
-        return
-    delta = blocks.reduce(np.add, ax) / blocks.lengths * case.options.get("threshold", 0.7) if blocks.count else \
-        np.zeros(0)
-    de = blocks.expand(delta)
-    unsure = np.abs(ax - de) <= 1e-10 * de
-    kept = ax > de
-    assert_all(unsure | ((d != 0) == (kept & (a > 0))), "threshold selection differs from |x| > delta",
-               d, x, de, names=("d", "x", "delta"))
-    if not unsure.any():
-        cnt = blocks.reduce(np.add, kept.astype(np.float64))
-        tot = blocks.reduce(np.add, np.where(kept, ax, 0.0))
-        with np.errstate(invalid="ignore"):
-            ref = np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
-        assert_close(a_b, ref, rtol=2.0 ** -22, atol=TINY32, what="threshold scale = mean kept |x|")
-
-
-def check_sign(case, codec, x, d, body, blocks):
-    a_b = meta_floats(body, blocks.count)
-    a = blocks.expand(a_b)
-    if case.options.get("mode", "scaled") == "scaled":
-        ref = (blocks.reduce(np.add, np.abs(x)) / blocks.lengths).astype(np.float32).astype(np.float64) \
-            if blocks.count else np.zeros(0)
-        assert_close(a_b, ref, rtol=2.0 ** -22, atol=TINY32, what="sign scale = mean |x|")
-        assert_all(d == np.where(x < 0, -a, a), "sign: +a for x >= 0 (and -0.0), -a for x < 0", d, x, a,
-                   names=("d", "x", "a"))
-        return
-    assert_equal(a_b, blocks.reduce(np.maximum, np.abs(x)), "stochastic sign scale = max |x|")
-    assert_all((d == a) | (d == -a), "sign value not +-a", d, a, names=("d", "a"))
-    assert_all(np.where((np.abs(x) == a) & (a > 0), d == np.sign(x) * a, True), "the extremes keep their sign",
-               d, x, names=("d", "x"))
-
-
-def check_topk(case, codec, x, d, blocks):
-    ax = np.abs(x)
-    fp32 = case.options.get("values", "fp32") == "fp32"
-    for start, nb, blen, _ in blocks.rows():
-        sl = slice(start, start + nb * blen)
-        k = topk_k(case.options, blen)
-        xv, dv, av = x[sl].reshape(nb, blen), d[sl].reshape(nb, blen), ax[sl].reshape(nb, blen)
-        nz = dv != 0
-        cnt = nz.sum(1)
-        assert np.all(cnt <= k), f"more than k={k} values sent in a block"
-        # a value is sent only if its |x| is among the k largest of its block
-        kth = np.partition(av, blen - k, axis=1)[:, blen - k]
-        assert np.all(np.where(nz, av >= kth[:, None], True)), "a value outside the top-k was sent"
-        if fp32:
-            assert np.all((dv == 0) | (dv == xv)), "kept fp32 values must be exact"
-            assert np.all(cnt == np.minimum(k, (xv != 0).sum(1))), "exactly k values (or every non-zero) kept"
-
-
-def check_cast(case, x_in: torch.Tensor, d):
-    ref = x_in.to(CASTS[case.name]).double().numpy()
-    assert_all((d == ref) & (np.signbit(d) == np.signbit(ref)) if case.name == "none" else d == ref,
-               f"{case.name} must decode to x cast to the format", d, ref, names=("d", "cast"))
+    s = spec(case.name)
+    if s.cast_dtype is not None:
+        return bool(torch.isfinite(x.to(s.cast_dtype)).all())
+    return True if s.finite is None else s.finite(case.options, x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -742,23 +336,10 @@ def check_residual(info, x32: np.ndarray, d: np.ndarray, err: torch.Tensor, bloc
 
 
 def check_levels(case, codec, x32, d, body, blocks, first):
-    name = case.name
-    if name in ("uniform", "stochastic", "qsgd", "adaptive"):
-        check_uniform(case, codec, x32, d, body, blocks, first)
-    elif name == "log":
-        check_log(case, codec, x32, d, body, blocks)
-    elif name == "mulaw":
-        check_mulaw(case, codec, x32, d, body, blocks)
-    elif name == "kmeans":
-        check_kmeans(case, codec, x32, d, body, blocks, first)
-    elif name == "ternary":
-        check_ternary(case, codec, x32, d, body, blocks)
-    elif name == "sign":
-        check_sign(case, codec, x32, d, body, blocks)
-    elif name == "topk":
-        check_topk(case, codec, x32, d, blocks)
-    else:
-        raise AssertionError(f"no level-set check for codec {name!r}: add one")
+    """The codec's documented level set / rounding guarantee (its test spec's check_levels)."""
+    check = spec(case.name).check_levels
+    if check is not None:
+        check(case, codec, x32, d, body, blocks, first)
 
 
 def run_case(case: Case) -> None:
@@ -767,8 +348,7 @@ def run_case(case: Case) -> None:
     n = layout.numel
     nbytes = codec.body_nbytes(layout)
     assert nbytes == expected_nbytes(case.name, codec.bits, case.options, case.numels), "body_nbytes formula"
-    default_bs = "layer" if case.name == "adaptive" else None
-    blocks = Blocks(case.numels, case.options.get("block_size", default_bs))
+    blocks = Blocks(case.numels, case.options.get("block_size", default_of(case.name, "block_size")))
     for step in range(case.steps):
         x = input_of(case, seed_offset=step, finite=step > 0)
         sentinel = torch.arange(n, dtype=torch.float32) * 0.5 - 3.0
@@ -786,8 +366,9 @@ def run_case(case: Case) -> None:
         d = out.double().numpy()
         x32 = x.float().double().numpy()
         assert np.all(np.isfinite(d)), "a finite input decoded to a non-finite value"
-        if case.name in CASTS:
-            check_cast(case, x, d)
+        cast = spec(case.name).cast_dtype
+        if cast is not None:
+            check_cast(case, x, d, cast)
         else:
             check_levels(case, codec, x32, d, body, blocks, first=step == 0)
         if err is not None:
@@ -800,7 +381,7 @@ def grid_mag(case: Case, body: torch.Tensor, blocks: Blocks, d: np.ndarray) -> f
     """The magnitude at whose float32 precision values are decoded: max |d|, or for the range codecs
     the largest |lo|, |hi| sent (qsgd's norm, adaptive's running range may exceed every |x|)."""
     mag = float(np.abs(d).max()) if d.size else 0.0
-    if case.name in ("uniform", "stochastic", "qsgd", "adaptive") and blocks.count:
+    if spec(case.name).range_meta and blocks.count:
         mag = max(mag, float(np.abs(meta_floats(body, 2 * blocks.count)).max()))
     return mag
 
@@ -849,24 +430,32 @@ def check_multi(case: Case, layout: Layout, blocks: Blocks) -> None:
 # ------------------------------------------------------------------------------------------------
 # the fuzz tests
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.fuzz
-@pytest.mark.parametrize("name", NAMES)
-def test_fuzz_codec(name):
+def fuzz_codec(name: str, examples: int = EXAMPLES) -> None:
+    """``examples`` derandomized cases of the named (registered) codec through :func:`run_case`."""
     ran = [0]
 
-    @FUZZ
+    @settings(FUZZ, max_examples=examples)
     @given(case=case_strategy(name))
     def fuzz(case):
         ran[0] += 1
         run_case(case)
 
     fuzz()
-    assert ran[0] >= EXAMPLES, f"only {ran[0]} examples ran for {name}"
+    assert ran[0] >= examples, f"only {ran[0]} examples ran for {name}"
 
 
-def test_every_codec_has_a_strategy():
+@pytest.mark.fuzz
+@pytest.mark.parametrize("name", NAMES)
+def test_fuzz_codec(name):
+    fuzz_codec(name)
+
+
+def test_every_codec_has_a_spec_and_strategy():
     assert set(NAMES) == set(CODECS)
     for name in NAMES:
+        s = spec(name)  # tests/codec_specs/<name>.py
+        assert callable(s.expected_nbytes), name
+        assert s.check_levels is not None or s.cast_dtype is not None, f"{name}: no level-set check in its test spec"
         option_strategy(name)
 
 
@@ -874,6 +463,10 @@ def test_every_codec_has_a_strategy():
 @settings(FUZZ, max_examples=300)
 @given(name=st.sampled_from(NAMES), data=st.data())
 def test_fuzz_documented_errors(name, data):
+    check_documented_errors(name, data)
+
+
+def check_documented_errors(name, data):
     """Bad calls get the documented ValueError: input / output sizes that differ from the layout,
     bits a codec does not accept."""
     options = data.draw(option_strategy(name))

@@ -111,6 +111,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
     needs_error_feedback = True
     body_formula = "8*blocks + ceil(n*b/8)"
     summary = "uniform grid on a running (EMA or decaying) min-max or percentile range per block; clips, needs error feedback"
+    examples = ((4, {}), (2, {"stat": "percentile", "block_size": 16}))
+    option_space = {"stat": ("minmax", "percentile"), "percentile": (99.9, 50.0, 100.0, 1e-3),
+                    "momentum": (0.9, 0.0, 0.5), "decay": (None, 0.5, 0.99), "grid": ("stochastic", "uniform"),
+                    "sample": (65536, 1, 10, 1000)}
+    fidelity_configs = (("adaptive 4b", 4, {}), ("adaptive 2b", 2, {}), ("adaptive 4b, p99.9", 4, {"stat": "percentile"}))
 
     def __init__(self, bits: int = 8, block_size: int | str | None = "layer", stat: str = "minmax",
                  percentile: float = 99.9, momentum: float = 0.9, decay: float | None = None,

@@ -100,6 +100,24 @@ class Codec:
     #: one-line description for available() and the README table
     summary: ClassVar[str] = ""
 
+    # -- registry metadata: what tests, fuzzing, tools and the hook derive per codec ---------------
+    # Read from the class itself (not inherited: a subclass is another codec with other options);
+    # see ddp_qhooks.codecs.examples / option_space / fidelity_configs / server_codec_for.
+    #: representative configurations ``(bits, options)``: every one runs through the common codec
+    #: contract (tests/test_codec_family.py) and the 2-rank DDP test.  Default: the codec's default
+    #: options at each width it reports (its largest and smallest accepted ``bits``).
+    examples: ClassVar[tuple] = ()
+    #: option name -> representative values (besides ``bits`` and ``block_size``, which the fuzzer
+    #: draws for every codec that takes them); the fuzzer draws each option from its tuple.
+    option_space: ClassVar[dict] = {}
+    #: ``(label, bits, options)`` rows of the fidelity table (``python -m ddp_qhooks.tools.fidelity``).
+    #: Default: one row per configuration of ``examples``.
+    fidelity_configs: ClassVar[tuple] = ()
+    #: ``(codec name, bits)`` that re-encodes the mean of a shard in the two-phase exchange, for
+    #: codecs whose mean is no longer on their own grid (the mean of W signs is not a sign); None:
+    #: the codec itself (or, sending 1 bit per value, ``LOW_BITS_SERVER_CODEC``).  Inherited.
+    server_codec: ClassVar[tuple | None] = None
+
     def __init__(self, bits: int = 8, **options):
         self.bits = bits
 

@@ -74,6 +74,8 @@ class NoneCodec(CastCodec):
     dtype = torch.float32
     body_formula = "4*n"
     summary = "fp32 through the same all-gather path (reference; = DDP's allreduce)"
+    examples = ((8, {}),)
+    fidelity_configs = ()  # exact: nothing to measure
 
 
 class Fp16Codec(CastCodec):
@@ -82,6 +84,8 @@ class Fp16Codec(CastCodec):
     dtype = torch.float16
     body_formula = "2*n"
     summary = "cast to fp16 (overflows above 65504 are reported non-finite)"
+    examples = ((8, {}),)
+    fidelity_configs = (("fp16", 8, {}),)
 
 
 class Bf16Codec(CastCodec):
@@ -90,3 +94,5 @@ class Bf16Codec(CastCodec):
     dtype = torch.bfloat16
     body_formula = "2*n"
     summary = "cast to bf16"
+    examples = ((8, {}),)
+    fidelity_configs = (("bf16", 8, {}),)

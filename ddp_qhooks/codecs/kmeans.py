@@ -258,6 +258,9 @@ class KMeansCodec(RunningStateMixin, Codec):
     stochastic = False
     body_formula = "4*blocks*2**b + ceil(n*b/8)"
     summary = "non-uniform levels from per-block 1-D k-means (Lloyd-Max), codebook sent in the payload"
+    examples = ((3, {}), (2, {"block_size": "layer"}))
+    option_space = {"sample": (65536, 1, 5, 100, 4096), "iterations": (8, 1, 3), "refresh_every": (10, 1, 2)}
+    fidelity_configs = (("kmeans 4b", 4, {}), ("kmeans 2b", 2, {}), ("kmeans 2b, layer", 2, {"block_size": "layer"}))
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, sample: int = 65536,
                  iterations: int = 8, refresh_every: int = 10):

@@ -70,6 +70,10 @@ class LogCodec(_ScaledTableCodec):
     stochastic = True  # the default rounding; set per instance
     body_formula = "4*blocks + ceil(n*b/8)"
     summary = "sign + power-of-two levels max*2^-k below each block's max|x| (heavy tails), nearest or unbiased stochastic"
+    examples = ((4, {}), (3, {"rounding": "nearest", "block_size": "layer"}))
+    option_space = {"rounding": ("nearest", "stochastic")}
+    fidelity_configs = (("log 8b", 8, {}), ("log 4b", 4, {}), ("log 3b", 3, {}),
+                        ("log 4b nearest", 4, {"rounding": "nearest"}))
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic",
                  compile: bool = False):

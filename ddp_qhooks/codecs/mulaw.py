@@ -72,6 +72,9 @@ class MuLawCodec(_ScaledTableCodec):
     stochastic = False  # the default rounding; set per instance
     body_formula = "4*blocks + ceil(n*b/8)"
     summary = "mu-law companding of x/max|x| per block, uniform 2^b-1 level grid in the companded domain"
+    examples = ((4, {}), (8, {"mu": 10.0, "block_size": 16}))
+    option_space = {"rounding": ("nearest", "stochastic"), "mu": (255.0, 1e-30, 0.5, 1.0, 10.0, 1e6, 1e30)}
+    fidelity_configs = (("mulaw 8b", 8, {}), ("mulaw 4b", 4, {}), ("mulaw 4b, layer", 4, {"block_size": "layer"}))
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, mu: float = 255.0,
                  rounding: str = "nearest", compile: bool = False):

@@ -50,6 +50,9 @@ class QsgdCodec(StochasticCodec):
     valid_bits = tuple(range(2, 9))
     body_formula = "8*blocks + ceil(n*b/8)"
     summary = "QSGD: sign + stochastic levels l/s of the block's L2 norm, s = 2^(b-1) - 1 (unbiased)"
+    examples = ((4, {}), (3, {"block_size": 16}))
+    fidelity_configs = (("qsgd 8b", 8, {}), ("qsgd 4b", 4, {}), ("qsgd 2b", 2, {}),
+                        ("qsgd 4b, block 256", 4, {"block_size": 256}))
 
     @staticmethod
     def _levels_for(bits: int) -> int:

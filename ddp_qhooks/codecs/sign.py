@@ -67,6 +67,12 @@ class SignCodec(BlockScaledCodec):
     stochastic = False  # the default mode; set per instance
     body_formula = "4*blocks + ceil(n/8)"
     summary = "1-bit sign per value, one scale per block: mean|x| (EF-signSGD) or unbiased stochastic (max|x|)"
+    examples = ((8, {}), (8, {"mode": "stochastic", "block_size": "layer"}))
+    option_space = {"mode": ("scaled", "stochastic")}
+    fidelity_configs = (("sign (scaled)", 8, {}), ("sign (scaled), layer", 8, {"block_size": "layer"}),
+                        ("sign stochastic", 8, {"mode": "stochastic"}))
+    # the mean of W signs is no longer a sign: re-encoding it to 1 bit costs accuracy (README)
+    server_codec = ("uniform", 2)
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, mode: str = "scaled",
                  compile: bool = False):

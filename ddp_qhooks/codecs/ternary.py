@@ -85,6 +85,14 @@ class TernaryCodec(BlockScaledCodec):
     stochastic = True  # the default rounding; set per instance
     body_formula = "4*blocks + ceil(n/4) (packing='2bit') or 4*blocks + ceil(n/5) (packing='base3')"
     summary = "TernGrad {-a, 0, +a} per block: unbiased stochastic or threshold rounding, 2-bit or base-3 (1.6-bit) codes"
+    examples = ((8, {}), (8, {"rounding": "threshold", "packing": "base3", "block_size": 16}))
+    option_space = {"rounding": ("stochastic", "threshold"), "threshold": (0.7, 1e-3, 1.0, 3.0, 1e30),
+                    "packing": ("2bit", "base3")}
+    fidelity_configs = (("ternary (TernGrad)", 8, {}), ("ternary, layer", 8, {"block_size": "layer"}),
+                        ("ternary threshold", 8, {"rounding": "threshold"}), ("ternary base-3", 8, {"packing": "base3"}))
+    # the mean of W trits is no longer a trit, and a stochastic trit's error exceeds the value (a
+    # server residual would grow without bound): the two-phase exchange re-encodes it with uniform
+    server_codec = ("uniform", 2)
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic",
                  threshold: float = 0.7, packing: str = "2bit", compile: bool = False):

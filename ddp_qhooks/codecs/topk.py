@@ -128,6 +128,11 @@ class TopKCodec(Codec):
     body_formula = ("sum_w sum_f ceil(n_w*min(8,w-8f)/8) [w=ceil(log2 block_len), n_w=kept indices of width w] "
                     "+ 4*K (values=fp32) or value_codec body(K); K=sum_b k_b")
     summary = "top-k |x| per block: packed block-relative indices + fp32 or any codec for the kept values"
+    examples = ((8, {"ratio": 0.1}), (4, {"k": 3, "block_size": "layer", "values": "stochastic"}))
+    # (ratio / k / values / value_block_size depend on each other: the fuzzer's strategy is in tests/codec_specs/topk.py)
+    fidelity_configs = (("topk 1% fp32", 8, {"ratio": 0.01}), ("topk 10% fp32", 8, {"ratio": 0.1}),
+                        ("topk 10% + stochastic 4b", 4, {"ratio": 0.1, "values": "stochastic"}),
+                        ("topk 10% + qsgd 4b", 4, {"ratio": 0.1, "values": "qsgd"}))
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, ratio: float | None = None,
                  k: int | None = None, values: str = FP32, value_block_size: int | str | None = None):

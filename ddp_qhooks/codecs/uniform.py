@@ -87,6 +87,8 @@ class UniformCodec(Codec):
     stochastic = False
     body_formula = "8*blocks + ceil(n*b/8)"
     summary = "round-to-nearest on a min-max grid of 2^b levels (error <= half a step)"
+    examples = ((4, {}),)
+    fidelity_configs = (("uniform 8b", 8, {}), ("uniform 4b", 4, {}), ("uniform 2b", 2, {}), ("uniform 1b", 1, {}))
 
     def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
         bits = check_bits(self.name, bits, self.valid_bits[0], self.valid_bits[-1])
@@ -480,6 +482,11 @@ class StochasticCodec(UniformCodec):
     codec_id = 2
     stochastic = True
     summary = "unbiased stochastic rounding on a min-max grid of 2^b levels"
+    examples = ((2, {"block_size": 16}), (8, {"block_size": "layer"}))
+    fidelity_configs = (("stochastic 8b", 8, {}), ("stochastic 4b", 4, {}), ("stochastic 2b", 2, {}),
+                        ("stochastic 1b", 1, {}), ("stochastic 4b, layer", 4, {"block_size": "layer"}),
+                        ("stochastic 4b, block 256", 4, {"block_size": 256}),
+                        ("stochastic 2b, block 256", 2, {"block_size": 256}))
 
     @property
     def error_feedback_diverges(self) -> bool:

@@ -28,36 +28,11 @@ import time
 import torch
 
 from . import data
-from ..codecs import CODECS, Layout, make_codec
+from ..codecs import CODECS, Layout, fidelity_configs, make_codec
 from ..codecs.wire import payload_nbytes
 
-# (label, codec, bits, options)
-CONFIGS = [
-    ("uniform 8b", "uniform", 8, {}), ("uniform 4b", "uniform", 4, {}), ("uniform 2b", "uniform", 2, {}),
-    ("uniform 1b", "uniform", 1, {}),
-    ("stochastic 8b", "stochastic", 8, {}), ("stochastic 4b", "stochastic", 4, {}),
-    ("stochastic 2b", "stochastic", 2, {}), ("stochastic 1b", "stochastic", 1, {}),
-    ("stochastic 4b, layer", "stochastic", 4, {"block_size": "layer"}),
-    ("stochastic 4b, block 256", "stochastic", 4, {"block_size": 256}),
-    ("stochastic 2b, block 256", "stochastic", 2, {"block_size": 256}),
-    ("qsgd 8b", "qsgd", 8, {}), ("qsgd 4b", "qsgd", 4, {}), ("qsgd 2b", "qsgd", 2, {}),
-    ("qsgd 4b, block 256", "qsgd", 4, {"block_size": 256}),
-    ("log 8b", "log", 8, {}), ("log 4b", "log", 4, {}), ("log 3b", "log", 3, {}),
-    ("log 4b nearest", "log", 4, {"rounding": "nearest"}),
-    ("mulaw 8b", "mulaw", 8, {}), ("mulaw 4b", "mulaw", 4, {}), ("mulaw 4b, layer", "mulaw", 4, {"block_size": "layer"}),
-    ("kmeans 4b", "kmeans", 4, {}), ("kmeans 2b", "kmeans", 2, {}), ("kmeans 2b, layer", "kmeans", 2, {"block_size": "layer"}),
-    ("ternary (TernGrad)", "ternary", 8, {}), ("ternary, layer", "ternary", 8, {"block_size": "layer"}),
-    ("ternary threshold", "ternary", 8, {"rounding": "threshold"}),
-    ("ternary base-3", "ternary", 8, {"packing": "base3"}),
-    ("sign (scaled)", "sign", 8, {}), ("sign (scaled), layer", "sign", 8, {"block_size": "layer"}),
-    ("sign stochastic", "sign", 8, {"mode": "stochastic"}),
-    ("adaptive 4b", "adaptive", 4, {}), ("adaptive 2b", "adaptive", 2, {}),
-    ("adaptive 4b, p99.9", "adaptive", 4, {"stat": "percentile"}),
-    ("topk 1% fp32", "topk", 8, {"ratio": 0.01}), ("topk 10% fp32", "topk", 8, {"ratio": 0.1}),
-    ("topk 10% + stochastic 4b", "topk", 4, {"ratio": 0.1, "values": "stochastic"}),
-    ("topk 10% + qsgd 4b", "topk", 4, {"ratio": 0.1, "values": "qsgd"}),
-    ("fp16", "fp16", 8, {}), ("bf16", "bf16", 8, {}),
-]
+# (label, codec, bits, options): every registered codec's ``fidelity_configs`` (see codecs/base.py)
+CONFIGS = fidelity_configs()
 
 
 def real_gradients(steps: int = 120, capture_every: int = 20, batch: int = 64, seed: int = 0, path=None):
@@ -108,9 +83,9 @@ def measure(codec_name, bits, options, layout, tensors, seed: int = 0) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def run(inputs, configs=CONFIGS) -> list[dict]:
+def run(inputs, configs=None) -> list[dict]:
     rows = []
-    for label, name, bits, opts in configs:
+    for label, name, bits, opts in (fidelity_configs() if configs is None else configs):
         if name not in CODECS:
             continue
         row = {"config": label, "codec": name, "bits": bits, "options": opts}
@@ -156,7 +131,8 @@ def main(argv=None) -> None:
         inputs["real"] = real_gradients(path=a.data)
     inputs["gaussian"] = synthetic("gaussian", a.numel)
     inputs["heavy"] = synthetic("heavy", a.numel)
-    configs = [c for c in CONFIGS if a.codecs is None or c[1] in a.codecs]
+    # read now, so that codecs registered at runtime are included
+    configs = fidelity_configs(None if a.codecs is None else [n for n in a.codecs if n in CODECS])
     rows = run(inputs, configs)
     desc = {k: f"{len(t)} tensors of {lay.numel} values" for k, (lay, t) in inputs.items()}
     print("inputs: " + "; ".join(f"{k}: {v}" for k, v in desc.items()))

@@ -3,7 +3,8 @@
     python -m ddp_qhooks.tools.microbench                      # 25 MiB bucket, 1 thread, all codecs
     python -m ddp_qhooks.tools.microbench --numel 1048576 --codecs uniform --bits 8 4 --markdown
 
-Rows ``<codec>+compile`` (uniform, stochastic, qsgd, sign, ternary, log, mulaw, adaptive) use the codecs' ``compile=True`` option (fused
+Rows ``<codec>+compile`` (every codec with a ``compile`` option: uniform, stochastic, qsgd, sign, ternary, log,
+mulaw, adaptive) use the codecs' ``compile=True`` option (fused
 kernels built by torch.compile: ~15 s of compilation before the first timed run, needs a C++
 compiler; ``--no-compile`` skips them).  If compilation fails those rows say so and are not timed.
 
@@ -22,16 +23,17 @@ import time
 
 import torch
 
-from ..codecs import CODECS, Layout, _fused, _valid_bits, codec_options, make_codec
+from ..codecs import CODECS, Layout, _fused, codec_options, compilable, make_codec, valid_bits
 
-QUANTIZERS = ("uniform", "stochastic", "qsgd", "sign", "ternary", "log", "mulaw", "adaptive")  # the codecs with a compile=True option
-DEFAULT_CODECS = ("uniform", "stochastic", "sign", "ternary", "qsgd", "log", "mulaw", "adaptive", "kmeans", "topk",
-                  "fp16", "bf16", "none")
+
+def default_codecs() -> tuple:
+    """Every registered codec, in registry order (the default rows)."""
+    return tuple(CODECS)
 
 
 def _bits_for(name: str, bits_list) -> list:
     """The requested widths this codec accepts; [None] (its default) for fixed-width codecs."""
-    valid = _valid_bits(name)
+    valid = valid_bits(name)
     if len({make_codec(name, bits=b).bits for b in valid}) == 1:
         return [None]
     return [b for b in bits_list if b in valid]
@@ -77,7 +79,7 @@ def run(numel: int, codecs, bits_list, repeat: int, block_size=None, device="cpu
     layout = Layout.flat(numel)
     configs = [(name, bits) for name in codecs for bits in _bits_for(name, bits_list)]
     if compiled and str(device) == "cpu":  # the fused kernels are CPU-only
-        configs += [(name + "+compile", bits) for name in codecs if name in QUANTIZERS for bits in _bits_for(name, bits_list)]
+        configs += [(name + "+compile", bits) for name in codecs if compilable(name) for bits in _bits_for(name, bits_list)]
     if naive:
         configs.append(("naive-torch", 8))
     for name, bits in configs:
@@ -150,8 +152,8 @@ def format_table(result, markdown: bool) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--numel", type=int, default=25 * 2**20 // 4, help="values per bucket (default: 25 MiB of fp32)")
-    p.add_argument("--codecs", nargs="+", default=list(DEFAULT_CODECS), choices=sorted(CODECS),
-                   help="default: " + " ".join(DEFAULT_CODECS) + " (every registered codec can be named)")
+    p.add_argument("--codecs", nargs="+", default=list(default_codecs()), choices=sorted(CODECS),
+                   help="default: every registered codec (" + " ".join(default_codecs()) + ")")
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4, 2, 1])
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--repeat", type=int, default=9)
