@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from ..codecs import Layout, make_codec
+from ..codecs import Layout, make_codec, server_codec_for
 from ..error_feedback import ResidualMemory
 from ..exchange import STRATEGIES, TwoPhase, check_exchange, choose, collectives, piece_layouts
 from .accounting import Accounting
@@ -17,7 +17,6 @@ from .checkpoint import Checkpointing
 from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds
 from .completion import Completion
 
-DEFAULT_SERVER_BITS_LOW = 2  # re-encoded mean of sign / ternary codecs in the two-phase exchange (see _server_codec)
 STATE_OPTIONS = ("seed", "measure_error", "hold_unused_residuals", "exchange", "ranks_per_node", "server_bits",
                  "chunk_size")
 
@@ -70,7 +69,9 @@ class QuantizedHookState(Accounting, Checkpointing):
         ranks_per_node: ranks per machine for the hierarchical exchange (default: torchrun's
             ``LOCAL_WORLD_SIZE``).
         server_bits: two-phase only: bits of the re-encoded mean of each shard (default: the
-            codec's own; sign and ternary means are re-encoded by ``uniform`` at 2 bits).
+            codec's own, except codecs whose class names a ``server_codec``, such as sign and
+            ternary, and 1-bit codecs: ``uniform`` at 2 bits; see
+            ``ddp_qhooks.codecs.server_codec_for``).
         chunk_size: buckets above this many values are cut into chunks that are encoded, sent and
             decoded as a pipeline, several collectives in flight (default 2**21; ``None``: never
             cut).  Each chunk has its own scales.
@@ -84,7 +85,7 @@ class QuantizedHookState(Accounting, Checkpointing):
                  **codec_options):
         # -- configuration (must agree across ranks) --
         self.codec = make_codec(codec, bits, _extra_valid=STATE_OPTIONS, **codec_options)
-        self.server_codec = _server_codec(self.codec, server_bits, codec_options)
+        self.server_codec = server_codec_for(self.codec, server_bits, codec_options)
         self.exchange = check_exchange(exchange)
         self.chunk_size = check_chunk_size(chunk_size)
         if ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
@@ -226,33 +227,3 @@ class QuantizedHookState(Accounting, Checkpointing):
             raise ValueError("exchange='hierarchical' does not support find_unused_parameters / hold_unused_residuals "
                              "yet; use exchange='allgather' or 'alltoall'")
         return lpn if not self.hold_unused_residuals else None
-
-
-def _server_codec(codec, server_bits: Optional[int], options: dict):
-    """The codec that re-encodes the mean of a shard in the two-phase exchange.
-
-    By default the worker codec itself, except for sign and ternary codecs: the mean of W signs or
-    trits is no longer one, and re-encoding it to 1 bit / 3 levels with a server residual costs
-    accuracy (sign) or diverges (stochastic ternary: the error of a stochastic trit exceeds the
-    value for most values, so the server residual grows without bound).  Their mean is re-encoded
-    with the deterministic, contractive ``uniform`` codec at ``DEFAULT_SERVER_BITS_LOW`` bits.  An
-    explicit ``server_bits`` uses the worker codec at that width where it has one, else ``uniform``
-    (same ``block_size``).
-    """
-    block = {"block_size": options["block_size"]} if "block_size" in options else {}
-    if server_bits is None:
-        if codec.bits > 1 and codec.name != "ternary":
-            return codec
-        return make_codec("uniform", DEFAULT_SERVER_BITS_LOW, **block)
-    if isinstance(server_bits, bool) or not isinstance(server_bits, int) or not 1 <= server_bits <= 8:
-        raise ValueError(f"server_bits must be an integer in 1..8 (bits of the re-encoded mean in the two-phase "
-                         f"exchange), got {server_bits!r}")
-    if server_bits == codec.bits:
-        return codec
-    try:
-        same = make_codec(codec.name, server_bits, **options)
-        if same.bits == server_bits:
-            return same
-    except (ValueError, TypeError):
-        pass
-    return make_codec("uniform", server_bits, **block)
