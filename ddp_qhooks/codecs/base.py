@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
+import contextlib
 import math
+import threading
 
 import torch
 
@@ -155,6 +157,26 @@ class Codec:
         return f"{type(self).__name__}({opts})"
 
 
+_stats = threading.local()
+
+
+@contextlib.contextmanager
+def error_stats(enabled: bool):
+    """Within this context (on this thread), ``enabled=False`` makes the error statistics of
+    ``EncodeInfo`` NaN instead of computing them: each is a device-to-host read, which the engine
+    avoids when ``measure_error=False``.  The residual itself is always formed."""
+    previous = getattr(_stats, "off", False)
+    _stats.off = not enabled
+    try:
+        yield
+    finally:
+        _stats.off = previous
+
+
+def _stats_off() -> bool:
+    return getattr(_stats, "off", False)
+
+
 SQ_LIMIT = 2.0 ** 120  # magnitude**2 * count at or above this: a float32 sum of squares may overflow (max 2**128)
 SQ_TINY = 1e-18  # non-zero magnitudes below this: float32 squares underflow
 SQ_PIECE = 1 << 17
@@ -164,6 +186,8 @@ def sum_sq(t: torch.Tensor, magnitude: float) -> float:
     """Sum of squares of values of at most ``magnitude`` (for error statistics), in float64 where
     the float32 sum could overflow (it grows with the count: 1e5 values of 1e17 already do) or the
     squares underflow."""
+    if _stats_off():
+        return math.nan
     if t.dtype != torch.float32 or magnitude * magnitude * t.numel() >= SQ_LIMIT or 0 < magnitude < SQ_TINY:
         t = t.double()
     return float(torch.dot(t, t))
@@ -172,6 +196,8 @@ def sum_sq(t: torch.Tensor, magnitude: float) -> float:
 def sum_sq_checked(t: torch.Tensor) -> float:
     """Sum of squares when no bound on the magnitudes is at hand: float32 first (fast), again in
     float64 when that overflowed or may have underflowed."""
+    if _stats_off():
+        return math.nan
     if t.dtype == torch.float32:
         # float32 dots over pieces of SQ_PIECE values, summed in float64: a single float32 dot over
         # millions of values drifts by ~1e-3 relative
@@ -189,4 +215,6 @@ def sum_sq_checked(t: torch.Tensor) -> float:
 def sum_sq64(t: torch.Tensor) -> float:
     """Sum of squares in float64 (exact squares of float32 values, no overflow or underflow), one
     cache-sized piece at a time: a bucket-sized float64 copy cost ~10x more."""
+    if _stats_off():
+        return math.nan
     return sum(float(torch.dot(c, c)) for c in (p.double() for p in t.split(SQ_PIECE)))

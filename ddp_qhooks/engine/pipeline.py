@@ -77,7 +77,7 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
         piece = Piece(layout, x[lo:hi], buf[lo:hi], None if err is None else err[lo:hi],
                       key if len(plan.bounds) == 1 else splitmix64(key, 4, c), plan.uses < VALIDATE_USES,
                       None if server is None else server[lo:hi], None if server_err is None else server_err[lo:hi],
-                      state.hold_unused_residuals)
+                      state.hold_unused_residuals, state.measure_error)
         gen = plan.strategy.run(piece, buffers)
         started.append((gen, next(gen)))  # encode and launch on this thread
     if held and plan.mode != "hierarchical":

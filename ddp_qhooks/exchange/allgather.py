@@ -32,7 +32,8 @@ class AllGather(Strategy):
         return n, (self.world - 1) * n, layout.numel
 
     def run(self, piece, b: _Buffers):
-        info = self._encode(self.codec, piece.x, b.payload, b.body, piece.layout, piece.key, piece.err)
+        info = self._encode(self.codec, piece.x, b.payload, b.body, piece.layout, piece.key, piece.err,
+                            piece.stats)
         yield collectives.allgather(b.payload, b.gathered, self.group)
         rows = b.gathered.view(self.world, -1)
         bad = self._received(rows, piece.layout.numel, piece.validate)

@@ -16,7 +16,7 @@ from typing import Generator, Optional
 import torch
 
 from ..codecs import Layout
-from ..codecs.base import EncodeInfo
+from ..codecs.base import EncodeInfo, error_stats
 from ..codecs.wire import FLAG_NONFINITE, HEADER_BYTES, WIRE_VERSION, fingerprint, header_bytes, parse_header, \
     payload_nbytes
 from . import collectives
@@ -40,6 +40,7 @@ class Piece:
     server: Optional[torch.Tensor] = None
     server_err: Optional[torch.Tensor] = None
     hold_unused: bool = False
+    stats: bool = True      # compute the encoders' error statistics (measure_error)
 
 
 @dataclass
@@ -82,8 +83,10 @@ class Strategy:
         write_header(slot, codec, self._print if codec is self.codec else self._server_print, numel)
         return slot
 
-    def _encode(self, codec, x, slot: torch.Tensor, body: int, layout: Layout, key: int, err) -> EncodeInfo:
-        info = codec.encode(x, body_of(slot, body), layout, key, error_out=err)
+    def _encode(self, codec, x, slot: torch.Tensor, body: int, layout: Layout, key: int, err,
+                stats: bool = True) -> EncodeInfo:
+        with error_stats(stats):
+            info = codec.encode(x, body_of(slot, body), layout, key, error_out=err)
         set_flag(slot, info.finite)
         return info
 

@@ -78,7 +78,7 @@ class Hierarchical(Strategy):
         yield collectives.allreduce(piece.x, first)
 
         info = self._encode(self.codec, piece.x[start:end], b.payload, b.body, b.layout, splitmix64(piece.key, 3),
-                            None if err is None else err[start:end])
+                            None if err is None else err[start:end], piece.stats)
         yield collectives.allgather(b.payload, b.gathered, across)
 
         rows = b.gathered.view(self.nodes, -1)

@@ -80,7 +80,8 @@ class TwoPhase(Strategy):
         for s, ((start, end), layout) in enumerate(zip(b.bounds, b.layouts)):
             slot = b.send[s * b.slot:(s + 1) * b.slot]
             infos.append(self._encode(self.codec, piece.x[start:end], slot, b.bodies[s], layout,
-                                      splitmix64(piece.key, 1, s), None if piece.err is None else piece.err[start:end]))
+                                      splitmix64(piece.key, 1, s), None if piece.err is None else piece.err[start:end],
+                                      piece.stats))
         info = _merged(infos) if piece.err is not None else None
         yield collectives.alltoall(b.send, b.recv, self.group)
 
@@ -93,7 +94,7 @@ class TwoPhase(Strategy):
         server_err = None if piece.server_err is None else piece.server_err[start:end]
         held = add_residual(b.mean, server, layout, piece.hold_unused) if server is not None else []
         self._encode(self.server_codec, b.mean, b.own_mean, b.mean_bodies[me], layout, splitmix64(piece.key, 2),
-                     server_err)
+                     server_err, False)  # the server residual's error is not reported
         if held:
             restore_held(server_err, server, held)
         b.own_mean[3:4].bitwise_or_(bad_in.to(torch.uint8))  # a non-finite input anywhere reaches every rank
