@@ -101,7 +101,18 @@ class _DenseResiduals:
         self._scratch: Optional[torch.Tensor] = None
 
     def add_to(self, x, sig, numels):
-        x.add_(self.memory.bucket_residual(sig, numels, x.device, self.dtype))
+        mem = self.memory
+        # ResidualMemory assumes a superseded bucket never returns (DDP rebuilds once); here the
+        # set of parameters of a module's input changes whenever one is unused in a step, and an
+        # older signature may come back: its buffer is stale once any of its parameters moved
+        if sig in mem._buffers and any(mem._where.get(k, (sig,))[0] != sig for k in sig):
+            old = mem._buffers.pop(sig)
+            mem._staging.pop(sig, None)
+            for k in sig:  # the parameters still living here move to the loaded-residual pool
+                if k in mem._where and mem._where[k][0] == sig:
+                    _, off, n = mem._where.pop(k)
+                    mem._pending[k] = old[off:off + n].clone()
+        x.add_(mem.bucket_residual(sig, numels, x.device, self.dtype))
 
     def err_buffer(self, sig, numel, device):
         if self.dtype == torch.float32:
@@ -187,6 +198,15 @@ class _CodedResiduals:
         self._bodies[sig], self._layouts[sig] = body, layout
 
     def add_to(self, x, sig, numels):
+        if sig in self._bodies and any(self._where.get(k, sig) != sig for k in sig):
+            dec, o = self._decoded(sig), 0  # stale: see _DenseResiduals.add_to
+            for k, n in zip(sig, self._layouts[sig].param_numels):
+                if self._where.get(k) == sig:
+                    del self._where[k]
+                    self._pending[k] = dec[o:o + n].clone()
+                o += n
+            for d in (self._bodies, self._staging, self._layouts):
+                d.pop(sig, None)
         if sig not in self._bodies:
             self._build(sig, numels, x.device)
         tmp = self._fp32(x.numel(), x.device)
