@@ -49,12 +49,17 @@ class Net(nn.Module):
         return y + self.aux(h) if use_aux else y
 
 
+# the mesh and group of the world size under test (one 4-process run tests W = 2, 3, 4 on the
+# first W ranks: spawning costs more than the checks on a loaded 2-core machine)
+_CTX: dict = {}
+
+
 def _build(seed=0):
     torch.manual_seed(seed)
     m = Net()
-    fully_shard(m.block[0])
-    fully_shard(m.block)
-    fully_shard(m)
+    fully_shard(m.block[0], mesh=_CTX["mesh"])
+    fully_shard(m.block, mesh=_CTX["mesh"])
+    fully_shard(m, mesh=_CTX["mesh"])
     return m
 
 
@@ -139,10 +144,22 @@ def _identity(rank, world, codec="stochastic", bits=4, residual_dtype=None, step
             continue
         true, applied = pa.grad.full_tensor().reshape(-1), pb.grad.full_tensor().reshape(-1)
         mean_res = sd["residuals"][name].clone()
-        dist.all_reduce(mean_res)
+        dist.all_reduce(mean_res, group=_CTX["group"])
         mean_res /= world
         out["per_param"][name] = {"gap": _maxdiff(applied + mean_res, true), "scale": float(true.abs().amax()),
                                   "quant_err": _maxdiff(applied, true)}
+    return out
+
+
+def _w_all(rank, world_size):
+    from torch.distributed.device_mesh import DeviceMesh
+    out = {}
+    for world in (2, 3, 4):
+        group = dist.new_group(list(range(world)))  # every rank enters new_group
+        if rank < world:
+            _CTX.update(group=group, mesh=DeviceMesh.from_group(group, "cpu"))
+            out[world] = _w_many(rank, world, world == 2)
+        dist.barrier()
     return out
 
 
@@ -150,6 +167,8 @@ def _w_many(rank, world, full):
     out = {}
     _guard(out, "exact", lambda: _exact(rank, world))
     _guard(out, "identity", lambda: _identity(rank, world))
+    if world == 4:  # a model without fully_shard: the check runs on the default group, every rank
+        _guard(out, "not_fsdp", lambda: _misconfig(rank, world, {}, plain=True))
     if full:
         _guard(out, "identity_bf16", lambda: _identity(rank, world, residual_dtype="bf16"))
         _guard(out, "identity_int8", lambda: _identity(rank, world, residual_dtype="int8"))
@@ -157,7 +176,6 @@ def _w_many(rank, world, full):
         _guard(out, "nonfinite", lambda: _nonfinite(rank, world))
         _guard(out, "mismatch", lambda: _misconfig(rank, world, {"bits": 4 if rank == 1 else 8}))
         _guard(out, "invalid", lambda: _misconfig(rank, world, {"codec": "nope" if rank == 1 else "stochastic"}))
-        _guard(out, "not_fsdp", lambda: _misconfig(rank, world, {}, plain=True))
         _guard(out, "train", lambda: _train(rank, world))
     return out
 
@@ -233,8 +251,8 @@ def _train(rank, world, steps=60):
         torch.manual_seed(7)
         m = MLP()
         for layer in (m.l1, m.l2, m.l3):
-            fully_shard(layer)
-        fully_shard(m)
+            fully_shard(layer, mesh=_CTX["mesh"])
+        fully_shard(m, mesh=_CTX["mesh"])
         st = ddp_qhooks.fsdp.register(m, codec, bits)
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
         tail = []
@@ -249,7 +267,7 @@ def _train(rank, world, steps=60):
             opt.step()
             if step >= steps - 10:
                 t = loss.detach().clone()
-                dist.all_reduce(t)
+                dist.all_reduce(t, group=_CTX["group"])
                 tail.append(float(t) / world)
         s = st.stats()
         losses[codec] = {"final": sum(tail) / len(tail), "wire": s["wire_bytes_sent"],
@@ -267,9 +285,9 @@ def runs():
 
 
 def _run(runs, world):
-    if world not in runs:
-        runs[world] = _dist.results(_w_many, world, world == 2, timeout_s=120)
-    return runs[world]
+    if not runs:
+        runs.update(enumerate(_dist.results(_w_all, 4, timeout_s=150)))
+    return [runs[r][world] for r in range(world)]
 
 
 def _sub(runs, world, name):
@@ -329,10 +347,10 @@ def test_nonfinite_reaches_every_rank(runs):
 
 
 def test_misconfig_raises_on_every_rank(runs):
-    for name, typ, text in (("mismatch", "ConfigMismatchError", "bits"),
-                            ("invalid", "InvalidOptionsError", "nope"),
-                            ("not_fsdp", "InvalidOptionsError", "fully_shard")):
-        for r, res in enumerate(_sub(runs, 2, name)):
+    for name, typ, text, world in (("mismatch", "ConfigMismatchError", "bits", 2),
+                                   ("invalid", "InvalidOptionsError", "nope", 2),
+                                   ("not_fsdp", "InvalidOptionsError", "fully_shard", 4)):
+        for r, res in enumerate(_sub(runs, world, name)):
             assert res["type"] == typ and text in res["msg"], (name, r, res)
 
 
