@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from ..codecs import Layout, make_codec
 from ..codecs._random import splitmix64
-from ..codecs.wire import fingerprint, payload_nbytes
+from ..codecs.wire import HEADER_BYTES, fingerprint, payload_nbytes
 from ..error_feedback import ResidualMemory
 from ..exchange import check_agreement, collectives
 from ..exchange.base import body_of, check_headers, nonfinite_flag, set_flag, write_header
@@ -249,17 +249,18 @@ class _CodedResiduals:
 # ================================================================================================
 
 class _Plan:
-    """Buffers of one (world size, input layout): built once, reused every step."""
+    """Sizes and headers of one (world size, input layout), built once.  The send / receive
+    buffers themselves are shared by all modules (:meth:`FSDPQuantState._wire_buffers`): a call
+    completes before it returns, so only one module's payloads exist at a time."""
 
     def __init__(self, codec, config_print, layout: Layout, w: int, device):
         self.layout = layout                    # one row (= one destination shard)
         self.S = layout.numel
         self.body = codec.body_nbytes(layout)
         self.slot = payload_nbytes(self.body)
-        self.send = torch.zeros(w * self.slot, dtype=torch.uint8, device=device)
+        self.headers = torch.zeros(w, HEADER_BYTES, dtype=torch.uint8, device=device)
         for r in range(w):
-            write_header(self.send[r * self.slot:(r + 1) * self.slot], codec, config_print, self.S)
-        self.recv = torch.empty(w * self.slot, dtype=torch.uint8, device=device)
+            write_header(self.headers[r], codec, config_print, self.S)
         self.uses = 0
         self.padding: list = []                 # (start, end) of padding values in the W x S input
 
@@ -344,8 +345,10 @@ class QuantizedReduceScatter(ReduceScatter):
         base_key = splitmix64(st.seed, collectives.rank(group), st.step, self.index)
         err_sq = inp_sq = 0.0
         finite = True
+        send, recv = st._wire_buffers(w * plan.slot, device)
+        send.view(w, plan.slot)[:, :HEADER_BYTES].copy_(plan.headers)
         for r in range(w):
-            slot = plan.send[r * plan.slot:(r + 1) * plan.slot]
+            slot = send[r * plan.slot:(r + 1) * plan.slot]
             info = st.codec.encode(x[r * S:(r + 1) * S], body_of(slot, plan.body), row_layout, splitmix64(base_key, r),
                                    None if err is None else err[r * S:(r + 1) * S])
             set_flag(slot, info.finite)
@@ -354,9 +357,9 @@ class QuantizedReduceScatter(ReduceScatter):
                 err_sq += info.error_sq
                 inp_sq += info.input_sq
         if not finite:  # every destination learns that this rank's input was not finite
-            plan.send.view(w, plan.slot)[:, 3] = 1
-        collectives.alltoall(plan.send, plan.recv, group).wait()
-        rows = plan.recv.view(w, plan.slot)
+            send.view(w, plan.slot)[:, 3] = 1
+        collectives.alltoall(send, recv, group).wait()
+        rows = recv.view(w, plan.slot)
         if plan.uses < VALIDATE_USES:
             check_headers(rows, st.codec, st._print, S)
         plan.uses += 1
@@ -434,6 +437,7 @@ class FSDPQuantState:
         self._geometry: Dict[int, tuple] = {}      # key -> (numel, padded sharded numel, W)
         self._fsdp_bytes = {"sharded_param_bytes": 0, "sharded_grad_bytes": 0}
         self._scratch_buf: Optional[torch.Tensor] = None
+        self._wire: Optional[tuple] = None
         self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_reduce_scatter_wire_bytes": 0,
                         "fsdp_reduce_scatter_wire_bytes": 0, "calls": 0, "nonfinite_steps": 0}
         self._seconds = 0.0
@@ -459,6 +463,13 @@ class FSDPQuantState:
                 if lo < P:
                     out.append((r * S + off + lo, r * S + off + P))
         return out
+
+    def _wire_buffers(self, nbytes, device):
+        """(send, receive) byte buffers shared by every module's calls (grown on demand)."""
+        if self._wire is None or self._wire[0].numel() < nbytes or self._wire[0].device != device:
+            self._wire = (torch.empty(nbytes, dtype=torch.uint8, device=device),
+                          torch.empty(nbytes, dtype=torch.uint8, device=device))
+        return self._wire[0][:nbytes], self._wire[1][:nbytes]
 
     def _scratch(self, numel, device):
         if self._scratch_buf is None or self._scratch_buf.numel() < numel or self._scratch_buf.device != device:
