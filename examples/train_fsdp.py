@@ -3,6 +3,7 @@
     torchrun --nproc-per-node=2 examples/train_fsdp.py                      # stochastic 4-bit + EF
     torchrun --nproc-per-node=2 examples/train_fsdp.py --compare none       # and fp32 (codec none) first
     torchrun --nproc-per-node=2 examples/train_fsdp.py --residual-dtype bf16
+    torchrun --nproc-per-node=4 examples/train_fsdp.py --ranks-per-node 2  # hierarchical: 2 "nodes" x 2
     python examples/train_fsdp.py                                           # no launcher: 2 local workers
 
 A small causal transformer language model (every block its own FSDP module, the root owns the
@@ -76,13 +77,18 @@ def train(rank: int, world: int, args) -> None:
     for codec in ([args.compare] if args.compare else []) + [args.codec]:
         torch.manual_seed(0)
         model = TinyLM(args.vocab, args.d, args.layers, args.heads, args.ctx).to(device)
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        # the one line (collective: every rank):
         quantized = codec not in ("none", "bf16", "fp16")
-        state = ddp_qhooks.fsdp.register(model, codec, **({"bits": args.bits} if quantized else {}),
-                                         residual_dtype=args.residual_dtype if quantized else None)
+        bits = {"bits": args.bits} if quantized else {}
+        mesh = ddp_qhooks.fsdp.node_mesh(args.ranks_per_node) if args.ranks_per_node else None
+        for block in model.blocks:
+            fully_shard(block, mesh=None if mesh is None else mesh["local"])
+        fully_shard(model, mesh=None if mesh is None else mesh["local"])
+        if mesh is None:
+            # the one line (collective: every rank):
+            state = ddp_qhooks.fsdp.register(model, codec, **bits,
+                                             residual_dtype=args.residual_dtype if quantized else None)
+        else:  # hierarchical: fp32 reduce-scatter inside each node, quantized between nodes
+            state = ddp_qhooks.fsdp.register_between_nodes(model, mesh, codec, **bits)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
         gen = torch.Generator().manual_seed(10_000 + rank)
         t0, tail = time.perf_counter(), []
@@ -101,7 +107,12 @@ def train(rank: int, world: int, args) -> None:
             if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
                 print(f"[{codec}] step {step:4d}  loss {mean:.4f}", flush=True)
         s = state.stats()
-        if rank == 0:
+        if rank == 0 and mesh is not None:
+            print(f"[{codec}] hierarchical ({args.ranks_per_node} ranks per node): final loss (mean of last 10 steps) "
+                  f"{sum(tail) / len(tail):.4f}, {time.perf_counter() - t0:.1f} s; bytes sent between nodes per "
+                  f"rank {s['wire_bytes_sent']:,} (fp32 values exchanged: {s['fp32_bytes']:,} B), residual "
+                  f"memory {sum(v.numel() * 4 for v in state.memory.residuals().values()):,} B", flush=True)
+        elif rank == 0:
             res = state.residual_nbytes()
             print(f"[{codec}] {state.codec.bits}-bit: final loss (mean of last 10 steps) "
                   f"{sum(tail) / len(tail):.4f}, {time.perf_counter() - t0:.1f} s, {s['modules']} FSDP modules\n"
@@ -127,6 +138,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="hierarchical: FSDP inside groups of this many ranks, quantized exchange between them")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args()
     if "RANK" in os.environ:  # torchrun
