@@ -127,11 +127,11 @@ def _exact(rank, world):
     return res
 
 
-def _identity(rank, world, codec="stochastic", bits=4, residual_dtype=None, steps=4):
+def _identity(rank, world, codec="stochastic", bits=4, residual_dtype=None, steps=4, **kw):
     """Gradients accumulate without zero_grad: B's grads = sum of applied means, A's = sum of true
     means; the pending mean residual closes the gap, per parameter."""
     A, B = _build(), _build()
-    st = ddp_qhooks.fsdp.register(B, codec, bits, residual_dtype=residual_dtype)
+    st = ddp_qhooks.fsdp.register(B, codec, bits, residual_dtype=residual_dtype, **kw)
     for step in range(steps):
         x = _batch(rank, step)
         for m in (A, B):
@@ -205,6 +205,8 @@ def _w_many(rank, world, full):
         _guard(out, "identity_int8", lambda: _identity(rank, world, residual_dtype="int8"))
         _guard(out, "state_dict", lambda: _state_dict(rank, world))
         _guard(out, "nonfinite", lambda: _nonfinite(rank, world))
+        _guard(out, "identity_unstaged", lambda: _identity(rank, world, stage_residuals=False))
+        _guard(out, "nonfinite_unstaged", lambda: _nonfinite(rank, world, stage_residuals=False))
         _guard(out, "mismatch", lambda: _misconfig(rank, world, {"bits": 4 if rank == 1 else 8}))
         _guard(out, "invalid", lambda: _misconfig(rank, world, {"codec": "nope" if rank == 1 else "stochastic"}))
         _guard(out, "train", lambda: _train(rank, world))
@@ -233,9 +235,9 @@ def _state_dict(rank, world):
             "step": sc.step, "names": sorted(loaded["residuals"])}
 
 
-def _nonfinite(rank, world):
+def _nonfinite(rank, world, **kw):
     B = _build()
-    st = ddp_qhooks.fsdp.register(B, "stochastic", 4)
+    st = ddp_qhooks.fsdp.register(B, "stochastic", 4, **kw)
     _backward(B, _batch(rank, 0), 0)
     before = st.state_dict()["residuals"]
     B.zero_grad(set_to_none=True)
@@ -355,6 +357,15 @@ def test_error_feedback_identity_per_parameter(runs, world):
         assert max(v["quant_err"] for v in res["per_param"].values() if v) > 1e-3
 
 
+def test_unstaged_residuals_identity_and_memory(runs):
+    staged = _sub(runs, 2, "identity")
+    for r, res in enumerate(_sub(runs, 2, "identity_unstaged")):
+        assert res["nbytes"]["staging"] == 0 and res["nbytes"]["live"] == staged[r]["nbytes"]["live"]
+        for name, v in res["per_param"].items():
+            if v is not None:
+                assert v["gap"] <= 2e-6 * max(1.0, v["scale"]), (r, name, v)
+
+
 @pytest.mark.parametrize("kind,ratio", [("identity_bf16", 0.5), ("identity_int8", 0.5)])  # int8: 8 range bytes per row of each (tiny) parameter
 def test_compressed_residual(runs, kind, ratio):
     fp32 = _sub(runs, 2, "identity")
@@ -371,8 +382,9 @@ def test_state_dict_round_trip(runs):
         assert res["step"] == 3 and "block.0.weight" in res["names"]
 
 
-def test_nonfinite_reaches_every_rank(runs):
-    for r, res in enumerate(_sub(runs, 2, "nonfinite")):
+@pytest.mark.parametrize("kind", ["nonfinite", "nonfinite_unstaged"])
+def test_nonfinite_reaches_every_rank(runs, kind):
+    for r, res in enumerate(_sub(runs, 2, kind)):
         assert res == {"nan_everywhere": True, "unchanged": True, "finite_again": True, "nonfinite_steps": 1,
                        "steps": 3}, (r, res)
 

@@ -22,7 +22,8 @@ output.  Per call each rank
 5. stages its new residual ``input + residual - decode(own payloads)``; the residuals of one
    backward pass are committed together at its end (an autograd final callback), only if no
    rank's input was non-finite in any module of that pass (the optimizer / GradScaler then sees
-   NaN in every rank's shard and the residuals stay as they were).
+   NaN in every rank's shard and the residuals stay as they were).  ``stage_residuals=False``
+   commits per module instead (no staging buffer: half the residual memory).
 
 Residuals are kept per parameter (by fully qualified name in ``state_dict``), as the flat padded
 unsharded local gradient of that parameter: ``4 x numel`` bytes per parameter on every rank (the
@@ -54,7 +55,7 @@ STATE_FORMAT = 1
 VALIDATE_USES = 2        # headers are checked on the host during a plan's first uses only
 _ROW_STRIDE = 1 << 16    # virtual residual key of (parameter k, row r): k * _ROW_STRIDE + r
 _MODULE_KEY_BASE = 1 << 30  # fallback keys (one flat residual per FSDP module), see _layout_of
-STATE_OPTIONS = ("seed", "measure_error", "residual_block_size")
+STATE_OPTIONS = ("seed", "measure_error", "residual_block_size", "stage_residuals")
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule
@@ -95,8 +96,8 @@ class _DenseResiduals:
     """fp32 (the encoder writes the next residual straight into the staging buffer) or bf16/fp16
     (written to an fp32 scratch, then rounded into staging)."""
 
-    def __init__(self, dtype):
-        self.dtype = dtype
+    def __init__(self, dtype, immediate: bool = False):
+        self.dtype, self.immediate = dtype, immediate
         self.memory = ResidualMemory()
         self._scratch: Optional[torch.Tensor] = None
 
@@ -115,13 +116,17 @@ class _DenseResiduals:
         x.add_(mem.bucket_residual(sig, numels, x.device, self.dtype))
 
     def err_buffer(self, sig, numel, device):
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 and not self.immediate:
             return self.memory.staging(sig)
         if self._scratch is None or self._scratch.numel() < numel or self._scratch.device != device:
             self._scratch = torch.empty(numel, dtype=torch.float32, device=device)
         return self._scratch[:numel]
 
-    def stage(self, sig, err):
+    def stage(self, sig, err, bad):
+        if self.immediate:  # this module's residual now, unless some rank's input was not finite
+            res = self.memory._buffers[sig]
+            res.copy_(torch.where(bad, res.float() if res.dtype != torch.float32 else res, err, out=err))
+            return
         st = self.memory.staging(sig)
         if st.data_ptr() != err.data_ptr():
             st.copy_(err)
@@ -145,7 +150,8 @@ class _CodedResiduals:
     """Residuals held as blockwise min-max codes (the ``uniform`` codec, round to nearest, blocks
     never straddle two parameter rows).  What the rounding of the residual loses is lost."""
 
-    def __init__(self, bits: int, block_size: int):
+    def __init__(self, bits: int, block_size: int, immediate: bool = False):
+        self.immediate = immediate
         self.codec = make_codec("uniform", bits, block_size=block_size)
         self._bodies: Dict[tuple, torch.Tensor] = {}
         self._staging: Dict[tuple, torch.Tensor] = {}
@@ -215,7 +221,11 @@ class _CodedResiduals:
     def err_buffer(self, sig, numel, device):
         return self._fp32(numel, device)
 
-    def stage(self, sig, err):
+    def stage(self, sig, err, bad):
+        if self.immediate:
+            if not bool(bad):  # one host read per module in this mode
+                self.codec.encode(err, self._bodies[sig], self._layouts[sig])
+            return
         st = self._staging.get(sig)
         if st is None:
             st = self._staging[sig] = torch.empty_like(self._bodies[sig])
@@ -378,7 +388,7 @@ class QuantizedReduceScatter(ReduceScatter):
         if st.error_feedback:
             for lo, hi in plan.padding:  # padding rows stay zero: they belong to no parameter
                 err[lo:hi].zero_()
-            st.store.stage(sig, err)
+            st.store.stage(sig, err, bad)
         st._record(self, sig, bad, plan, w, S, input_tensor.element_size(), err_sq, inp_sq, time.perf_counter() - t0)
         return None
 
@@ -407,7 +417,8 @@ class FSDPQuantState:
     reduce-scatter of one model.  ``state_dict()`` holds only tensors and plain values."""
 
     def __init__(self, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True, residual_dtype=None,
-                 seed: int = 0, measure_error: bool = True, residual_block_size: int = 256, **codec_options):
+                 seed: int = 0, measure_error: bool = True, residual_block_size: int = 256,
+                 stage_residuals: bool = True, **codec_options):
         self.codec = make_codec(codec, bits, **codec_options)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
@@ -425,7 +436,11 @@ class FSDPQuantState:
         if residual_dtype is not None and not error_feedback:
             raise ValueError("residual_dtype only applies with error_feedback=True")
         self.residual_block_size = residual_block_size
-        self.store = _DenseResiduals(dtype) if rbits is None else _CodedResiduals(rbits, residual_block_size)
+        if not isinstance(stage_residuals, bool):
+            raise ValueError(f"stage_residuals must be True or False, got {stage_residuals!r}")
+        self.stage_residuals = stage_residuals
+        self.store = (_DenseResiduals(dtype, not stage_residuals) if rbits is None
+                      else _CodedResiduals(rbits, residual_block_size, not stage_residuals))
         self.error_feedback, self.seed, self.measure_error = error_feedback, seed, measure_error
         self._print = fingerprint(self.codec.config())
         self.comms: List[QuantizedReduceScatter] = []
@@ -692,7 +707,12 @@ def register(model, codec: str = "stochastic", bits: int = 8, *, error_feedback:
     ``fully_shard``); return its :class:`FSDPQuantState`.
 
     Collective: call it on every rank.  ``options`` go to the codec (e.g. ``block_size``) or to the
-    state (``seed``, ``measure_error``, ``residual_block_size`` for ``residual_dtype="int8"`` ...).
+    state (``seed``, ``measure_error``, ``residual_block_size`` for ``residual_dtype="int8"`` ...,
+    ``stage_residuals``: True (default) stages each module's next residual and commits them all at
+    the end of the backward only if every input of every module was finite, which holds one more
+    residual-sized buffer; False updates each module's residual right after its exchange unless
+    that module's input was non-finite on some rank: half the residual memory, but after a step
+    GradScaler skips, the finite modules' residuals have moved on).
     ``residual_dtype``: ``None``/``"fp32"``, ``"bf16"``, ``"fp16"``, or ``"int8"`` ... ``"int2"``.
     Invalid options raise :class:`~ddp_qhooks.InvalidOptionsError` on every rank, ranks configured
     differently (codec, bits, residual, model structure) :class:`~ddp_qhooks.ConfigMismatchError`.
@@ -747,7 +767,8 @@ def _config_before(state: FSDPQuantState, units: list) -> dict:
         keys = [state._key_by_param[id(fp.sharded_param)] for fp in pg.fsdp_params]
         modules.append([fqn or "<root>", sum(state._geometry[k][1] for k in keys if k in state._geometry)])
     return {**state.codec.config(), "error_feedback": state.error_feedback, "residual": state.residual_kind,
-            "residual_block_size": state.residual_block_size, "modules": modules}
+            "residual_block_size": state.residual_block_size, "stage_residuals": state.stage_residuals,
+            "modules": modules}
 
 
 # ================================================================================================
