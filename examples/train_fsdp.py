@@ -76,7 +76,7 @@ def train(rank: int, world: int, args) -> None:
     probs = markov_chain(args.vocab)
     for codec in ([args.compare] if args.compare else []) + [args.codec]:
         torch.manual_seed(0)
-        model = TinyLM(args.vocab, args.d, args.layers, args.heads, args.ctx).to(device)
+        model = TinyLM(args.vocab, args.width, args.layers, args.heads, args.ctx).to(device)
         quantized = codec not in ("none", "bf16", "fp16")
         bits = {"bits": args.bits} if quantized else {}
         mesh = ddp_qhooks.fsdp.node_mesh(args.ranks_per_node) if args.ranks_per_node else None
@@ -133,7 +133,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--ctx", type=int, default=32)
     p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
