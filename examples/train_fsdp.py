@@ -117,7 +117,8 @@ def train(rank: int, world: int, args) -> None:
             print(f"[{codec}] {state.codec.bits}-bit: final loss (mean of last 10 steps) "
                   f"{sum(tail) / len(tail):.4f}, {time.perf_counter() - t0:.1f} s, {s['modules']} FSDP modules\n"
                   f"  bytes sent per rank {s['wire_bytes_sent']:,} vs fp32 reduce-scatter "
-                  f"{s['fp32_reduce_scatter_wire_bytes']:,} ({s['compression_ratio']:.2f}x less), nmse {s['nmse']:.4f}\n"
+                  f"{s['fp32_reduce_scatter_wire_bytes']:,} ({s['compression_ratio']:.2f}x less), "
+                  f"nmse {s['nmse']:.4f}\n"
                   f"  residual memory per rank: {res['live']:,} B live + {res['staging']:,} B staging "
                   f"({s['residual_dtype']}); FSDP's own sharded params {s['sharded_param_bytes']:,} B, "
                   f"sharded grads {s['sharded_grad_bytes']:,} B", flush=True)

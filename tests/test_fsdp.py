@@ -366,7 +366,8 @@ def test_unstaged_residuals_identity_and_memory(runs):
                 assert v["gap"] <= 2e-6 * max(1.0, v["scale"]), (r, name, v)
 
 
-@pytest.mark.parametrize("kind,ratio", [("identity_bf16", 0.5), ("identity_int8", 0.5)])  # int8: 8 range bytes per row of each (tiny) parameter
+# int8: 8 range bytes per row of each (tiny) parameter, so only <= 1/2 here (0.258 on the example's model)
+@pytest.mark.parametrize("kind,ratio", [("identity_bf16", 0.5), ("identity_int8", 0.5)])
 def test_compressed_residual(runs, kind, ratio):
     fp32 = _sub(runs, 2, "identity")
     for r, res in enumerate(_sub(runs, 2, kind)):

@@ -33,7 +33,6 @@ blockwise min-max codes, ``residual_block_size`` values per block with 8 bytes o
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 import warnings
@@ -49,7 +48,8 @@ from ..error_feedback import ResidualMemory
 from ..exchange import check_agreement, collectives
 from ..exchange.base import body_of, check_headers, nonfinite_flag, set_flag, write_header
 
-__all__ = ["register", "FSDPQuantState", "QuantizedReduceScatter", "STATE_FORMAT", "node_mesh", "register_between_nodes"]
+__all__ = ["register", "FSDPQuantState", "QuantizedReduceScatter", "STATE_FORMAT", "node_mesh",
+           "register_between_nodes"]
 
 STATE_FORMAT = 1
 VALIDATE_USES = 2        # headers are checked on the host during a plan's first uses only
@@ -374,7 +374,8 @@ class QuantizedReduceScatter(ReduceScatter):
             check_headers(rows, st.codec, st._print, S)
         plan.uses += 1
         bad = nonfinite_flag(rows)
-        acc = output_tensor if output_tensor.dtype == torch.float32 else torch.empty(S, dtype=torch.float32, device=device)
+        acc = output_tensor if output_tensor.dtype == torch.float32 else \
+            torch.empty(S, dtype=torch.float32, device=device)
         # sum in rank order, then scale: what Gloo's reduce-scatter does for AVG
         st.codec.decode([body_of(rows[r], plan.body) for r in range(w)], row_layout, acc.view(-1), divisor=1)
         if factor != 1.0:
@@ -749,7 +750,8 @@ def register(model, codec: str = "stochastic", bits: int = 8, *, error_feedback:
     if device.type == "meta":
         device = torch.device("cpu")
     if dist.is_initialized():
-        check_agreement(None if error else _config_before(state, units), device, group, local_error=None if error is None else str(error))
+        check_agreement(None if error else _config_before(state, units), device, group,
+                        local_error=None if error is None else str(error))
     elif error is not None:
         raise error
     state.process_group = group
@@ -820,7 +822,7 @@ def register_between_nodes(model, mesh=None, codec: str = "stochastic", bits: in
     intra-node reduce-scatter) and, through the exchange, the same shard on every node, not every
     rank.
     """
-    from ..engine import QuantizedHookState, Unit, submit
+    from ..engine import QuantizedHookState
 
     error = None
     state = None
