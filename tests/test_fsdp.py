@@ -127,6 +127,23 @@ def _exact(rank, world):
     return res
 
 
+def _accumulate(rank, world):
+    """set_requires_gradient_sync(False) on the first micro-batch: FSDP reduces the accumulated
+    unsharded gradients on the second; codec none still equals FSDP's own."""
+    A, B = _build(), _build()
+    st = ddp_qhooks.fsdp.register(B, "none")
+    worst = 0.0
+    for m in (A, B):
+        for micro in range(2):
+            m.set_requires_gradient_sync(micro == 1)
+            _backward(m, _batch(rank, micro), 0)
+    for pa, pb in zip(A.parameters(), B.parameters()):
+        if pa.grad is not None:
+            worst = max(worst, _maxdiff(_local(pa), _local(pb)))
+    return {"worst": worst, "calls": st.stats()["calls"], "steps": st.step,
+            "fallback": st.stats()["module_level_residuals"]}
+
+
 def _identity(rank, world, codec="stochastic", bits=4, residual_dtype=None, steps=4, **kw):
     """Gradients accumulate without zero_grad: B's grads = sum of applied means, A's = sum of true
     means; the pending mean residual closes the gap, per parameter."""
@@ -205,6 +222,7 @@ def _w_many(rank, world, full):
         _guard(out, "identity_int8", lambda: _identity(rank, world, residual_dtype="int8"))
         _guard(out, "state_dict", lambda: _state_dict(rank, world))
         _guard(out, "nonfinite", lambda: _nonfinite(rank, world))
+        _guard(out, "accumulate", lambda: _accumulate(rank, world))
         _guard(out, "identity_unstaged", lambda: _identity(rank, world, stage_residuals=False))
         _guard(out, "nonfinite_unstaged", lambda: _nonfinite(rank, world, stage_residuals=False))
         _guard(out, "mismatch", lambda: _misconfig(rank, world, {"bits": 4 if rank == 1 else 8}))
@@ -414,3 +432,8 @@ def test_hierarchical_between_nodes(runs):
         # between the 2 nodes each rank sends one payload of its shard (~45 values here, so the
         # 16-byte header and the 8-byte range of each module's payload weigh: 240 vs 816 bytes)
         assert q["wire"] < none["wire"] / 3, (r, res)
+
+
+def test_gradient_accumulation_without_sync(runs):
+    for r, res in enumerate(_sub(runs, 2, "accumulate")):
+        assert res == {"worst": 0.0, "calls": 3, "steps": 1, "fallback": []}, (r, res)
