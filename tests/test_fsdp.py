@@ -170,15 +170,45 @@ def _identity(rank, world, codec="stochastic", bits=4, residual_dtype=None, step
 
 def _w_all(rank, world_size):
     from torch.distributed.device_mesh import DeviceMesh
-    out = {}
+    out, groups = {}, {}
     for world in (2, 3, 4):
-        group = dist.new_group(list(range(world)))  # every rank enters new_group
+        group = groups[world] = dist.new_group(list(range(world)))  # every rank enters new_group
         if rank < world:
             _CTX.update(group=group, mesh=DeviceMesh.from_group(group, "cpu"))
             out[world] = _w_many(rank, world, world == 2)
         dist.barrier()
     _guard(out[4], "hierarchical", lambda: _hierarchical(rank))
+    _guard(out[4], "redistribute", lambda: _redistribute(rank, groups))
     return out
+
+
+def _redistribute(rank, groups):
+    """Residuals saved by 2 ranks, loaded (the list of both) by 4: every rank holds their mean."""
+    import warnings
+    from torch.distributed.device_mesh import DeviceMesh
+    sd = None
+    if rank < 2:
+        _CTX.update(group=groups[2], mesh=DeviceMesh.from_group(groups[2], "cpu"))
+        B = _build()
+        st = ddp_qhooks.fsdp.register(B, "stochastic", 4)
+        for step in range(2):
+            _backward(B, _batch(rank, step), step)
+        sd = st.state_dict()
+    everyone = [None] * 4
+    dist.all_gather_object(everyone, sd)
+    saved = [d for d in everyone if d is not None]
+    _CTX.update(group=groups[4], mesh=DeviceMesh.from_group(groups[4], "cpu"))
+    C = _build()
+    sc = ddp_qhooks.fsdp.register(C, "stochastic", 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sc.load_state_dict(saved)
+    got = sc.state_dict()["residuals"]
+    worst = max(_maxdiff(got[k], (saved[0]["residuals"][k] + saved[1]["residuals"][k]) / 2) for k in got)
+    nonzero = max(float(v.abs().amax()) for v in got.values())
+    _backward(C, _batch(rank, 5), 1)  # the loaded residuals are usable at W=4 (re-padded per row)
+    return {"worst": worst, "nonzero": nonzero, "warned": any("REDISTRIBUTED" in str(w.message) for w in caught),
+            "names": sorted(got) == sorted(saved[0]["residuals"]), "step": sc.step}
 
 
 def _hierarchical(rank):
@@ -437,3 +467,9 @@ def test_hierarchical_between_nodes(runs):
 def test_gradient_accumulation_without_sync(runs):
     for r, res in enumerate(_sub(runs, 2, "accumulate")):
         assert res == {"worst": 0.0, "calls": 3, "steps": 1, "fallback": []}, (r, res)
+
+
+def test_load_every_rank_at_another_world_size(runs):
+    for r, res in enumerate(_sub(runs, 4, "redistribute")):
+        assert res["worst"] <= 1e-7 and res["nonzero"] > 0 and res["warned"] and res["names"], (r, res)
+        assert res["step"] == 3, (r, res)
