@@ -33,6 +33,9 @@ except ImportError:  # pragma: no cover
 # helpers used in the workers
 # ================================================================================================
 
+_POISON: dict = {}
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -44,7 +47,10 @@ class Net(nn.Module):
         self.aux = nn.Linear(3, 2)   # used on even steps only
 
     def forward(self, x, use_aux=True):
-        h = torch.tanh(self.frozen(self.block(torch.relu(self.emb(x)))))
+        e = self.emb(x)
+        if _POISON.get("on") and e.requires_grad:  # one inf in emb's gradient (row 0) only
+            e.register_hook(lambda g: g.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"))))
+        h = torch.tanh(self.frozen(self.block(torch.relu(e))))
         y = self.head(h)
         return y + self.aux(h) if use_aux else y
 
@@ -238,6 +244,16 @@ def _hierarchical(rank):
         s = st.stats()
         out[codec] = {"worst": worst, "scale": scale, "wire": s["wire_bytes_sent"], "fp32": s["fp32_bytes"],
                       "steps": s["steps"]}
+    B.zero_grad(set_to_none=True)
+    _POISON["on"] = rank == 3  # lands in local rank 0's shard of node 1 only
+    try:
+        _backward(B, _batch(rank, 3), 0)
+    finally:
+        _POISON["on"] = False
+    root = [p for n, p in B.named_parameters() if not n.startswith("block") and p.grad is not None]
+    out["nan_everywhere"] = all(bool(torch.isnan(_local(p)).all()) for p in root if _local(p).numel())
+    out["block_finite"] = all(bool(torch.isfinite(_local(p)).all()) for n, p in B.named_parameters()
+                              if n.startswith("block"))
     return out
 
 
@@ -462,6 +478,8 @@ def test_hierarchical_between_nodes(runs):
         # between the 2 nodes each rank sends one payload of its shard (~45 values here, so the
         # 16-byte header and the 8-byte range of each module's payload weigh: 240 vs 816 bytes)
         assert q["wire"] < none["wire"] / 3, (r, res)
+        # rank 3's inf in one value of the root module's gradient: every rank's root shard is NaN
+        assert res["nan_everywhere"] and res["block_finite"], (r, res)
 
 
 def test_gradient_accumulation_without_sync(runs):

@@ -807,7 +807,8 @@ class _ShardSlot:
 
 
 def register_between_nodes(model, mesh=None, codec: str = "stochastic", bits: int = 8, *,
-                           error_feedback: bool = True, process_group=None, **options):
+                           error_feedback: bool = True, process_group=None, nonfinite_everywhere: bool = True,
+                           **options):
     """Hierarchical sharded training: after ``fully_shard(..., mesh=mesh["local"])`` (FSDP over
     the ranks of one node, its own full-precision reduce-scatter on the fast link), average each
     rank's gradient shard with the same shard of the other nodes by the engine's quantized
@@ -817,10 +818,14 @@ def register_between_nodes(model, mesh=None, codec: str = "stochastic", bits: in
     :class:`~ddp_qhooks.QuantizedHookState` (``stats()``, ``state_dict()``; residuals are keyed
     ``param<i>`` per shard slot).  Collective; config agreement over the default group.
 
-    Limits of this first version: each module's exchange ends a step of the state (residuals
-    committed per module); a non-finite value reaches the ranks whose shard holds it (FSDP's own
-    intra-node reduce-scatter) and, through the exchange, the same shard on every node, not every
-    rank.
+    ``nonfinite_everywhere`` (default True) also replaces FSDP's reduce-scatter inside the node by
+    :func:`register`'s with codec ``none`` (fp32, equal to FSDP's to fp32 rounding, no residual):
+    its headers carry a rank's non-finite flag to every rank of the node, and the exchange between
+    nodes then to every rank.  With False, FSDP's own intra-node reduce-scatter stays (NCCL's
+    native one on GPUs) and a non-finite value reaches only the ranks whose shard holds it.
+
+    Limit of this first version: each module's exchange ends a step of the state (residuals
+    committed per module, a module whose shard was non-finite keeps its residuals).
     """
     from ..engine import QuantizedHookState
 
@@ -848,6 +853,8 @@ def register_between_nodes(model, mesh=None, codec: str = "stochastic", bits: in
         state._agreed = True
     elif error is not None:
         raise error
+    if nonfinite_everywhere:
+        register(model, "none", error_feedback=False, measure_error=False)
     for i, (fqn, mod, pg) in enumerate(units):
         mod.set_all_reduce_hook(_NodeHook(state, i, pg))
     return state
