@@ -14,7 +14,8 @@ from .engine import QuantizedHookState
 from .exchange import EXCHANGES, ConfigMismatchError, InvalidOptionsError
 from .integrations.ddp import quantized_allgather_hook, register
 from .integrations.local_sgd import LocalSGD, local_phase_hook
+from .integrations import fsdp
 
 __version__ = "0.1.0"
 __all__ = ["register", "QuantizedHookState", "quantized_allgather_hook", "codecs", "CODECS", "make_codec",
-           "ConfigMismatchError", "InvalidOptionsError", "EXCHANGES", "LocalSGD", "local_phase_hook", "__version__"]
+           "ConfigMismatchError", "InvalidOptionsError", "EXCHANGES", "LocalSGD", "local_phase_hook", "fsdp", "__version__"]
