@@ -221,6 +221,10 @@ def test_verdict_names_the_best_codec_its_speedups_bytes_and_loss_cost():
     loop = " ".join(bench.verdict(_result(None, "local processes", fast=False)).split())
     assert "no speedup here" in loop and "0.78x fp32 allreduce's speed" in loop and "not bandwidth-bound" in loop
     assert max(len(line) for line in bench.verdict(_result()).splitlines()) <= 100
+    # the default run's model and link have a published table to compare with; the linear model has none
+    assert bench.reference_table(_result()["meta"]) == "results/bench_25M_200mbit.txt"
+    assert os.path.exists(os.path.join(ROOT, "results", "bench_25M_200mbit.txt"))
+    assert bench.reference_table(dict(_result()["meta"], model="linear")) is None
 
 
 def test_compact_table_fits_100_columns_and_explains_its_columns():

@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 
@@ -620,7 +621,6 @@ def format_table(result: dict, markdown: bool, compact: bool = False) -> str:
     notes = _notes(result, compact)
     if markdown:
         return "\n\n".join(parts) + "".join(f"\n\n{n}" for n in notes)
-    import textwrap
     return "\n\n".join(parts) + "".join("\n" + textwrap.fill(n, 100, subsequent_indent="  ") for n in notes)
 
 
@@ -685,7 +685,6 @@ def describe(result: dict) -> str:
 def verdict(result: dict, width: int = 100) -> str:
     """The run's conclusion in plain words, per link: the fastest configuration of this package
     against fp32 allreduce and torch's fp16 hook, the bytes saved and the loss/accuracy cost."""
-    import textwrap
     lines = []
     for link in _links(result["rows"]):
         rows = {r["config"]: r for r in result["rows"] if r.get("link") == link and r["status"] == "ok"}
@@ -849,7 +848,6 @@ def _plot(result: dict, path: str) -> str | None:
         ax.set_ylim(bottom=0)
         ax.set_title("speedup vs link rate", fontsize=9)
         ax.legend(fontsize=7)
-    import textwrap
     fig.suptitle(textwrap.fill(describe(result), 180), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -939,6 +937,22 @@ def _report(result: dict, args) -> None:
         print(f"wrote {', '.join(paths)} (the full table: bench.md)")
     print()
     print(verdict(result))
+    table = reference_table(result["meta"])
+    if table:
+        print(f"Compare with the published run of the same model and link: {table}")
+
+
+def reference_table(meta: dict) -> str | None:
+    """The published results (README's tables, raw output in results/) of this run's model and link."""
+    if meta["task"] != "synthetic" or meta.get("model", "mlp") != "mlp" or meta["world"] != 2:
+        return None
+    if abs(meta["params"] - 25e6) > 0.02 * 25e6:
+        return None
+    links = meta.get("links") or [meta.get("netsim")]
+    names = {"200mbit": "results/bench_25M_200mbit.txt", "1gbit": "results/bench_25M_1gbit.txt",
+             None: "results/bench_25M_loopback.txt"}
+    found = [names[k] for k in links if k in names]
+    return ", ".join(found) or None
 
 
 def _worker_argv(args, configs, result_file: str, compute_s, rate=None) -> list[str]:
@@ -1143,11 +1157,12 @@ EXAMPLES = f"""examples:
   python -m ddp_qhooks.bench --task fmnist           # test accuracy: SmallCNN on Fashion-MNIST
   torchrun --nnodes=2 --nproc-per-node=1 --node-rank=K --master-addr=A --master-port=P -m ddp_qhooks.bench
 
-configurations: fp32 (DDP's allreduce, the baseline), {", ".join(b for b in BUILTINS if b != "fp32")} (torch's
-hooks), 'all', or <codec>[:<bits>][,option=value...][,ef=0] with codec one of {", ".join(CODECS)}.
+{textwrap.fill("configurations: fp32 (DDP's allreduce, the baseline), "
+              + ", ".join(b for b in BUILTINS if b != "fp32") + " (torch's hooks), 'all', or "
+              "<codec>[:<bits>][,option=value...][,ef=0] with codec one of " + ", ".join(CODECS) + ".", 100)}
 Results: a compact table and a verdict on stdout; bench.json/.csv/.md (every column) and bench.png
-(with matplotlib: pip install 'ddp_qhooks[plot]') in --output.  Compare the default run (25M-parameter
-MLP, {DEFAULT_RATE}) with README's table "25M parameters, 2 hosts, 200 Mbit/s"."""
+(with matplotlib: pip install 'ddp_qhooks[plot]') in --output.  The default run (25M-parameter MLP,
+{DEFAULT_RATE}) is the model and link of results/bench_25M_200mbit.txt (README's 200 Mbit/s table)."""
 
 LOOPBACK_NOTE = ("note: the ranks are processes on this machine talking over loopback, which is not "
                  "bandwidth-bound: fewer bytes cannot make a step faster here, so this run measures the codecs' "
