@@ -802,9 +802,14 @@ def _plot(result: dict, path: str) -> str | None:
         color = colors[j % len(colors)]
         axes[0].barh(ys, [1000 * rows[n]["step_s"] if n in rows else 0 for n in names], height=height,
                      color=color, label=label)
+        ideal = [(rows["fp32"]["step_s"] / rows[n]["ideal_speedup"] * 1000, y) for y, n in zip(ys, names)
+                 if n in rows and n != "fp32" and rows[n].get("ideal_speedup") and "fp32" in rows]
+        if ideal:
+            axes[0].scatter(*zip(*ideal), marker="|", color="k", s=120, zorder=3)
+        right = {y: x for x, y in ideal}
         for y, n in zip(ys, names):
             if n in rows and rows[n].get("speedup_vs_fp32"):
-                axes[0].annotate(f" {rows[n]['speedup_vs_fp32']:.2f}x", (1000 * rows[n]["step_s"], y),
+                axes[0].annotate(f" {rows[n]['speedup_vs_fp32']:.2f}x", (max(1000 * rows[n]["step_s"], right.get(y, 0)), y),
                                  va="center", fontsize=7)
         compute = rows.get("fp32", {}).get("compute_s")
         if compute and j == 0:
@@ -820,7 +825,7 @@ def _plot(result: dict, path: str) -> str | None:
     axes[1].xaxis.set_major_formatter(plain)
     axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set_xlabel("MB sent per rank per step (log)")
-    axes[0].set_xlabel("step time, ms (median; labels: speedup vs fp32; dotted: compute only)")
+    axes[0].set_xlabel("step time, ms (median; labels: speedup vs fp32; |: ideal; dotted: compute only)")
     axes[0].set_title("step time (lower is better)", fontsize=9)
     axes[1].set_title("bytes per step (lower is fewer)", fontsize=9)
     for ax in axes[:2]:
