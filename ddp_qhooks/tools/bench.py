@@ -8,8 +8,8 @@
     torchrun --nnodes=2 --nproc-per-node=1 ... -m ddp_qhooks.bench   # real hosts
 
 Quantization pays only where the gradient exchange is bandwidth-bound.  Two processes on one
-machine talk over loopback, which is not: there the bench measures the codecs' overhead, and every
-codec is slower than fp32.  So by default (root on Linux, iproute2 present) the ranks run in two
+machine talk over loopback, which is not: there the bench measures the codecs' overhead, and the
+codecs are usually slower than fp32.  So by default (root on Linux, iproute2 present) the ranks run in two
 network namespaces joined by a link shaped to 200 Mbit/s (``--netsim``, tc tbf); otherwise the
 bench says so before it runs on loopback.
 
@@ -167,7 +167,7 @@ class SyntheticTask:
 class LinearTask(SyntheticTask):
     """One square ``nn.Linear(n, n)`` of about ``params`` parameters (25e6: n = 5000, a 100 MB fp32
     weight): a single parameter that fills one DDP bucket, like a language model's embedding or
-    output matrix.  It learns a fixed permutation of its input (half the entries reversed)."""
+    output matrix.  It regresses half its input reversed (0.5 * x.flip(1)), a fixed linear map."""
 
     def __init__(self, params: int, batch: int, rank: int, device):
         self.n = _side_for(params)
