@@ -221,6 +221,17 @@ def test_verdict_names_the_best_codec_its_speedups_bytes_and_loss_cost():
     loop = " ".join(bench.verdict(_result(None, "local processes", fast=False)).split())
     assert "no speedup here" in loop and "0.78x fp32 allreduce's speed" in loop and "not bandwidth-bound" in loop
     assert max(len(line) for line in bench.verdict(_result()).splitlines()) <= 100
+    # a "speedup" inside the noise is not claimed: on loopback never, on a link not when the spreads overlap
+    lucky = _result(None, "local processes", fast=False)
+    lucky["rows"][3].update(step_s=0.2, step_p10_s=0.15, step_p90_s=0.21)
+    bench._derive(lucky["rows"])
+    text = " ".join(bench.verdict(lucky).split())
+    assert "no clear speedup here" in text and "1.17x" in text and "not a bandwidth saving" in text
+    noisy = _result()
+    noisy["rows"][0].update(step_p10_s=0.5, step_p90_s=5.0)
+    noisy["rows"][4].update(step_p10_s=0.3, step_p90_s=0.9)
+    text = " ".join(bench.verdict(noisy).split())
+    assert "no clear speedup here" in text and "overlap fp32's (500-5000 ms): noise" in text
     # the default run's model and link have a published table to compare with; the linear model has none
     assert bench.reference_table(_result()["meta"]) == "results/bench_25M_200mbit.txt"
     assert os.path.exists(os.path.join(ROOT, "results", "bench_25M_200mbit.txt"))
