@@ -582,8 +582,8 @@ COMPACT = [("config", "config", "{}"), ("status", "status", "{}"), ("step_s", "s
            ("fraction_of_ideal", "of ideal", "{:.0%}"), ("fewer_bytes_than_fp32", "bytes ÷", "{:.1f}x"),
            ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}")]
 LEGEND = ("speedup: fp32 step time / this step time.  ideal: the speedup if only the bytes shrank: "
-          "T_fp32 / (T_compute + T_comm_fp32 x bytes / bytes_fp32).  of ideal: speedup / ideal (overheads "
-          "of encoding and of the exchange make it < 100 %).  bytes ÷: fp32 allreduce's bytes per step / this row's.")
+          "T_fp32 / (T_compute + T_comm_fp32 x bytes / bytes_fp32).  of ideal: speedup / ideal (usually < 100 %: "
+          "the overheads of encoding and of the exchange).  bytes ÷: fp32 allreduce's bytes per step / this row's.")
 
 
 def _cell(row, key, fmt) -> str:
@@ -657,6 +657,11 @@ def _notes(result: dict, compact: bool) -> list[str]:
     notes += [f"{r['config']} fails on this backend ({meta['backend']}, torch {meta['torch']}): {r['error']}"
               for r in rows if r["status"] == "failed"]
     notes += sorted({f"{r['config']}: {r['note']}" for r in rows if r.get("note")})
+    over = [r["config"] for r in rows if (r.get("fraction_of_ideal") or 0) > 1.05]
+    if over and meta.get("compute_s"):
+        notes.append(f"of ideal above 100 % ({', '.join(over)}): the ideal uses one compute time "
+                     f"({_ms(meta['compute_s'])} ms/step, measured with the first configuration); when this "
+                     "machine's load changes during the run, the compute time changes too: read it as approximate.")
     if compact:
         return notes + [LEGEND]
     if meta.get("ranks_per_host", 1) > 1 and any(r.get("tc_bytes_per_step") for r in rows):
