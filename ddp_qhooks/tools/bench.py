@@ -1117,8 +1117,8 @@ def _launch(args) -> dict:
                     except NetSimError as exc:
                         if not args.netsim_auto:
                             raise
-                        print(f"note: the emulated link could not be set up ({exc}); measuring on loopback instead.")
-                        print(LOOPBACK_NOTE)
+                        print(textwrap.fill(f"note: the emulated link could not be set up ({exc}); measuring on "
+                                            f"loopback instead.  {LOOPBACK_NOTE}", 100), flush=True)
                         net, rate = None, None
                 backend = _launcher_backend(args, _launch_world(args, net is not None))
                 for spec in args.configs:
@@ -1311,17 +1311,18 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
             check_environment()
             args.rates = [DEFAULT_RATE]
             args.netsim = DEFAULT_RATE
-            print(f"Measuring on an emulated {DEFAULT_RATE} link between {args.nodes} network namespaces "
-                  f"(tc tbf; --loopback for plain loopback, --netsim RATE for another rate).", flush=True)
+            print(textwrap.fill(f"Measuring on an emulated {DEFAULT_RATE} link between {args.nodes} network "
+                                f"namespaces (tc tbf; --loopback for plain loopback, --netsim RATE for another "
+                                "rate).", 100), flush=True)
         except NetSimError as exc:
-            print(f"{LOOPBACK_NOTE}\n(no emulated link: {exc})", flush=True)
+            print(textwrap.fill(f"{LOOPBACK_NOTE} (No emulated link here: {exc})", 100), flush=True)
     elif args.rates != [None]:
         try:
             check_environment()
         except NetSimError as exc:
             p.error(str(exc))
     elif args.world > 1:
-        print(LOOPBACK_NOTE, flush=True)
+        print(textwrap.fill(LOOPBACK_NOTE, 100), flush=True)
 
 
 def main(argv=None) -> None:
