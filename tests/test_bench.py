@@ -232,6 +232,10 @@ def test_verdict_names_the_best_codec_its_speedups_bytes_and_loss_cost():
     noisy["rows"][4].update(step_p10_s=0.3, step_p90_s=0.9)
     text = " ".join(bench.verdict(noisy).split())
     assert "no clear speedup here" in text and "overlap fp32's (500-5000 ms): noise" in text
+    close = _result()
+    close["rows"][3].update(step_p10_s=0.35, step_p90_s=0.8)  # stochastic:4's spread reaches stochastic:2's
+    text = " ".join(bench.verdict(close).split())
+    assert "stochastic:2 is the fastest (stochastic:4 is within this run's noise of it" in text
     # the default run's model and link have a published table to compare with; the linear model has none
     assert bench.reference_table(_result()["meta"]) == "results/bench_25M_200mbit.txt"
     assert os.path.exists(os.path.join(ROOT, "results", "bench_25M_200mbit.txt"))

@@ -725,8 +725,12 @@ def _verdict_one(result: dict, link, rows: dict) -> str:
     noisy = None not in spread and spread[0] <= spread[3] and spread[1] >= spread[2]
     text = [f"Verdict ({where}):"]
     clear = speed >= 1.05 and not noisy and not loopback
+    close = [r["config"] for r in ours if r is not best and None not in (r.get("step_p10_s"), best.get("step_p90_s"))
+             and r["step_p10_s"] <= best["step_p90_s"]]
     if clear:
-        text.append(f"{best['config']} is the fastest: {speed:.2f}x the training speed of fp32 allreduce "
+        tie = (f" ({', '.join(close)} {'is' if len(close) == 1 else 'are'} within this run's noise of it: "
+               "their 10-90 % step times overlap)") if close else ""
+        text.append(f"{best['config']} is the fastest{tie}: {speed:.2f}x the training speed of fp32 allreduce "
                     f"({_ms(best['step_s'])} vs {_ms(fp32['step_s'])} ms per step)")
     elif speed >= 1.05:
         text.append(f"no clear speedup here: the fastest of this package's configurations, {best['config']}, "
