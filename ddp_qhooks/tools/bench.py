@@ -1,18 +1,25 @@
 """Bandwidth benchmark: our hooks against DDP's fp32 allreduce and torch's built-in hooks, measured.
 
-    python -m ddp_qhooks.bench                                   # 2 local Gloo workers, defaults
-    python -m ddp_qhooks.bench --params 25e6 --netsim 200mbit    # 2 namespaced "hosts", 200 Mbit/s
+    python -m ddp_qhooks.bench                                   # as root: 2 namespaced hosts at 200 Mbit/s
+    python -m ddp_qhooks.bench --loopback                        # 2 local processes, no link limit
+    python -m ddp_qhooks.bench --netsim 200mbit,1gbit            # several link rates, speedup vs rate
+    python -m ddp_qhooks.bench --model linear --netsim 200mbit   # one 5000x5000 weight: one big bucket
     python -m ddp_qhooks.bench --task fmnist --steps 300         # accuracy on Fashion-MNIST
-    torchrun --nnodes=2 --nproc-per-node=1 ... -m ddp_qhooks.bench --params 25e6   # real hosts
+    torchrun --nnodes=2 --nproc-per-node=1 ... -m ddp_qhooks.bench   # real hosts
 
-Every configuration runs in the same invocation, on the same process group, from the same initial
-weights and the same data, one after the other:
+Quantization pays only where the gradient exchange is bandwidth-bound.  Two processes on one
+machine talk over loopback, which is not: there the bench measures the codecs' overhead, and the
+codecs are usually slower than fp32.  So by default (root on Linux, iproute2 present) the ranks run in two
+network namespaces joined by a link shaped to 200 Mbit/s (``--netsim``, tc tbf); otherwise the
+bench says so before it runs on loopback.
+
+Every configuration runs from the same initial weights and the same data, one after the other:
 
 * ``fp32``: DDP's default allreduce (no hook), the baseline;
 * ``fp16_hook`` / ``bf16_hook``: torch's ``fp16_compress_hook`` / ``bf16_compress_hook``;
 * ``powersgd``: torch's PowerSGD (rank 1, error feedback, compression from the 3rd step);
-* ``quant_pertensor``: torch's ``quantization_pertensor_hook`` (reported as failing where it raises,
-  as on Gloo in torch 2.13);
+* ``quant_pertensor`` / ``quant_perchannel``: torch's quantization hooks (they fail on Gloo in
+  torch 2.13, so there they are skipped with a note);
 * ours: ``<codec>[:<bits>][,option=value...]``, e.g. ``stochastic:4``, ``sign``,
   ``topk:8,ratio=0.01``, ``stochastic:2,block_size=256,ef=0`` (``ef=0``: no error feedback).
 
@@ -23,13 +30,15 @@ package's ``wire_bytes_sent``; fp32 / fp16 / bf16: the ring-allreduce volume 2(W
 PowerSGD: computed from its matrix shapes; with ``--netsim``: also tc's counter of bytes that left
 each host, IP/TCP headers included), speedup vs ``fp32``, the ideal speedup
 ``T_fp32 / (T_compute + T_comm_fp32 * bytes / bytes_fp32)`` and the fraction of it reached, and the
-final training loss (``synthetic``) or test accuracy (``fmnist``).
+final training loss (``synthetic``) or test accuracy (``fmnist``).  The run ends with a verdict:
+the fastest configuration at this link against fp32 and torch's fp16 hook.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
+import inspect
 import json
 import math
 import os
@@ -37,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 
@@ -49,18 +59,30 @@ from . import data
 from ..codecs import CODECS
 from ..integrations.local_sgd import LocalSGD, local_phase_hook
 
-BUILTINS = ("fp32", "fp16_hook", "bf16_hook", "powersgd", "quant_pertensor")
+BUILTINS = ("fp32", "fp16_hook", "bf16_hook", "powersgd", "quant_pertensor", "quant_perchannel")
+# torch's hooks that fail on a backend (torch 2.13): skipped there with this one-line note, not run
+KNOWN_FAILING = {
+    ("quant_pertensor", "gloo"): "torch's quantization_pertensor_hook fails on Gloo (it indexes all_gather's "
+                                 "result as a stacked tensor: IndexError); skipped",
+    ("quant_perchannel", "gloo"): "torch's quantization_perchannel_hook fails on Gloo (it indexes all_gather's "
+                                  "result as a stacked tensor: IndexError); skipped",
+}
 # options that turn a configuration into local SGD / DiLoCo (ddp_qhooks.LocalSGD) instead of a gradient hook
 LOCAL_OPTIONS = ("local_steps", "outer", "outer_lr", "outer_momentum", "fragments")
-DEFAULT_CONFIGS = ["fp32", "fp16_hook", "powersgd", "quant_pertensor",
-                   "stochastic:8", "stochastic:4", "stochastic:2", "uniform:1", "stochastic:1,ef=0",
-                   "stochastic:4,ef=0", "uniform:2,block_size=256", "qsgd:4,block_size=512,ef=0",
-                   "ternary", "sign", "sign,ef=0", "topk:8,ratio=0.01", "topk:4,ratio=0.1,values=stochastic"]
+# the default run: the baselines and a few codecs, sized to finish in ~3 min on 2 cores at 200 Mbit/s
+DEFAULT_CONFIGS = ["fp32", "fp16_hook", "stochastic:8", "stochastic:4", "stochastic:2", "ternary", "sign"]
+# --configs all: every configuration of README's results tables that runs on Gloo
+ALL_CONFIGS = ["fp32", "fp16_hook", "bf16_hook", "powersgd",
+               "stochastic:8", "stochastic:4", "stochastic:2", "uniform:1", "stochastic:1,ef=0",
+               "stochastic:4,ef=0", "uniform:2,block_size=256", "qsgd:4,block_size=512,ef=0",
+               "ternary", "sign", "sign,ef=0", "topk:8,ratio=0.01", "topk:4,ratio=0.1,values=stochastic"]
+DEFAULT_RATE = "200mbit"  # the emulated link of the default run (README's 25M table at 200 Mbit/s)
+MODELS = ("mlp", "linear")
 _FAILED: list = []
 RESULT_KEYS = ("config", "kind", "status", "error", "step_s", "step_p10_s", "step_p90_s", "compute_s", "comm_s",
                "bytes_per_step", "bytes_source", "tc_bytes_per_step", "compression_ratio", "speedup_vs_fp32",
                "ideal_speedup", "fraction_of_ideal", "tc_vs_accounted", "final_loss", "test_accuracy", "note",
-               "hook_s", "callback_s", "encode_hidden", "timeline", "fewer_bytes_than_fp32")
+               "hook_s", "callback_s", "encode_hidden", "timeline", "fewer_bytes_than_fp32", "link")
 
 
 # ================================================================================================
@@ -74,8 +96,10 @@ def parse_config(spec: str) -> dict:
     head, *opts = spec.split(",")
     codec, _, bits = head.partition(":")
     if codec not in CODECS:
-        raise ValueError(f"unknown configuration {spec!r}: use one of {', '.join(BUILTINS)} or "
-                         f"<codec>[:<bits>][,option=value...] with codec in {', '.join(CODECS)}")
+        raise ValueError(f"unknown configuration {spec!r}: use one of {', '.join(BUILTINS)}, 'all', or "
+                         f"<codec>[:<bits>][,option=value...] with codec one of {', '.join(CODECS)}")
+    if bits and not bits.isdigit():
+        raise ValueError(f"configuration {spec!r}: bits must be a whole number such as {codec}:4, got {bits!r}")
     options, ef, local = {}, True, {}
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -138,6 +162,28 @@ class SyntheticTask:
 
     def evaluate(self, model):
         return None
+
+
+class LinearTask(SyntheticTask):
+    """One square ``nn.Linear(n, n)`` of about ``params`` parameters (25e6: n = 5000, a 100 MB fp32
+    weight): a single parameter that fills one DDP bucket, like a language model's embedding or
+    output matrix.  It regresses half its input reversed (0.5 * x.flip(1)), a fixed linear map."""
+
+    def __init__(self, params: int, batch: int, rank: int, device):
+        self.n = _side_for(params)
+        self.batch, self.rank, self.device = batch, rank, device
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.Linear(self.n, self.n).to(self.device)
+        with torch.no_grad():
+            layer.weight.mul_(0.1)
+        return layer
+
+    def batch_for(self, step: int):
+        g = torch.Generator().manual_seed(7919 * self.rank + step)
+        x = torch.randn(self.batch, self.n, generator=g).to(self.device)
+        return x, 0.5 * x.flip(1)
 
 
 class FashionMnistTask:
@@ -211,6 +257,9 @@ def _register(ddp: DDP, cfg: dict, steps_before_compression: int):
     if spec == "quant_pertensor":
         ddp.register_comm_hook(None, quantization_hooks.quantization_pertensor_hook)
         return None
+    if spec == "quant_perchannel":
+        ddp.register_comm_hook(None, quantization_hooks.quantization_perchannel_hook)
+        return None
     return ddp_qhooks.register(ddp, cfg["codec"], bits=cfg["bits"], error_feedback=cfg["error_feedback"], **cfg["options"])
 
 
@@ -233,7 +282,29 @@ def _analytic_bytes(spec: str, model: nn.Module, world: int) -> tuple[float | No
     return None, ""
 
 
-def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None):
+def worker_device(backend: str, local_rank: int | None = None) -> torch.device:
+    """Where a rank's model, batches and every tensor the bench itself all-reduces live: NCCL
+    reduces CUDA tensors only, so under NCCL ``cuda:LOCAL_RANK``; under Gloo the CPU."""
+    if backend == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank)
+    return torch.device("cpu")
+
+
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over ranks, reduced on ``device`` (the backend's device)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    """Mean of one number over ranks, reduced on ``device`` (the backend's device)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0]) / dist.get_world_size()
+
+
+def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None, device=torch.device("cpu")):
     """Per-step seconds of the slowest rank, ranks aligned by a barrier before each step;
     ``after_step()`` (local SGD's outer synchronization) runs inside the timed step."""
     times, loss = [], None
@@ -255,10 +326,10 @@ def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None):
         opt.step()
         if after_step is not None:
             after_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step is done when the GPU is, not when it is queued
         times.append(time.perf_counter() - t0)
-    t = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist(), loss
+    return _max_over_ranks(times, device), loss
 
 
 def encode_hidden(timeline: list) -> float | None:
@@ -319,14 +390,21 @@ def _progress(rank, text):
         print(f"\x1b[2K{text}" if end == "\r" else text, end=end, file=sys.stderr, flush=True)
 
 
+# Every rank builds the same initial model (same seed), so DDP's broadcast of it at construction is
+# skipped where torch allows: 100 MB at 200 Mbit/s is 4 s per configuration.
+_NO_INIT_SYNC = {"init_sync": False} if "init_sync" in inspect.signature(DDP.__init__).parameters else {}
+
+
 def run_worker(args) -> list[dict] | None:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    rank = dist.get_rank()
+    backend = dist.get_backend()
+    device = worker_device(backend)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.task == "fmnist":
         task = FashionMnistTask(args.batch, rank, device, args.data)
+    elif args.model == "linear":
+        task = LinearTask(int(args.params), args.batch, rank, device)
     else:
         task = SyntheticTask(int(args.params), args.batch, rank, device)
     configs = [parse_config(c) for c in args.configs]
@@ -337,25 +415,21 @@ def run_worker(args) -> list[dict] | None:
         compute_s = args.compute_s
     else:  # compute-only time (no communication), on the fp32 model
         model = task.model()
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_INIT_SYNC)
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        _time_steps(ddp, task, opt, 0, 1, sync=False)
-        compute_times, _ = _time_steps(ddp, task, opt, 1, max(3, min(args.steps, 10)), sync=False)
+        _time_steps(ddp, task, opt, 0, 1, sync=False, device=device)
+        compute_times, _ = _time_steps(ddp, task, opt, 1, max(3, min(args.steps, 10)), sync=False, device=device)
         compute_s = statistics.median(compute_times)
         del ddp, model, opt
 
     rows = []
     for i, cfg in enumerate(configs):
         row = {k: None for k in RESULT_KEYS}
-        row.update(config=cfg["spec"], kind=cfg["kind"], status="ok", compute_s=compute_s)
-        if cfg["spec"] == "quant_pertensor" and dist.get_backend() == "gloo" and \
-                "DDP_QHOOKS_BENCH_LAUNCH" not in os.environ:
-            # in-process (torchrun) a raising hook leaves Gloo's process group unusable: the next
-            # collective hangs.  The bench's own launcher runs it in isolated processes instead.
-            row["status"] = "failed"
-            row["error"] = ("not run under torchrun on Gloo: torch's quantization_pertensor_hook raises there "
-                            "(IndexError) and leaves the process group unusable; `python -m ddp_qhooks.bench` "
-                            "runs and reports it in isolated processes")
+        row.update(config=cfg["spec"], kind=cfg["kind"], status="ok", compute_s=compute_s, link=args.netsim)
+        if (cfg["spec"], backend) in KNOWN_FAILING:
+            # not run: the hook raises, and in-process (torchrun) a raising hook also leaves Gloo's
+            # process group unusable (the next collective hangs)
+            row.update(status="skipped", error=KNOWN_FAILING[cfg["spec"], backend], compute_s=None)
             rows.append(row)
             continue
         try:
@@ -366,7 +440,7 @@ def run_worker(args) -> list[dict] | None:
                 # buckets, Gloo ranks then issue them in different orders and hang.  One bucket.
                 ddp_kw["bucket_cap_mb"] = 1e6
                 row["note"] = "one DDP bucket (PowerSGD hangs on Gloo with several)"
-            ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kw)
+            ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kw, **_NO_INIT_SYNC)
             after = None
             timed = args.steps
             if cfg["kind"] == "local":
@@ -383,7 +457,7 @@ def run_worker(args) -> list[dict] | None:
             opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
             for s in range(args.warmup):
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: warm-up {s + 1}/{args.warmup}")
-                _time_steps(ddp, task, opt, s, 1, sync=True)
+                _time_steps(ddp, task, opt, s, 1, sync=True, device=device)
             if cfg["kind"] == "local":
                 state.sync()  # start the timed window at a round boundary (all fragments just synced)
                 state.inner_steps = 0
@@ -392,7 +466,7 @@ def run_worker(args) -> list[dict] | None:
             times, losses = [], []
             for s in range(timed):
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: step {s + 1}/{timed}")
-                t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after)
+                t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after, device=device)
                 times += t
                 losses.append(float(loss.detach()))
             tc1 = tc_bytes_sent_here(ifname) if ifname else None
@@ -400,13 +474,12 @@ def run_worker(args) -> list[dict] | None:
             for s in range(args.train_steps):
                 if s % 20 == 0:
                     _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: training {s + 1}/{args.train_steps}")
-                _, loss = _time_steps(ddp, task, opt, args.warmup + timed + s, 1, sync=True, after_step=after)
+                _, loss = _time_steps(ddp, task, opt, args.warmup + timed + s, 1, sync=True, after_step=after,
+                                      device=device)
                 losses.append(float(loss.detach()))
             if cfg["kind"] == "local":
                 state.sync()  # evaluate the synchronized model
-            final = torch.tensor([statistics.fmean(losses[-5:])], dtype=torch.float64)
-            dist.all_reduce(final)
-            row["final_loss"] = float(final) / world
+            row["final_loss"] = _mean_over_ranks(statistics.fmean(losses[-5:]), device)
             row["test_accuracy"] = task.evaluate(model)
             ordered = sorted(times)
             row["step_s"] = statistics.fmean(times) if cfg["kind"] == "local" else statistics.median(times)
@@ -423,7 +496,7 @@ def run_worker(args) -> list[dict] | None:
                 row["timeline"] = hook_state.timeline()  # the last timed step (last synchronization)
                 row["encode_hidden"] = encode_hidden(row["timeline"])
             else:
-                row["bytes_per_step"], row["bytes_source"] = _analytic_bytes(cfg["spec"], model, world)
+                row["bytes_per_step"], row["bytes_source"] = _analytic_bytes(cfg["spec"], model, dist.get_world_size())
             if tc0 is not None and tc1 is not None:
                 row["tc_bytes_per_step"] = (tc1 - tc0) / timed
             del ddp, model, opt, state
@@ -503,10 +576,20 @@ COLUMNS = [("config", "config", "{}"), ("status", "status", "{}"), ("step_s", "s
            ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}")]
 
 
+# the default table: what a person reads first (the full table goes to bench.md / .csv / .json, or --wide)
+COMPACT = [("config", "config", "{}"), ("status", "status", "{}"), ("step_s", "step ms", "ms"),
+           ("speedup_vs_fp32", "speedup", "{:.2f}x"), ("ideal_speedup", "ideal", "{:.2f}x"),
+           ("fraction_of_ideal", "of ideal", "{:.0%}"), ("fewer_bytes_than_fp32", "bytes ÷", "{:.1f}x"),
+           ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}")]
+LEGEND = ("speedup: fp32 step time / this step time.  ideal: the speedup if only the bytes shrank: "
+          "T_fp32 / (T_compute + T_comm_fp32 x bytes / bytes_fp32).  of ideal: speedup / ideal (usually < 100 %: "
+          "the overheads of encoding and of the exchange).  bytes ÷: fp32 allreduce's bytes per step / this row's.")
+
+
 def _cell(row, key, fmt) -> str:
     v = row.get(key)
     if key == "status" and v != "ok":
-        return "FAILED (below)"
+        return "skipped (below)" if v == "skipped" else "FAILED (below)"
     if v is None:
         return "–"
     if fmt == "ms":
@@ -516,16 +599,73 @@ def _cell(row, key, fmt) -> str:
     return fmt.format(v)
 
 
-def format_table(result: dict, markdown: bool) -> str:
-    rows = result["rows"]
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows) or c[0] in ("config", "status")]
+def _links(rows: list[dict]) -> list:
+    """The links measured, in order (None: loopback or real hosts)."""
+    out = []
+    for r in rows:
+        if r.get("link") not in out:
+            out.append(r.get("link"))
+    return out
+
+
+def _link_name(result: dict, link) -> str:
+    m = result["meta"]
+    if link:
+        return f"netsim {link} between {m.get('nodes') or 2} namespaced hosts"
+    return "loopback (local processes)" if m.get("launch") == "local processes" else m.get("launch", "")
+
+
+def format_table(result: dict, markdown: bool, compact: bool = False) -> str:
+    """The results as a text or Markdown table, one per link, with notes; ``compact``: the few
+    columns of the default run's printout and a legend."""
+    links = _links(result["rows"])
+    parts = []
+    for link in links:
+        rows = [r for r in result["rows"] if r.get("link") == link]
+        table = _format_rows(rows, result["meta"], markdown, compact)
+        parts.append(f"{_link_name(result, link)}:\n{table}" if len(links) > 1 else table)
+    notes = _notes(result, compact)
+    if markdown:
+        return "\n\n".join(parts) + "".join(f"\n\n{n}" for n in notes)
+    return "\n\n".join(parts) + "".join("\n" + textwrap.fill(n, 100, subsequent_indent="  ") for n in notes)
+
+
+def _format_rows(rows, meta, markdown: bool, compact: bool) -> str:
+    columns = COMPACT if compact else COLUMNS
+    cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows) or c[0] == "config"]
+    if all(r["status"] == "ok" for r in rows):
+        cols = [c for c in cols if c[0] != "status"]
+    elif ("status", "status", "{}") not in cols:
+        cols.insert(1, ("status", "status", "{}"))
     head = [c[1] for c in cols]
     body = [[_cell(r, k, f) for k, _, f in cols] for r in rows]
-    notes = [f"{r['config']} fails on this backend ({result['meta']['backend']}, torch {result['meta']['torch']}): "
-             f"{r['error']}" for r in rows if r["status"] != "ok"]
-    notes += [f"{r['config']}: {r['note']}" for r in rows if r.get("note")]
-    if result["meta"].get("ranks_per_host", 1) > 1 and any(r.get("tc_bytes_per_step") for r in rows):
-        notes.append(f"{result['meta']['ranks_per_host']} ranks per host: tc MB/step is what host 0 sent over its "
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in [head] + body)
+
+
+def _notes(result: dict, compact: bool) -> list[str]:
+    rows, meta = result["rows"], result["meta"]
+    notes, seen = [], set()
+    for r in rows:
+        if r["status"] == "skipped" and r["config"] not in seen:
+            seen.add(r["config"])
+            notes.append(f"{r['config']}: {r['error']} (backend {meta['backend']}, torch {meta['torch']})")
+    notes += [f"{r['config']} fails on this backend ({meta['backend']}, torch {meta['torch']}): {r['error']}"
+              for r in rows if r["status"] == "failed"]
+    notes += sorted({f"{r['config']}: {r['note']}" for r in rows if r.get("note")})
+    over = [r["config"] for r in rows if (r.get("fraction_of_ideal") or 0) > 1.05]
+    if over and meta.get("compute_s"):
+        notes.append(f"of ideal above 100 % ({', '.join(over)}): the ideal uses one compute time "
+                     f"({_ms(meta['compute_s'])} ms/step, measured with the first configuration); when this "
+                     "machine's load changes during the run, the compute time changes too: read it as approximate.")
+    if compact:
+        return notes + [LEGEND]
+    if meta.get("ranks_per_host", 1) > 1 and any(r.get("tc_bytes_per_step") for r in rows):
+        notes.append(f"{meta['ranks_per_host']} ranks per host: tc MB/step is what host 0 sent over its "
                      "link (all its ranks; same-host traffic stays on loopback); MB/step/rank is the package's "
                      "per-rank count (hierarchical: inter-node payloads only); the ideal uses tc's bytes")
     if any(r.get("tc_vs_accounted") is not None for r in rows):
@@ -539,22 +679,97 @@ def format_table(result: dict, markdown: bool) -> str:
                      "completion callbacks (decoding, re-encoding; on Gloo's threads); enc hidden: share of the "
                      "encoding of buckets after the first that ran while an earlier bucket's collective was in flight "
                      "(last timed step; `--timeline` prints it)")
-    if markdown:
-        table = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
-                          ["| " + " | ".join(b) + " |" for b in body])
-        return table + "".join(f"\n\n{n}" for n in notes)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    table = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                      for line in [head] + body)
-    return table + "".join(f"\n{n}" for n in notes)
+    notes.append(LEGEND)
+    return notes
 
 
 def describe(result: dict) -> str:
     m = result["meta"]
-    link = f"netsim {m['netsim']} between {m['nodes']} namespaced hosts" if m["netsim"] else m["launch"]
-    return (f"task={m['task']} params={m['params']:,} world={m['world']} backend={m['backend']} ({link}); "
-            f"{m['steps']} timed steps after {m['warmup']} warm-up; compute {1000 * m['compute_s']:.1f} ms/step; "
-            f"torch {m['torch']}")
+    links = _links(result["rows"]) or [m.get("netsim")]
+    link = "; ".join(_link_name(result, k) for k in links)
+    model = "SmallCNN" if m["task"] == "fmnist" else m.get("model", "mlp")
+    return (f"task={m['task']} model={model} params={m['params']:,} world={m['world']} backend={m['backend']} "
+            f"({link}); {m['steps']} timed steps after {m['warmup']} warm-up; "
+            f"compute {1000 * m['compute_s']:.1f} ms/step; torch {m['torch']}")
+
+
+def verdict(result: dict, width: int = 100) -> str:
+    """The run's conclusion in plain words, per link: the fastest configuration of this package
+    against fp32 allreduce and torch's fp16 hook, the bytes saved and the loss/accuracy cost."""
+    lines = []
+    for link in _links(result["rows"]):
+        rows = {r["config"]: r for r in result["rows"] if r.get("link") == link and r["status"] == "ok"}
+        lines.append(textwrap.fill(_verdict_one(result, link, rows), width))
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    ms = 1000 * seconds
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"
+
+
+def _steps_trained(meta: dict) -> int:
+    return meta["warmup"] + meta["steps"] + (meta.get("train_steps") or 0)
+
+
+def _verdict_one(result: dict, link, rows: dict) -> str:
+    where = _link_name(result, link)
+    fp32, fp16 = rows.get("fp32"), rows.get("fp16_hook")
+    ours = [r for r in rows.values() if r["kind"] in ("ours", "local")]
+    if fp32 is None or not ours:
+        return f"Verdict ({where}): no verdict (it needs the fp32 row and at least one of this package's configurations)."
+    best = min(ours, key=lambda r: r["step_s"])
+    speed = fp32["step_s"] / best["step_s"]
+    loopback = not link and result["meta"].get("launch") == "local processes"
+    spread = [best.get("step_p10_s"), best.get("step_p90_s"), fp32.get("step_p10_s"), fp32.get("step_p90_s")]
+    noisy = None not in spread and spread[0] <= spread[3] and spread[1] >= spread[2]
+    text = [f"Verdict ({where}):"]
+    clear = speed >= 1.05 and not noisy and not loopback
+    close = [r["config"] for r in ours if r is not best and None not in (r.get("step_p10_s"), best.get("step_p90_s"))
+             and r["step_p10_s"] <= best["step_p90_s"]]
+    if clear:
+        tie = (f" ({', '.join(close)} {'is' if len(close) == 1 else 'are'} within this run's noise of it: "
+               "their 10-90 % step times overlap)") if close else ""
+        text.append(f"{best['config']} is the fastest{tie}: {speed:.2f}x the training speed of fp32 allreduce "
+                    f"({_ms(best['step_s'])} vs {_ms(fp32['step_s'])} ms per step)")
+    elif speed >= 1.05:
+        text.append(f"no clear speedup here: the fastest of this package's configurations, {best['config']}, "
+                    f"measured {speed:.2f}x fp32 allreduce's speed ({_ms(best['step_s'])} vs {_ms(fp32['step_s'])} "
+                    "ms per step), but "
+                    + (f"its 10-90 % step times ({_ms(spread[0])}-{_ms(spread[1])} ms) overlap fp32's "
+                       f"({_ms(spread[2])}-{_ms(spread[3])} ms): noise" if noisy else
+                       "on loopback that is not a bandwidth saving (see below)") + ".")
+    else:
+        text.append(f"no speedup here: the fastest of this package's configurations, {best['config']}, runs at "
+                    f"{speed:.2f}x fp32 allreduce's speed ({_ms(best['step_s'])} vs {_ms(fp32['step_s'])} ms "
+                    "per step).")
+    if fp16 is not None and clear:
+        text.append(f"and {fp16['step_s'] / best['step_s']:.2f}x that of torch's fp16_compress_hook "
+                    f"({_ms(fp16['step_s'])} ms),")
+    elif fp16 is not None:
+        text.append(f"Against torch's fp16_compress_hook ({_ms(fp16['step_s'])} ms): "
+                    f"{fp16['step_s'] / best['step_s']:.2f}x its speed.")
+    if clear:
+        text[-1] = text[-1].rstrip(",") + ","
+    if best.get("bytes_per_step") and fp32.get("bytes_per_step"):
+        text.append(("sending" if clear else "It sends") +
+                    f" {fp32['bytes_per_step'] / best['bytes_per_step']:.1f}x fewer bytes "
+                    f"({best['bytes_per_step'] / 1e6:.3g} instead of {fp32['bytes_per_step'] / 1e6:.3g} MB per "
+                    f"step and rank);")
+    if best.get("test_accuracy") is not None and fp32.get("test_accuracy") is not None:
+        diff = 100 * (best["test_accuracy"] - fp32["test_accuracy"])
+        text.append(f"test accuracy {100 * best['test_accuracy']:.2f} % vs {100 * fp32['test_accuracy']:.2f} % "
+                    f"with fp32 ({diff:+.2f} points).")
+    elif best.get("final_loss") is not None and fp32.get("final_loss"):
+        rel = best["final_loss"] / fp32["final_loss"] - 1
+        text.append(f"training loss {best['final_loss']:.4g} vs {fp32['final_loss']:.4g} with fp32 ({rel:+.2%}) "
+                    f"after {_steps_trained(result['meta'])} steps of a synthetic task "
+                    f"(accuracy: --task fmnist).")
+    if loopback:
+        text.append("On loopback the link is not bandwidth-bound, so fewer bytes cannot make a step faster: the "
+                    "differences here are the codecs' overhead and this machine's noise. To measure the benefit, "
+                    f"run as root (an emulated {DEFAULT_RATE} link) or under torchrun across real hosts.")
+    return " ".join(text)
 
 
 def write_outputs(result: dict, outdir: str) -> list[str]:
@@ -574,7 +789,7 @@ def write_outputs(result: dict, outdir: str) -> list[str]:
     paths.append(path)
     path = os.path.join(outdir, "bench.md")
     with open(path, "w") as f:
-        f.write(describe(result) + "\n\n" + format_table(result, True) + "\n")
+        f.write(describe(result) + "\n\n" + format_table(result, True) + "\n\n" + verdict(result) + "\n")
     paths.append(path)
     plot = _plot(result, os.path.join(outdir, "bench.png"))
     if plot:
@@ -582,32 +797,95 @@ def write_outputs(result: dict, outdir: str) -> list[str]:
     return paths
 
 
+def _rate_bits(link) -> float | None:
+    from .netsim import parse_rate
+    try:
+        return parse_rate(link) if link else None
+    except ValueError:
+        return None
+
+
 def _plot(result: dict, path: str) -> str | None:
+    """bench.png: step time and bytes per step for every configuration (bars, one colour per link),
+    and, when several link rates were measured, speedup vs fp32 against the link rate."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:  # optional extra
+        print("bench.png not written: matplotlib is not installed (pip install 'ddp_qhooks[plot]' or "
+              "pip install matplotlib)")
         return None
-    rows = [r for r in result["rows"] if r["status"] == "ok" and r["bytes_per_step"]]
-    if not rows:
+    ok = [r for r in result["rows"] if r["status"] == "ok" and r["bytes_per_step"]]
+    if not ok:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = [r["config"] for r in rows]
-    axes[0].barh(names, [1000 * r["step_s"] for r in rows])
-    axes[0].set_xlabel("step time (ms, median)")
-    axes[1].barh(names, [r["speedup_vs_fp32"] or 0 for r in rows], label="measured")
-    axes[1].scatter([r["ideal_speedup"] or 0 for r in rows], names, color="k", marker="|", s=200, label="ideal")
-    axes[1].set_xlabel("speedup vs fp32 allreduce")
-    axes[1].legend()
-    metric = "test_accuracy" if any(r["test_accuracy"] is not None for r in rows) else "final_loss"
-    axes[2].scatter([8 * r["bytes_per_step"] / 1e6 for r in rows], [r[metric] or 0 for r in rows])
-    for r in rows:
-        axes[2].annotate(r["config"], (8 * r["bytes_per_step"] / 1e6, r[metric] or 0), fontsize=7)
-    axes[2].set_xscale("log")
-    axes[2].set_xlabel("Mbit sent per rank per step")
-    axes[2].set_ylabel(metric.replace("_", " "))
-    fig.suptitle(describe(result), fontsize=8)
+    links = _links(ok)
+    names = list(dict.fromkeys(r["config"] for r in ok))
+    rated = [k for k in links if _rate_bits(k)]
+    panels = 3 if len(rated) >= 2 else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 0.45 * len(names) + 2.2))
+    height = 0.8 / len(links)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, link in enumerate(links):
+        rows = {r["config"]: r for r in ok if r.get("link") == link}
+        ys = [i + (j - (len(links) - 1) / 2) * height for i in range(len(names))]
+        label = link or "loopback"
+        color = colors[j % len(colors)]
+        axes[0].barh(ys, [1000 * rows[n]["step_s"] if n in rows else 0 for n in names], height=height,
+                     color=color, label=label)
+        ideal = [(rows["fp32"]["step_s"] / rows[n]["ideal_speedup"] * 1000, y) for y, n in zip(ys, names)
+                 if n in rows and n != "fp32" and rows[n].get("ideal_speedup") and "fp32" in rows]
+        if ideal:
+            axes[0].scatter(*zip(*ideal), marker="|", color="k", s=120, zorder=3)
+        right = {y: x for x, y in ideal}
+        for y, n in zip(ys, names):
+            if n in rows and rows[n].get("speedup_vs_fp32"):
+                axes[0].annotate(f" {rows[n]['speedup_vs_fp32']:.2f}x", (max(1000 * rows[n]["step_s"], right.get(y, 0)), y),
+                                 va="center", fontsize=7)
+        compute = rows.get("fp32", {}).get("compute_s")
+        if compute and j == 0:
+            axes[0].axvline(1000 * compute, color="k", lw=0.8, ls=":")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    axes[0].set_xlim(0, 1.2 * max(1000 * r["step_s"] for r in ok))
+    mb = {r["config"]: r["bytes_per_step"] / 1e6 for r in ok}
+    axes[1].barh(range(len(names)), [mb[n] for n in names], color="grey")
+    for i, n in enumerate(names):
+        axes[1].annotate(f" {mb[n]:.3g} MB", (mb[n], i), va="center", fontsize=7)
+    axes[1].set_xscale("log")
+    axes[1].set_xlim(min(mb.values()) / 2, 4 * max(mb.values()))
+    axes[1].xaxis.set_major_formatter(plain)
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].set_xlabel("MB sent per rank per step (log)")
+    axes[0].set_xlabel("step time, ms (median; labels: speedup vs fp32; |: ideal; dotted: compute only)")
+    axes[0].set_title("step time (lower is better)", fontsize=9)
+    axes[1].set_title("bytes per step (lower is fewer)", fontsize=9)
+    for ax in axes[:2]:
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
+    if len(links) > 1:
+        axes[0].legend(fontsize=7, loc="best", title="link", title_fontsize=7)
+    if panels == 3:
+        ax = axes[2]
+        xs = sorted(rated, key=_rate_bits)
+        for n in [n for n in names if n != "fp32"]:
+            pts = [(_rate_bits(k) / 1e6, r["speedup_vs_fp32"]) for k in xs for r in ok
+                   if r.get("link") == k and r["config"] == n and r.get("speedup_vs_fp32")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=n)
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xticks([_rate_bits(k) / 1e6 for k in xs])
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("link rate, Mbit/s (log)")
+        ax.set_ylabel("speedup vs fp32 allreduce")
+        ax.set_ylim(bottom=0)
+        ax.set_title("speedup vs link rate", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(describe(result), 180), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -650,7 +928,8 @@ def _worker_main(args) -> None:
 
 
 def _meta(args, rows) -> dict:
-    return {"task": args.task, "params": _param_count(args), "world": dist.get_world_size(), "backend": dist.get_backend(),
+    return {"task": args.task, "model": "SmallCNN" if args.task == "fmnist" else args.model,
+            "params": _param_count(args), "world": dist.get_world_size(), "backend": dist.get_backend(),
             "netsim": args.netsim, "nodes": args.nodes if args.netsim else None,
             "launch": os.environ.get("DDP_QHOOKS_BENCH_LAUNCH", "torchrun"), "steps": args.steps,
             "warmup": args.warmup, "train_steps": args.train_steps, "batch": args.batch,
@@ -666,29 +945,58 @@ def _width_for(params: float) -> int:
     return w
 
 
+def _side_for(params: float) -> int:
+    """n of the one-parameter model nn.Linear(n, n) closest to ``params`` (n * n + n)."""
+    return max(2, round(math.sqrt(params)))
+
+
 def _param_count(args) -> int:
     if args.task == "fmnist":
         return sum(p.numel() for p in data.SmallCNN().parameters())
+    if getattr(args, "model", "mlp") == "linear":
+        n = _side_for(args.params)
+        return n * n + n
     w = _width_for(int(args.params))
     return 64 * w + w + 3 * (w * w + w) + w * 10 + 10
 
 
 def _report(result: dict, args) -> None:
+    """Stdout: the run, the compact table (``--wide``: every column) with its legend, the files
+    written, and last the verdict."""
     print(describe(result))
-    print(format_table(result, args.markdown))
+    print(format_table(result, args.markdown, compact=not args.wide))
     if args.timeline:
         for r in result["rows"]:
             if r.get("timeline"):
                 print("\n" + format_timeline(r["config"], r["timeline"]))
     if args.output:
-        for path in write_outputs(result, args.output):
-            print(f"wrote {path}")
+        paths = write_outputs(result, args.output)
+        print(f"wrote {', '.join(paths)} (the full table: bench.md)")
+    print()
+    print(verdict(result))
+    table = reference_table(result["meta"])
+    if table:
+        print(f"Compare with the published run of the same model and link: {table}")
 
 
-def _worker_argv(args, configs, result_file: str, compute_s) -> list[str]:
-    argv = [sys.executable, "-m", "ddp_qhooks.tools.bench", "--_worker", "--result-file", result_file]
-    for key in ("task", "params", "batch", "steps", "warmup", "train_steps", "lr", "threads", "timeout", "data",
-                "netsim", "nodes"):
+def reference_table(meta: dict) -> str | None:
+    """The published results (README's tables, raw output in results/) of this run's model and link."""
+    if meta["task"] != "synthetic" or meta.get("model", "mlp") != "mlp" or meta["world"] != 2:
+        return None
+    if abs(meta["params"] - 25e6) > 0.02 * 25e6:
+        return None
+    links = meta.get("links") or [meta.get("netsim")]
+    names = {"200mbit": "results/bench_25M_200mbit.txt", "1gbit": "results/bench_25M_1gbit.txt",
+             None: "results/bench_25M_loopback.txt"}
+    found = [names[k] for k in links if k in names]
+    return ", ".join(found) or None
+
+
+def _worker_argv(args, configs, result_file: str, compute_s, rate=None) -> list[str]:
+    argv = [sys.executable, "-m", "ddp_qhooks.tools.bench", "--_worker", "--result-file", result_file,
+            "--netsim", rate or "none"]
+    for key in ("task", "model", "params", "batch", "steps", "warmup", "train_steps", "lr", "threads", "timeout", "data",
+                "nodes"):
         value = getattr(args, key)
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -712,10 +1020,23 @@ def _crash_reason(logs: list[str]) -> str:
     return best[:200] or "the worker processes crashed"
 
 
+def _launch_world(args, netsim: bool) -> int:
+    return args.nodes * args.procs_per_node if netsim else args.world
+
+
+def _launcher_backend(args, world: int) -> str:
+    """The backend of the groups this launcher starts: NCCL where CUDA is there with one GPU per rank
+    (every rank of a local or netsim launch is on this machine), Gloo otherwise or with --cpu."""
+    if args.cpu or not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        return "gloo"
+    return "nccl"
+
+
 def _run_group(args, configs, net, tmp, compute_s, index) -> dict:
     """One group of ranks (fresh processes, fresh port) running ``configs``; rank 0's result."""
     import socket
-    world = args.nodes * args.procs_per_node if net is not None else args.world
+    world = _launch_world(args, net is not None)
+    backend = _launcher_backend(args, world)
     master = net.addr(0) if net is not None else "127.0.0.1"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -725,14 +1046,17 @@ def _run_group(args, configs, net, tmp, compute_s, index) -> dict:
     try:
         for rank in range(world):
             env = dict(os.environ, MASTER_ADDR=master, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                       LOCAL_RANK=str(rank % (args.procs_per_node if net is not None else world)),
+                       LOCAL_RANK=str(rank),  # every rank is on this machine: one GPU each under NCCL
                        DDP_QHOOKS_BENCH_LAUNCH="netsim" if net is not None else "local processes",
-                       DDP_QHOOKS_BENCH_CPU="1" if args.cpu else "0", DDP_QHOOKS_BENCH_QUIET="1",
+                       DDP_QHOOKS_BENCH_CPU="1" if backend == "gloo" else "0", DDP_QHOOKS_BENCH_QUIET="1",
                        DDP_QHOOKS_BENCH_HEARTBEAT=os.path.join(tmp, f"beat{index}"))
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            if net is not None and backend == "nccl":  # through the shaped link, not shared memory
+                env.update(NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1", NCCL_IB_DISABLE="1",
+                           NCCL_SOCKET_IFNAME=net.ifname(rank // args.procs_per_node))
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
             argv = _worker_argv(args, configs, result_file if rank == 0 else os.path.join(tmp, f"r{index}_{rank}.json"),
-                                compute_s)
+                                compute_s, net.rate if net is not None else None)
             log = open(os.path.join(tmp, f"log{index}_{rank}.txt"), "w+")
             logs.append(log)
             kw = dict(stdout=log, stderr=subprocess.STDOUT)
@@ -776,48 +1100,81 @@ def _run_group(args, configs, net, tmp, compute_s, index) -> dict:
 
 def _launch(args) -> dict:
     """Each configuration in its own group of fresh processes (locally or in namespaced hosts), so a
-    configuration that crashes its processes (torch's PowerSGD or quantization hooks on Gloo) is
-    reported as failed and the others still run; compute time is measured once, by the first group."""
-    net = None
+    configuration that crashes its processes is reported as failed and the others still run; compute
+    time is measured once, by the first group.  With several link rates, every configuration runs at
+    each rate (rows carry their ``link``)."""
     rows, meta = [], None
     compute_s = None
+    tc_total = {}
+    total = len(args.rates) * len(args.configs)
     with tempfile.TemporaryDirectory(prefix="ddp_qhooks_bench_") as tmp:
-        try:
-            if args.netsim:
-                from .netsim import NetSim
-                net = NetSim(nodes=args.nodes, rate=args.netsim)
-                net.up()
-            for i, spec in enumerate(args.configs):
-                label = f"[{i + 1}/{len(args.configs)}] {spec}"
-                _status(f"{label}: running ...")
-                t0 = time.perf_counter()
-                res = _run_group(args, [spec], net, tmp, compute_s, i)
-                if "crashed" in res:
-                    row = {k: None for k in RESULT_KEYS}
-                    row.update(config=spec, kind=parse_config(spec)["kind"], status="failed",
-                               error=f"crashed the worker processes: {res['crashed']}", compute_s=compute_s)
-                    _status(f"{label}: FAILED ({res['crashed'][:80]})", done=True)
-                else:
-                    row = res["rows"][0]
-                    meta = meta or res["meta"]
-                    compute_s = row["compute_s"] if compute_s is None else compute_s
-                    took = time.perf_counter() - t0
-                    state = f"{1000 * row['step_s']:.1f} ms/step" if row["status"] == "ok" else "failed"
-                    _status(f"{label}: {state} ({took:.0f} s)", done=True)
-                rows.append(row)
-            if meta is None:
-                raise RuntimeError("every configuration failed; rerun with --verbose to see the workers' output")
-            for r in rows:
-                r["compute_s"] = r["compute_s"] if r["compute_s"] is not None else compute_s
-            _derive(rows, args.procs_per_node if net is not None else 1)
-            meta["compute_s"] = compute_s
-            meta["ranks_per_host"] = args.procs_per_node if net is not None else 1
-            if net is not None:
-                meta["tc_bytes_total"] = [net.bytes_sent(n) for n in range(args.nodes)]
-            return {"meta": meta, "rows": rows}
-        finally:
-            if net is not None:
-                net.down()
+        index = 0
+        for rate in args.rates:
+            net = None
+            link_rows = []
+            try:
+                if rate:
+                    from .netsim import NetSim, NetSimError
+                    net = NetSim(nodes=args.nodes, rate=rate)
+                    try:
+                        net.up()
+                    except NetSimError as exc:
+                        if not args.netsim_auto:
+                            raise
+                        print(textwrap.fill(f"note: the emulated link could not be set up ({exc}); measuring on "
+                                            f"loopback instead.  {LOOPBACK_NOTE}", 100), flush=True)
+                        net, rate = None, None
+                backend = _launcher_backend(args, _launch_world(args, net is not None))
+                for spec in args.configs:
+                    index += 1
+                    label = f"[{index}/{total}] {spec}" + (f" @ {rate or 'loopback'}" if len(args.rates) > 1 else "")
+                    if (spec, backend) in KNOWN_FAILING:
+                        row = {k: None for k in RESULT_KEYS}
+                        row.update(config=spec, kind=parse_config(spec)["kind"], status="skipped", link=rate,
+                                   error=KNOWN_FAILING[spec, backend])
+                        _status(f"{label}: skipped (fails on {backend})", done=True)
+                        link_rows.append(row)
+                        continue
+                    _status(f"{label}: running ...")
+                    t0 = time.perf_counter()
+                    res = _run_group(args, [spec], net, tmp, compute_s, index)
+                    if "crashed" in res:
+                        row = {k: None for k in RESULT_KEYS}
+                        row.update(config=spec, kind=parse_config(spec)["kind"], status="failed", link=rate,
+                                   error=f"crashed the worker processes: {res['crashed']}", compute_s=compute_s)
+                        _status(f"{label}: FAILED ({res['crashed'][:80]})", done=True)
+                    else:
+                        row = res["rows"][0]
+                        meta = meta or res["meta"]
+                        compute_s = row["compute_s"] if compute_s is None else compute_s
+                        took = time.perf_counter() - t0
+                        state = f"{1000 * row['step_s']:.1f} ms/step" if row["status"] == "ok" else row["status"]
+                        _status(f"{label}: {state} ({took:.0f} s)", done=True)
+                    link_rows.append(row)
+                for r in link_rows:
+                    r["compute_s"] = r["compute_s"] if r["compute_s"] is not None or r["status"] == "skipped" \
+                        else compute_s
+                _derive(link_rows, args.procs_per_node if net is not None else 1)
+                if net is not None:
+                    tc_total[rate] = [net.bytes_sent(n) for n in range(args.nodes)]
+            finally:
+                if net is not None:
+                    net.down()
+            rows += link_rows
+        if meta is None:
+            raise RuntimeError("every configuration failed; rerun with --verbose to see the workers' output")
+        meta["compute_s"] = compute_s
+        meta["ranks_per_host"] = args.procs_per_node if tc_total else 1
+        links = _links(rows)
+        meta["links"] = links
+        meta["netsim"] = ",".join(k for k in links if k) or None
+        meta["nodes"] = args.nodes if tc_total else None
+        meta["configs"] = args.configs
+        if len(tc_total) == 1:
+            meta["tc_bytes_total"] = next(iter(tc_total.values()))
+        elif tc_total:
+            meta["tc_bytes_total"] = tc_total
+        return {"meta": meta, "rows": rows}
 
 
 def _status(text: str, done: bool = False) -> None:
@@ -827,24 +1184,66 @@ def _status(text: str, done: bool = False) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+EXAMPLES = f"""examples:
+  python -m ddp_qhooks.bench                         # as root: emulated {DEFAULT_RATE} link; else loopback, with a note
+  python -m ddp_qhooks.bench --loopback              # 2 local processes on loopback (codec overhead only)
+  python -m ddp_qhooks.bench --netsim 200mbit,1gbit  # every configuration at two link rates (plot: speedup vs rate)
+  python -m ddp_qhooks.bench --model linear --configs fp32 fp16_hook stochastic:4 sign   # one 100 MB parameter
+  python -m ddp_qhooks.bench --configs all --wide    # every configuration of the results tables, every column
+  python -m ddp_qhooks.bench --configs fp32 stochastic:4 "sign,ef=0" "topk:8,ratio=0.01,block_size=4096"
+  python -m ddp_qhooks.bench --task fmnist           # test accuracy: SmallCNN on Fashion-MNIST
+  torchrun --nnodes=2 --nproc-per-node=1 --node-rank=K --master-addr=A --master-port=P -m ddp_qhooks.bench
+
+{textwrap.fill("configurations: fp32 (DDP's allreduce, the baseline), "
+              + ", ".join(b for b in BUILTINS if b != "fp32") + " (torch's hooks), 'all', or "
+              "<codec>[:<bits>][,option=value...][,ef=0] with codec one of " + ", ".join(CODECS) + ".", 100)}
+Results: a compact table and a verdict on stdout; bench.json/.csv/.md (every column) and bench.png
+(with matplotlib: pip install 'ddp_qhooks[plot]') in --output.  The default run (25M-parameter MLP,
+{DEFAULT_RATE}) is the model and link of results/bench_25M_200mbit.txt (README's 200 Mbit/s table)."""
+
+LOOPBACK_NOTE = ("note: the ranks are processes on this machine talking over loopback, which is not "
+                 "bandwidth-bound: fewer bytes cannot make a step faster here, so this run measures the codecs' "
+                 f"overhead, not their benefit.  To see the benefit: run as root on Linux (an emulated {DEFAULT_RATE} "
+                 f"link between 2 network namespaces, the default there; or --netsim RATE), or under torchrun "
+                 "across real hosts.")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written, and every option's default (ArgumentDefaultsHelpFormatter's
+    job, without its "(default: None)" / "(default: False)" noise and with lists as typed)."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if "default" in text or not action.option_strings or default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {' '.join(default) if isinstance(default, list) else default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddp_qhooks.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="configurations: " + " ".join(DEFAULT_CONFIGS))
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                   help="fp32, fp16_hook, bf16_hook, powersgd, quant_pertensor, or codec[:bits][,opt=val][,ef=0]")
+                                formatter_class=_HelpFormatter, epilog=EXAMPLES)
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="CONFIG",
+                   help="configurations to run, in order ('all': " + " ".join(ALL_CONFIGS) + ")")
     p.add_argument("--task", choices=("synthetic", "fmnist"), default="synthetic",
-                   help="synthetic: communication-bound MLP (throughput); fmnist: SmallCNN on Fashion-MNIST (accuracy)")
-    p.add_argument("--params", type=float, default=5e6, help="synthetic model size in parameters (default 5e6)")
+                   help="synthetic: communication-bound regression (throughput); fmnist: SmallCNN on Fashion-MNIST "
+                        "(accuracy)")
+    p.add_argument("--model", choices=MODELS, default="mlp",
+                   help="synthetic task's model: mlp (64-w-w-w-w-10, many DDP buckets) or linear (one nn.Linear(n, n): "
+                        "one parameter, one bucket; 25e6 params: n=5000, a 100 MB weight)")
+    p.add_argument("--params", type=float, default="25e6", help="synthetic model size in parameters")
     p.add_argument("--batch", type=int, default=None, help="per-rank batch (default: 4 synthetic, 64 fmnist)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (DDP rebuilds buckets, PowerSGD starts)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (DDP rebuilds buckets, PowerSGD starts)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="extra untimed training steps before loss/accuracy are read (default: 0 synthetic, 300 fmnist)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate, momentum 0.9 (default 0.01)")
-    p.add_argument("--world", type=int, default=2, help="local processes to spawn (ignored under torchrun)")
-    p.add_argument("--netsim", default=None, metavar="RATE",
-                   help="run the ranks in network namespaces joined by links shaped to RATE (e.g. 200mbit, 1gbit); root only")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, momentum 0.9")
+    p.add_argument("--world", type=int, default=2, help="local processes to spawn (loopback; ignored under torchrun)")
+    link = p.add_mutually_exclusive_group()
+    link.add_argument("--netsim", default="auto", metavar="RATE[,RATE...]",
+                      help="run the ranks in network namespaces joined by links shaped to RATE (tc units: 200mbit, "
+                           "1gbit; several: every configuration at each rate); 'none': loopback; 'auto': "
+                           f"{DEFAULT_RATE} where possible (root on Linux with iproute2), else loopback")
+    link.add_argument("--loopback", action="store_true", help="same as --netsim none: local processes, no link limit")
     p.add_argument("--nodes", type=int, default=2, help="simulated hosts with --netsim")
     p.add_argument("--procs-per-node", type=int, default=1, help="ranks per simulated host with --netsim")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -852,34 +1251,89 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without progress (one step) before a configuration is reported as hung")
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: Debian package path)")
     p.add_argument("--output", default="bench_results", help="directory for bench.json/.csv/.md/.png ('' = none)")
+    p.add_argument("--wide", action="store_true", help="print every column (as in bench.md), not the compact table")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--timeline", action="store_true",
                    help="also print each configuration's per-bucket timeline of the last timed step")
     p.add_argument("--cpu", action="store_true", help="use Gloo on CPU even if CUDA is available")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print the workers' output and tracebacks")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compute-s", type=float, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+_OFF = ("none", "off", "loopback", "0", "")
+
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """Defaults that depend on other options, and every check that can fail before a process
+    starts: ``p.error`` (usage, one line, exit 2) instead of a traceback."""
+    from .netsim import NetSimError, check_environment, parse_rate
     if args.batch is None:
         args.batch = 64 if args.task == "fmnist" else 4
     if args.train_steps is None:
         args.train_steps = 300 if args.task == "fmnist" else 0
-    if args.lr is None:
-        args.lr = 0.01
+    for name in ("params", "batch", "steps", "world", "nodes", "procs_per_node", "threads", "lr", "timeout"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name):g}")
+    if args.warmup < 0 or args.train_steps < 0:
+        p.error("--warmup and --train-steps must be >= 0")
+    if args.task == "fmnist" and args.model != "mlp":
+        p.error("--model applies to --task synthetic (fmnist trains its SmallCNN)")
+    configs = []
     for c in args.configs:
-        parse_config(c)  # bad configurations fail here, before any process starts
+        configs += ALL_CONFIGS if c == "all" else [c]
+    args.configs = list(dict.fromkeys(configs))
+    for c in args.configs:
+        try:
+            parse_config(c)  # bad configurations fail here, before any process starts
+        except Exception as exc:
+            p.error(f"--configs: {exc}")
     if args.task == "fmnist":
-        data.find_dir(args.data)  # clear error naming the package when the data is missing
-    if args.netsim:
-        from .netsim import check_environment, parse_rate
-        parse_rate(args.netsim)
-        check_environment()
-    if args._worker or "RANK" in os.environ and "WORLD_SIZE" in os.environ and not args.netsim:
+        try:
+            data.find_dir(args.data)  # names the package when the data is missing
+        except Exception as exc:
+            p.error(f"--task fmnist: {exc}")
+    netsim = "none" if args.loopback else str(args.netsim).strip()
+    args.netsim_auto = netsim.lower() == "auto"
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.netsim_auto or netsim.lower() in _OFF:
+        args.rates = [None]
+    else:
+        args.rates = [r.strip() for r in netsim.split(",")]
+        for r in args.rates:
+            try:
+                parse_rate(r)
+            except ValueError as exc:
+                p.error(f"--netsim: {exc}; or 'none' for loopback")
+    args.netsim = args.rates[0] if len(args.rates) == 1 else ",".join(args.rates)
+    if args._worker or (torchrun and args.rates == [None]):
+        return  # a rank: the launcher (or torchrun's hosts) decided the link
+    if args.netsim_auto:
+        try:
+            check_environment()
+            args.rates = [DEFAULT_RATE]
+            args.netsim = DEFAULT_RATE
+            print(textwrap.fill(f"Measuring on an emulated {DEFAULT_RATE} link between {args.nodes} network "
+                                f"namespaces (tc tbf; --loopback for plain loopback, --netsim RATE for another "
+                                "rate).", 100), flush=True)
+        except NetSimError as exc:
+            print(textwrap.fill(f"{LOOPBACK_NOTE} (No emulated link here: {exc})", 100), flush=True)
+    elif args.rates != [None]:
+        try:
+            check_environment()
+        except NetSimError as exc:
+            p.error(str(exc))
+    elif args.world > 1:
+        print(textwrap.fill(LOOPBACK_NOTE, 100), flush=True)
+
+
+def main(argv=None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    if args._worker or ("RANK" in os.environ and "WORLD_SIZE" in os.environ and args.rates == [None]):
         _worker_main(args)
         return
     result = _launch(args)
