@@ -22,6 +22,7 @@ for the min/max and once for the codes.  ``compile=True`` fuses the affine op an
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Sequence
@@ -70,6 +71,14 @@ class _Scratch:
         if self._window is None:
             self._window = torch.empty(self.chunk, dtype=torch.float32, device=self.f32.device)
         return self._window
+
+    def extra(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A further chunk-sized buffer (float64 work, converted inputs), made on first use."""
+        bufs = self.__dict__.setdefault("_extra", {})
+        t = bufs.get(name)
+        if t is None:
+            t = bufs[name] = torch.empty(self.chunk, dtype=dtype, device=self.f32.device)
+        return t
 
     def whole(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket-sized uint8 codes + packing lanes (compiled path, which works on whole buckets)."""
@@ -336,6 +345,85 @@ class UniformCodec(Codec):
         return _HALF.to(device)
 
     def _encode_blocks(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
+        """Per-block scales (``block_size`` "layer" or an integer, and the one-block fallback for
+        grids that need float64).  On the CPU the bucket is processed in chunks of ``CHUNK`` values
+        (whole packing stripes) through reused scratch buffers: per piece of equal-length blocks
+        ``t = x - lo`` (written straight into ``error_out`` when it can hold it) and ``v = t * inv``
+        with per-row scalars, then per chunk ``v += dither`` (a view of the pool) or ``v += 0.5``,
+        one truncating cast to uint8 and the packing, and for the residual ``t -= floor(v) * scale``.
+        These are the whole-bucket ops of :meth:`_encode_blocks_generic`, element by element, so
+        codes and residuals are bitwise the same."""
+        runs = blocks_for(layout, block_size).runs
+        nblocks = meta.shape[0]
+        if not meta_done:
+            for start, nb, blen, bi in runs:
+                view = x[start:start + nb * blen].view(nb, blen)
+                self._range_run(view, meta[bi:bi + nb, 0], meta[bi:bi + nb, 1])
+            if not bool(torch.isfinite(meta).all()):
+                return EncodeInfo(finite=False)
+        if x.device.type != "cpu":
+            return self._encode_blocks_generic(x, meta, codes, layout, block_size, key, error_out, meta_done=True)
+        lo = meta[:, 0].double()
+        span = meta[:, 1].double() - lo
+        work = torch.float32 if self._grid_ok_fp32(lo, span) else torch.float64
+        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
+        scale = (span / self.levels).to(work)
+        lo_w = lo.to(work)
+        n, bits = layout.numel, self.bits
+        s = self._scratch_for(x.device, n)
+        chunk = s.chunk
+        if work == torch.float32:
+            vbuf, tbuf = s.f32, s.f32b
+        else:
+            vbuf, tbuf = s.extra("v64", torch.float64), s.extra("t64", torch.float64)
+        # inputs whose conversion to the working type is inexact (float64 buckets in float32) are
+        # converted first, as the reference does; narrower ones mix exactly into the ops
+        convert = x.dtype != work and not (x.dtype in (torch.float16, torch.bfloat16) or
+                                           (x.dtype == torch.float32 and work == torch.float64))
+        xbuf = s.extra("x" + str(work), work) if convert else None
+        err, direct = None, False
+        if error_out is not None:
+            direct = work == torch.float32 and error_out.dtype == torch.float32 and error_out.is_contiguous()
+            err = error_out.view(-1) if direct else torch.empty(n, dtype=work, device=x.device)
+        dither = _random.PieceDither(layout, key, x.device) if self.stochastic else None
+        plan = _chunk_plan(layout, block_size, chunk)
+        levels = self.levels
+        for a, c, pieces in plan:
+            xc = x[a:a + c]
+            if convert:
+                xc = xbuf[:c].copy_(xc)
+            tc = err[a:a + c] if err is not None else tbuf[:c]
+            vc = vbuf[:c]
+            for off, rows, rl, bk in pieces:
+                m = rows * rl
+                tv = tc[off:off + m].view(rows, rl)
+                torch.sub(xc[off:off + m].view(rows, rl), lo_w[bk:bk + rows, None], out=tv)
+                torch.mul(tv, inv[bk:bk + rows, None], out=vc[off:off + m].view(rows, rl))
+            if dither is not None:
+                vc.add_(dither.piece(a, c, s.window))
+            else:
+                vc.add_(0.5)
+            # 0 <= v < L + 1 (the dither's cap, see _random): truncation == floor, no clamp needed
+            cu = codes[a:a + c] if bits == 8 else s.u8[:c]
+            np.copyto(cu.numpy(), vc.numpy(), casting="unsafe")
+            if bits != 8:
+                pack_codes(cu, bits, out=codes[a * bits // 8: packed_nbytes(a + c, bits)], scratch=s.lanes)
+            if err is not None:
+                vc.floor_()
+                for off, rows, rl, bk in pieces:
+                    m = rows * rl
+                    fv = vc[off:off + m].view(rows, rl)
+                    torch.mul(fv, scale[bk:bk + rows, None], out=fv)
+                    tc[off:off + m].view(rows, rl).sub_(fv)
+        if err is None:
+            return EncodeInfo()
+        if not direct:
+            error_out.copy_(err)
+        mag = float(meta.abs().max()) if nblocks else 0.0
+        return EncodeInfo(True, _sq(err, mag), _sq(x, mag))
+
+    def _encode_blocks_generic(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
+        """Per-block encoder in whole-bucket tensor ops (accelerators; the reference of the chunked CPU path)."""
         runs = blocks_for(layout, block_size).runs
         nblocks = meta.shape[0]
         if not meta_done:
@@ -456,6 +544,51 @@ class UniformCodec(Codec):
         return masks
 
     def _decode_blocks(self, parts, layout, out, divisor, work):
+        """Per-block decoding; on the CPU in chunks of ``CHUNK`` values through reused scratch
+        buffers, with the ops of :meth:`_decode_blocks_generic` element by element (bitwise the
+        same): per payload ``codes * scale`` with per-row scales, summed in payload order, then
+        ``+ lo_sum``."""
+        if out.device.type != "cpu":
+            return self._decode_blocks_generic(parts, layout, out, divisor, work)
+        n, bits = layout.numel, self.bits
+        s = self._scratch_for(out.device, n)
+        chunk = s.chunk
+        lo_sum = (sum(meta[:, 0].to(torch.float64) for meta, _ in parts) / divisor).to(work)
+        spans = [meta[:, 1].to(torch.float64) - meta[:, 0].to(torch.float64) for meta, _ in parts]
+        scales = [(sp / self.levels / divisor).to(work) for sp in spans]
+        # the reference sums into zeros: 0 + (-0.0) is +0.0, so a negative scale (never written by
+        # the encoder) makes the first payload add to zeros too
+        zero_first = any(bool((sp < 0).any()) for sp in spans)
+        direct = work == torch.float32 and out.dtype == torch.float32 and out.is_contiguous()
+        if work == torch.float32:
+            fbuf, abuf = s.f32, s.window
+        else:
+            fbuf, abuf = s.extra("v64", torch.float64), s.extra("t64", torch.float64)
+        flat = dst = out.view(-1) if out.is_contiguous() else out
+        for a, c, pieces in _chunk_plan(layout, self.block_size, chunk):
+            acc = flat[a:a + c] if direct else abuf[:c]
+            f = fbuf[:c]
+            if zero_first:
+                acc.zero_()
+            for i, ((_, codes), scale) in enumerate(zip(parts, scales)):
+                packed = codes[a * bits // 8: packed_nbytes(a + c, bits)]
+                f.copy_(packed if bits == 8 else unpack_codes(packed, bits, c, out=s.u8[:c]))
+                first = i == 0 and not zero_first
+                for off, rows, rl, bk in pieces:
+                    m = rows * rl
+                    fv = f[off:off + m].view(rows, rl)
+                    torch.mul(fv, scale[bk:bk + rows, None], out=acc[off:off + m].view(rows, rl) if first else fv)
+                if not first:
+                    acc.add_(f)
+            for off, rows, rl, bk in pieces:
+                m = rows * rl
+                acc[off:off + m].view(rows, rl).add_(lo_sum[bk:bk + rows, None])
+            if not direct:
+                dst[a:a + c].copy_(acc)
+        return out
+
+    def _decode_blocks_generic(self, parts, layout, out, divisor, work):
+        """Per-block decoder in whole-bucket tensor ops (accelerators; the reference of the chunked CPU path)."""
         runs = blocks_for(layout, self.block_size).runs
         acc = torch.zeros(layout.numel, dtype=work, device=out.device)
         # offsets summed over ranks in float64 first and added once (exact for constant blocks)
@@ -494,3 +627,35 @@ class StochasticCodec(UniformCodec):
         # block's max |x|: fed back, residuals can double every step (measured: NaN within 13
         # steps on a 25M-parameter MLP).  Unbiased at 1 bit means: use it without error feedback.
         return self.levels == 1
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_plan(layout: Layout, block_size, chunk: int) -> tuple:
+    """The bucket cut into ``(start, length, pieces)`` chunks of ``chunk`` values; a piece
+    ``(offset in chunk, rows, row_len, first_block)`` is ``rows`` consecutive blocks (or one part of a
+    block cut by the chunk edges) of ``row_len`` values, i.e. one ``(rows, row_len)`` view with one
+    scale per row."""
+    runs = blocks_for(layout, block_size).runs
+    n = layout.numel
+    plan, r = [], 0
+    for a in range(0, n, chunk):
+        e = min(a + chunk, n)
+        pieces = []
+        while r < len(runs) and runs[r][0] + runs[r][1] * runs[r][2] <= a:
+            r += 1
+        q = r
+        while q < len(runs) and runs[q][0] < e:
+            start, nb, blen, bi = runs[q]
+            p, stop = max(start, a), min(start + nb * blen, e)
+            while p < stop:
+                k, within = divmod(p - start, blen)
+                if within or stop - p < blen:  # part of one block
+                    take = min(blen - within, stop - p)
+                    pieces.append((p - a, 1, take, bi + k))
+                else:
+                    take = (stop - p) // blen * blen
+                    pieces.append((p - a, take // blen, blen, bi + k))
+                p += take
+            q += 1
+        plan.append((a, e - a, tuple(pieces)))
+    return tuple(plan)
