@@ -223,6 +223,24 @@ def test_blocks_bitwise_large_layouts(name, bits, block, one_torch_thread):
     check_case(name, bits, block, layout, x, 98, torch.float32, 3, torch.bfloat16, rng)
 
 
+@pytest.mark.parametrize("name", ["uniform", "stochastic"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_blocks_bitwise_float64_inputs_outside_their_float32_range(name, bits, one_torch_thread):
+    """float64 buckets worked in float64 (a tiny value forces it): values off the float32 grid lie
+    outside their block's float32 (lo, hi), so v leaves [0, L + 1) and must be clamped (found by the
+    fuzzer: stochastic 2 bits, blocks of 2, values near 1)."""
+    rng = np.random.default_rng(500 + bits)
+    for block in (2, 3, 16, 256, "layer", None):
+        for spread in (1e-7, 1e-9, 1e-5):
+            n = int(rng.integers(100, 6000))
+            layout = Layout([n // 3, n - n // 3], [1, 2])
+            values = 1.0 + rng.standard_normal(n) * spread
+            values[int(rng.integers(0, n))] = 1e-45
+            x = torch.from_numpy(values)
+            for err_dtype in (torch.float32, None):
+                check_case(name, bits, block, layout, x, int(rng.integers(0, 2 ** 62)), err_dtype, 1, torch.float32, rng)
+
+
 def test_nonfinite_leaves_error_out(one_torch_thread):
     layout = Layout([300, 700])
     x = torch.randn(1000)

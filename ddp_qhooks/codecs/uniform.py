@@ -381,6 +381,9 @@ class UniformCodec(Codec):
         convert = x.dtype != work and not (x.dtype in (torch.float16, torch.bfloat16) or
                                            (x.dtype == torch.float32 and work == torch.float64))
         xbuf = s.extra("x" + str(work), work) if convert else None
+        # float64 values worked in float64 may lie outside the float32 (lo, hi) of their block, so
+        # v may leave [0, L + 1): clamp (then truncation is the reference's floor + clamp)
+        clamp = x.dtype == torch.float64 and work == torch.float64
         err, direct = None, False
         if error_out is not None:
             direct = work == torch.float32 and error_out.dtype == torch.float32 and error_out.is_contiguous()
@@ -403,6 +406,8 @@ class UniformCodec(Codec):
                 vc.add_(dither.piece(a, c, s.window))
             else:
                 vc.add_(0.5)
+            if clamp:
+                vc.clamp_(0, self.levels)
             # 0 <= v < L + 1 (the dither's cap, see _random): truncation == floor, no clamp needed
             cu = codes[a:a + c] if bits == 8 else s.u8[:c]
             np.copyto(cu.numpy(), vc.numpy(), casting="unsafe")
