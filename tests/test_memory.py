@@ -45,9 +45,9 @@ def _formula(numels, world, exchange, error_feedback) -> int:
         else:
             shard = math.ceil(n / world)
             slot = _payload(shard)   # the largest shard's payload; the mean uses the same codec
-            # own payload, W send + W receive slots, own mean + W gathered means, float32 mean of the
+            # W send + W receive slots, own mean + W gathered means, float32 mean of the
             # own shard, worker and server residuals (each with its staged copy)
-            total += p + 2 * world * slot + (world + 1) * slot + 4 * shard + residuals * (2 if error_feedback else 1)
+            total += 2 * world * slot + (world + 1) * slot + 4 * shard + residuals * (2 if error_feedback else 1)
     return total
 
 
