@@ -199,7 +199,7 @@ def _ddp_step(rank, world, exchange):
     x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
     ((ddp(x) - y) ** 2).mean().backward()
     ((ref(x) - y) ** 2).mean().backward()   # this rank's own gradient, without DDP
-    modes = {b.mode for b in state._buckets.values()}
+    modes = {plan.mode for plan in state._plans.values()}
     return {"avg": [p.grad.clone() for p in model.parameters()], "local": [p.grad.clone() for p in ref.parameters()],
             "modes": modes, "config": state.codec.config()}
 

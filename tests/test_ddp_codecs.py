@@ -76,12 +76,13 @@ def _one(rank, config):
         opt.zero_grad(set_to_none=True)
         _loss(ddp(x), y).backward()
         after = state.state_dict()["residuals"]
-        (bucket,) = state._buckets.values()
-        signature = next(iter(state._buckets))
+        (plan,) = state._plans.values()  # one bucket, one chunk, all-gather
+        signature = next(iter(state._plans))
+        (buffers,) = plan.buffers
         rec.append({"local": _grads(ref), "avg": _grads(model),
                     "before": [before.get(n) for n in names], "after": [after.get(n) for n in names],
-                    "gathered": bucket.gathered.clone(), "signature": list(signature),
-                    "bucket_numels": list(bucket.layout.param_numels), "body_nbytes": bucket.body_nbytes})
+                    "gathered": buffers.gathered.clone(), "signature": list(signature),
+                    "bucket_numels": list(plan.layout.param_numels), "body_nbytes": buffers.body})
         if step != POISON:  # like GradScaler: skip the update of a non-finite step
             opt.step()
     return {"steps": rec, "numels": [p.numel() for p in model.parameters()], "config": state.codec.config(),
