@@ -327,6 +327,9 @@ def run_worker(args) -> list[dict] | None:
         torch.cuda.set_device(device)
     if args.task == "fmnist":
         task = FashionMnistTask(args.batch, rank, device, args.data)
+    elif args.task == "lm":  # tools/lm.py; test_accuracy holds the validation loss (lower is better)
+        from .lm import LmTask
+        task = LmTask(args.batch, rank, device)
     else:
         task = SyntheticTask(int(args.params), args.batch, rank, device)
     configs = [parse_config(c) for c in args.configs]
@@ -669,6 +672,9 @@ def _width_for(params: float) -> int:
 def _param_count(args) -> int:
     if args.task == "fmnist":
         return sum(p.numel() for p in data.SmallCNN().parameters())
+    if args.task == "lm":
+        from .lm import LmTask
+        return sum(p.numel() for p in LmTask(1, 0, "cpu").model().parameters())
     w = _width_for(int(args.params))
     return 64 * w + w + 3 * (w * w + w) + w * 10 + 10
 
@@ -833,8 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="configurations: " + " ".join(DEFAULT_CONFIGS))
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
                    help="fp32, fp16_hook, bf16_hook, powersgd, quant_pertensor, or codec[:bits][,opt=val][,ef=0]")
-    p.add_argument("--task", choices=("synthetic", "fmnist"), default="synthetic",
-                   help="synthetic: communication-bound MLP (throughput); fmnist: SmallCNN on Fashion-MNIST (accuracy)")
+    p.add_argument("--task", choices=("synthetic", "fmnist", "lm"), default="synthetic",
+                   help="synthetic: communication-bound MLP (throughput); fmnist: SmallCNN on Fashion-MNIST (accuracy); "
+                        "lm: tools/lm.py's char-level transformer (its test_accuracy column is the validation loss)")
     p.add_argument("--params", type=float, default=5e6, help="synthetic model size in parameters (default 5e6)")
     p.add_argument("--batch", type=int, default=None, help="per-rank batch (default: 4 synthetic, 64 fmnist)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
