@@ -49,6 +49,7 @@ from .codecs.wire import (
     payload_nbytes,
 )
 from .error_feedback import ResidualMemory
+from .worker_momentum import WorkerMomentum  # worker momentum (issue 21)
 from .exchange import InOrder, check_exchange
 from .exchange import check_agreement as _check_agreement  # register()'s `exchange` argument shadows the module
 
@@ -153,7 +154,10 @@ class QuantizedHookState:
     def __init__(self, process_group=None, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True,
                  seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
                  hold_unused_residuals: bool = False, exchange: str = "auto", ranks_per_node: Optional[int] = None,
-                 server_bits: Optional[int] = None, **codec_options):
+                 server_bits: Optional[int] = None, worker_momentum: Optional[float] = None, **codec_options):
+        # >>> worker momentum (issue 21; to be ported by the lead): compress m = beta*m + g, not g
+        self.worker_momentum = None if worker_momentum is None else WorkerMomentum(worker_momentum)
+        # <<< worker momentum
         self.codec = make_codec(codec, bits, _extra_valid=("seed", "measure_error", "hold_unused_residuals", "exchange",
                                                            "ranks_per_node", "server_bits"), **codec_options)
         self.server_codec = _server_codec(self.codec, server_bits, codec_options)
@@ -315,6 +319,9 @@ class QuantizedHookState:
             "totals": dict(self._totals),
             # per-rank running state of stateful codecs (k-means codebooks, adaptive ranges)
             "codec_state": self.codec.state_dict() if hasattr(self.codec, "state_dict") else {},
+            # >>> worker momentum (issue 21): buffers by parameter name <<<
+            **({"worker_momentum": {self._name_of(k): v for k, v in self.worker_momentum.state_dict().items()}}
+               if self.worker_momentum is not None else {}),
         }
 
     def load_state_dict(self, state_dict) -> None:
@@ -406,6 +413,8 @@ class QuantizedHookState:
         # a server residual outside this rank's shards (other world size or bucket layout) is moved
         # into the worker residual when its bucket is first seen: nothing is dropped
         self.server_memory.load(server)
+        if self.worker_momentum is not None:  # >>> worker momentum (issue 21) <<<
+            self.worker_momentum.load_state_dict(self._residuals_by_key(state_dict.get("worker_momentum", {})))
         if state_dict.get("codec_state") and hasattr(self.codec, "load_state_dict"):
             if dict(state_dict["codec"]) == self.codec.config():
                 self.codec.load_state_dict(state_dict["codec_state"])
@@ -664,6 +673,8 @@ def _hook(state: QuantizedHookState, bucket: dist.GradBucket, events: dict) -> t
             _log.info("ddp_qhooks: bucket %d (%d values) uses %s: %s", bucket.index(), b.layout.numel, b.mode, b.reason)
 
     x = buf if buf.dtype == torch.float32 else buf.float()
+    if state.worker_momentum is not None:  # >>> worker momentum (issue 21): before the residual <<<
+        state.worker_momentum.apply(signature, b.layout.param_numels, x)
     residual = None
     held = []
     if state.error_feedback:
@@ -1053,7 +1064,7 @@ def register(ddp_model, codec: str = "stochastic", *, bits: int = 8, error_feedb
         raise TypeError(f"register() needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}")
     if getattr(ddp_model, "mixed_precision", None) is not None:
         raise ValueError("DDP's mixed_precision option installs its own comm hook; use codec='bf16'/'fp16' instead")
-    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error", "hold_unused_residuals")
+    state_options = {k: codec_options.pop(k) for k in ("seed", "measure_error", "hold_unused_residuals", "worker_momentum")
                      if k in codec_options}
     state_options["exchange"] = exchange
     state_options.setdefault("hold_unused_residuals", bool(getattr(ddp_model, "find_unused_parameters", False)))
