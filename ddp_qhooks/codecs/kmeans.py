@@ -259,7 +259,7 @@ class KMeansCodec(RunningStateMixin, Codec):
     body_formula = "4*blocks*2**b + ceil(n*b/8)"
     summary = "non-uniform levels from per-block 1-D k-means (Lloyd-Max), codebook sent in the payload"
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, sample: int = 65536,
+    def __init__(self, bits: int = 8, block_size: int | str | None = "layer", sample: int = 65536,
                  iterations: int = 8, refresh_every: int = 10):
         bits = check_bits(self.name, bits)
         super().__init__(bits)

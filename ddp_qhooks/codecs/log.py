@@ -58,6 +58,7 @@ import functools
 import torch
 
 from ._scaled import _ScaledTableCodec, _Scratch
+from .blocks import DEFAULT_BLOCK_SIZE
 
 __all__ = ["LogCodec"]
 
@@ -71,7 +72,7 @@ class LogCodec(_ScaledTableCodec):
     body_formula = "4*blocks + ceil(n*b/8)"
     summary = "sign + power-of-two levels max*2^-k below each block's max|x| (heavy tails), nearest or unbiased stochastic"
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic",
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, rounding: str = "stochastic",
                  compile: bool = False):
         super().__init__(bits, block_size, rounding, compile)
         self.magnitudes = (1 << (self.bits - 1)) - 1   # M

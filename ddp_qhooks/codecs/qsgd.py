@@ -51,6 +51,11 @@ class QsgdCodec(StochasticCodec):
     body_formula = "8*blocks + ceil(n*b/8)"
     summary = "QSGD: sign + stochastic levels l/s of the block's L2 norm, s = 2^(b-1) - 1 (unbiased)"
 
+    def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
+        # unlike the other uniform codecs, one norm per bucket stays the default: QSGD is unbiased and
+        # meant to run without error feedback (the hook refuses EF unless blocks are small, see below)
+        super().__init__(bits, block_size, compile)
+
     @staticmethod
     def _levels_for(bits: int) -> int:
         return (1 << bits) - 2   # 2s steps between -||v|| and +||v||

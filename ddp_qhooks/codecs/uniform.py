@@ -31,7 +31,7 @@ import torch
 
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
-from .blocks import blocks_for, check_block_size
+from .blocks import DEFAULT_BLOCK_SIZE, blocks_for, check_block_size
 from .options import check_bits
 from .packing import (
     PLANAR_BITS,
@@ -88,7 +88,7 @@ class UniformCodec(Codec):
     body_formula = "8*blocks + ceil(n*b/8)"
     summary = "round-to-nearest on a min-max grid of 2^b levels (error <= half a step)"
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, compile: bool = False):
         bits = check_bits(self.name, bits, self.valid_bits[0], self.valid_bits[-1])
         block_size = check_block_size(self.name, block_size)
         if not isinstance(compile, bool):
