@@ -372,13 +372,20 @@ def topk_k(options: dict, block_len: int) -> int:
     return min(block_len, max(1, math.ceil(r * block_len)))
 
 
+# each codec's default block_size (codec modules; issue 21: blocks of 256 values for the scaled codecs)
+DEFAULT_BLOCK_SIZE = {"adaptive": "layer", "kmeans": "layer", "qsgd": None, "topk": None}
+
+
+def default_block_size(name: str):
+    return DEFAULT_BLOCK_SIZE.get(name, 256)
+
+
 def expected_nbytes(name: str, bits: int, options: dict, numels) -> int:
     """Body bytes from the formulas in the codec modules' docstrings."""
     n = sum(numels)
-    nb = len(ref_block_lengths(numels, options.get("block_size")))
+    nb = len(ref_block_lengths(numels, options.get("block_size", default_block_size(name))))
     packed = ceil_div(n * bits, 8)
     if name in ("uniform", "stochastic", "qsgd", "adaptive"):
-        nb = len(ref_block_lengths(numels, options.get("block_size", "layer" if name == "adaptive" else None)))
         return 8 * nb + packed
     if name in ("log", "mulaw"):
         return 4 * nb + packed
@@ -394,7 +401,8 @@ def expected_nbytes(name: str, bits: int, options: dict, numels) -> int:
         return 4 * n
     assert name == "topk"
     per_width: dict[int, int] = {}
-    blens, counts = np.unique(ref_block_lengths(numels, options.get("block_size")), return_counts=True)
+    blens, counts = np.unique(ref_block_lengths(numels, options.get("block_size", default_block_size(name))),
+                              return_counts=True)
     for blen, count in zip(blens.tolist(), counts.tolist()):
         w = math.ceil(math.log2(blen)) if blen > 1 else 0
         per_width[w] = per_width.get(w, 0) + count * topk_k(options, blen)
@@ -767,8 +775,7 @@ def run_case(case: Case) -> None:
     n = layout.numel
     nbytes = codec.body_nbytes(layout)
     assert nbytes == expected_nbytes(case.name, codec.bits, case.options, case.numels), "body_nbytes formula"
-    default_bs = "layer" if case.name == "adaptive" else None
-    blocks = Blocks(case.numels, case.options.get("block_size", default_bs))
+    blocks = Blocks(case.numels, case.options.get("block_size", default_block_size(case.name)))
     for step in range(case.steps):
         x = input_of(case, seed_offset=step, finite=step > 0)
         sentinel = torch.arange(n, dtype=torch.float32) * 0.5 - 3.0
