@@ -58,7 +58,12 @@ def test_smoke_local_processes_and_json_schema(tmp_path):
     assert rows["fp32"]["speedup_vs_fp32"] == 1.0
     numel = result["meta"]["params"]
     assert rows["fp32"]["bytes_per_step"] == pytest.approx(4 * numel)          # ring allreduce at W=2
-    assert rows["stochastic:4"]["bytes_per_step"] == pytest.approx(numel / 2, rel=0.01)  # (W-1) x payload
+    # (W-1) x payload: 4 bits per value + 8 bytes (min, scale) per block of 256 values (the default), per parameter
+    w = bench._width_for(2e5)
+    shapes = [64 * w, w] + [w * w, w] * 3 + [10 * w, 10]
+    assert sum(shapes) == numel
+    blocks = sum(math.ceil(n / 256) for n in shapes)
+    assert rows["stochastic:4"]["bytes_per_step"] == pytest.approx(numel / 2 + 8 * blocks, rel=0.01)
     assert rows["stochastic:4"]["bytes_source"].startswith("package")
     assert "loopback, which is not bandwidth-bound" in stdout.split("\n")[0]  # said before running
     assert stdout.rstrip().splitlines()[-1].strip() and "Verdict (loopback" in stdout  # ends with the verdict

@@ -234,8 +234,10 @@ def test_available_lists_every_codec_with_formula():
             assert 0 < bpv < 40
     table = available_markdown()
     assert all(f"`{name}`" in table for name in CODECS)
-    assert rows["stochastic"]["bits_per_value_1M"][8] == pytest.approx(8 + 8 * (16 + 8) / 1e6)
-    assert rows["stochastic"]["bits_per_value_1M"][1] == pytest.approx(8 * (16 + 8 + 125000) / 1e6)
+    # default block_size 256: ceil(1e6 / 256) = 3907 blocks of 8 bytes (min, scale) + the 16-byte header
+    assert rows["stochastic"]["options"]["block_size"] == 256
+    assert rows["stochastic"]["bits_per_value_1M"][8] == pytest.approx(8 * (16 + 8 * 3907 + 10 ** 6) / 1e6)
+    assert rows["stochastic"]["bits_per_value_1M"][1] == pytest.approx(8 * (16 + 8 * 3907 + 125000) / 1e6)
 
 
 def test_server_codec_policy_from_metadata():

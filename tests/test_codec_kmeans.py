@@ -303,10 +303,10 @@ def test_state_survives_bucket_rebuild():
     fresh, _ = encode(KMeansCodec(bits=4, block_size="layer", refresh_every=100), b2, rebuilt)
     assert not torch.equal(fresh, body2)
     # with one block per bucket the state belongs to the layout: a new layout fits afresh
-    bucket = KMeansCodec(bits=4, refresh_every=100)
+    bucket = KMeansCodec(bits=4, block_size=None, refresh_every=100)
     encode(bucket, torch.cat([a, b]), first)
     body3, _ = encode(bucket, b2, rebuilt)
-    fresh_bucket, _ = encode(KMeansCodec(bits=4, refresh_every=100), b2, rebuilt)
+    fresh_bucket, _ = encode(KMeansCodec(bits=4, block_size=None, refresh_every=100), b2, rebuilt)
     assert torch.equal(body3, fresh_bucket)
 
 
@@ -332,7 +332,8 @@ def test_state_dict_round_trip_and_pickle():
     with pytest.raises(ValueError, match="bits"):
         KMeansCodec(bits=4).load_state_dict(KMeansCodec(bits=3).state_dict())
     with pytest.raises(ValueError, match="block_size"):
-        KMeansCodec(bits=3, block_size="layer").load_state_dict(KMeansCodec(bits=3).state_dict())
+        KMeansCodec(bits=3, block_size="layer").load_state_dict(KMeansCodec(bits=3, block_size=None).state_dict())
+    assert KMeansCodec(bits=3).block_size == "layer"  # the default: one codebook per parameter
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

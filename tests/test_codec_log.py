@@ -220,7 +220,7 @@ def test_nearest_decision_points(bits):
     vals += [half, np.nextafter(half, np.float32(0)), s]
     want += [s, 0.0, s]
     x = torch.tensor(np.array(vals, dtype=np.float32))
-    codec = LogCodec(bits=bits, rounding="nearest")
+    codec = LogCodec(bits=bits, rounding="nearest", block_size=None)  # one max (1.0) for all values
     body, _ = encode(codec, x)
     assert f64(decode(codec, [body], Layout.flat(x.numel()))).tolist() == want
     assert M == len(levels) - 1
@@ -247,9 +247,9 @@ def test_body_nbytes_formula(bits):
 
 def test_config_and_attributes():
     c = LogCodec()
-    assert (c.name, c.codec_id, c.bits, c.block_size, c.rounding, c.stochastic) == ("log", 7, 8, None, "stochastic", True)
+    assert (c.name, c.codec_id, c.bits, c.block_size, c.rounding, c.stochastic) == ("log", 7, 8, 256, "stochastic", True)
     assert LogCodec.stochastic is True and LogCodec(rounding="nearest").stochastic is False
-    assert c.config() == {"codec": "log", "bits": 8, "block_size": None, "rounding": "stochastic"}
+    assert c.config() == {"codec": "log", "bits": 8, "block_size": 256, "rounding": "stochastic"}
     assert LogCodec(bits=np.int64(3), block_size="layer", rounding="nearest").config() == \
         {"codec": "log", "bits": 3, "block_size": "layer", "rounding": "nearest"}
     assert c.summary and "\n" not in c.summary and c.body_formula == "4*blocks + ceil(n*b/8)"

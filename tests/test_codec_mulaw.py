@@ -242,9 +242,9 @@ def test_body_nbytes_formula(bits):
 def test_config_and_attributes():
     c = MuLawCodec()
     assert (c.name, c.codec_id, c.bits, c.block_size, c.rounding, c.mu, c.stochastic) == \
-        ("mulaw", 8, 8, None, "nearest", 255.0, False)
+        ("mulaw", 8, 8, 256, "nearest", 255.0, False)
     assert MuLawCodec.stochastic is False and MuLawCodec(rounding="stochastic").stochastic is True
-    assert c.config() == {"codec": "mulaw", "bits": 8, "block_size": None, "rounding": "nearest", "mu": 255.0}
+    assert c.config() == {"codec": "mulaw", "bits": 8, "block_size": 256, "rounding": "nearest", "mu": 255.0}
     assert MuLawCodec(bits=np.int32(4), block_size=64, mu=np.float32(100), rounding="stochastic").config() == \
         {"codec": "mulaw", "bits": 4, "block_size": 64, "rounding": "stochastic", "mu": 100.0}
     assert isinstance(MuLawCodec(mu=10).config()["mu"], float)

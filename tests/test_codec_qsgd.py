@@ -141,7 +141,7 @@ def test_min_max_grid_breaks_the_bound_on_spiky_vectors():
     layout = Layout.flat(n)
     xd = x.double().numpy()
     bound = min(n, math.sqrt(n)) * float(xd @ xd)  # s = 1 at 2 bits
-    codec = make_codec("stochastic", bits=bits)
+    codec = make_codec("stochastic", bits=bits, block_size=None)  # one min-max grid, like qsgd's one norm
     errs = [float(np.sum((_decode(codec, _encode(codec, x, layout, k)[0], layout) - xd) ** 2)) for k in range(K)]
     assert statistics.fmean(errs) > 2 * bound
 

@@ -494,7 +494,7 @@ def test_empty_input():
 def test_config_and_attributes():
     c = SignCodec()
     assert (c.name, c.codec_id, c.bits, c.stochastic) == ("sign", 11, 1, False)
-    assert c.config() == {"codec": "sign", "bits": 1, "block_size": None, "mode": "scaled"}
+    assert c.config() == {"codec": "sign", "bits": 1, "block_size": 256, "mode": "scaled"}  # one scale per 256 values
     s = SignCodec(bits=1, block_size="layer", mode="stochastic")
     assert s.bits == 1 and s.stochastic is True
     assert s.config() == {"codec": "sign", "bits": 1, "block_size": "layer", "mode": "stochastic"}

@@ -248,8 +248,11 @@ def test_body_size_formula(packing, block_size):
 def test_body_size_ratio_base3():
     """base3: 1.6 bits per value, 2bit: 2 bits per value (plus the scales)."""
     layout = Layout.flat(10 ** 6)
-    assert TernaryCodec(packing="base3").body_nbytes(layout) == 4 + 200000
-    assert TernaryCodec(packing="2bit").body_nbytes(layout) == 4 + 250000
+    assert TernaryCodec(packing="base3", block_size=None).body_nbytes(layout) == 4 + 200000
+    assert TernaryCodec(packing="2bit", block_size=None).body_nbytes(layout) == 4 + 250000
+    # the default: one float32 scale per 256 values, 10**6 / 256 = 3906.25 -> 3907 blocks
+    assert TernaryCodec(packing="base3").body_nbytes(layout) == 4 * 3907 + 200000
+    assert TernaryCodec().body_nbytes(layout) == 4 * 3907 + 250000
 
 
 def test_blocks_never_straddle_parameters():
@@ -327,7 +330,7 @@ def test_stochastic_unbiased(block_size, packing):
     x = _stochastic_vector()
     n = x.numel()
     layout = Layout.flat(n)
-    codec = TernaryCodec(block_size=block_size, packing=packing)
+    codec = TernaryCodec(block_size=block_size, packing=packing, rounding="stochastic")
     assert codec.stochastic
     keys = np.random.default_rng(77).integers(0, 2 ** 62, size=K).tolist()
     dec = np.empty((K, n))
@@ -357,9 +360,9 @@ def test_stochastic_unbiased(block_size, packing):
 def test_stochastic_key_determinism():
     x = _stochastic_vector()
     layout = Layout.flat(x.numel())
-    codec = TernaryCodec()
+    codec = TernaryCodec(rounding="stochastic")
     b1, _ = encode(codec, x, layout, key=42)
-    assert torch.equal(b1, encode(TernaryCodec(), x, layout, key=42)[0])
+    assert torch.equal(b1, encode(TernaryCodec(rounding="stochastic"), x, layout, key=42)[0])
     assert all(not torch.equal(b1, encode(codec, x, layout, key=k)[0]) for k in (43, 2 ** 40 + 42, 7))
 
 
@@ -593,9 +596,14 @@ def test_empty_input():
 
 
 def test_config_and_attributes():
-    c = TernaryCodec()
-    assert (c.name, c.codec_id, c.bits, c.stochastic) == ("ternary", 10, 2, True)
-    assert c.config() == {"codec": "ternary", "bits": 2, "block_size": None, "rounding": "stochastic", "packing": "2bit"}
+    c = TernaryCodec()  # defaults: threshold rounding (contractive, safe with EF), one scale per 256 values
+    assert (c.name, c.codec_id, c.bits, c.stochastic) == ("ternary", 10, 2, False)
+    assert c.config() == {"codec": "ternary", "bits": 2, "block_size": 256, "rounding": "threshold", "packing": "2bit",
+                          "threshold": 0.7}
+    assert not c.error_feedback_diverges and TernaryCodec(rounding="stochastic").error_feedback_diverges
+    s = TernaryCodec(block_size=None, rounding="stochastic")
+    assert s.stochastic and s.config() == {"codec": "ternary", "bits": 2, "block_size": None, "rounding": "stochastic",
+                                           "packing": "2bit"}
     t = TernaryCodec(bits=2, block_size=np.int64(8), rounding="threshold", threshold=0.5, packing="base3")
     assert t.bits == 2 and t.stochastic is False and t.block_size == 8
     assert t.config() == {"codec": "ternary", "bits": 2, "block_size": 8, "rounding": "threshold",

@@ -932,7 +932,9 @@ def test_compiled_kernel_matches_eager(name):
         for n in (1, 1001, (1 << 20) + 4099) + (((1 << 20) + (1 << 18),) if bits in (4, 2) else ()):
             x = torch.randn(n, generator=g) * 2 + 0.3
             layout = Layout.flat(n)
-            eager, fused = make_codec(name, bits=bits), make_codec(name, bits=bits, compile=True)
+            # the compiled kernels serve one block per bucket
+            eager, fused = make_codec(name, bits=bits, block_size=None), make_codec(name, bits=bits, compile=True,
+                                                                                   block_size=None)
             bodies = []
             for codec in (eager, fused):
                 body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
@@ -956,7 +958,8 @@ def test_compiled_kernel_matches_eager(name):
         assert not _fused._broken, "a C++ compiler is present, yet the compiled kernel fell back to eager"
 
 
-@pytest.mark.parametrize("name,options", [("sign", {}), ("sign", {"mode": "stochastic"}), ("ternary", {}),
+@pytest.mark.parametrize("name,options", [("sign", {}), ("sign", {"mode": "stochastic"}),
+                                          ("ternary", {"rounding": "stochastic"}),
                                           ("ternary", {"rounding": "threshold"}), ("ternary", {"packing": "base3"})])
 def test_compiled_block_scaled_codec_is_bitwise_the_eager_path(name, options):
     """sign and ternary with compile=True (one scale per bucket): the fused kernels write the same
@@ -968,7 +971,8 @@ def test_compiled_block_scaled_codec_is_bitwise_the_eager_path(name, options):
         x = torch.randn(n, generator=g)
         x[::7], x[::11] = 0.0, -0.0  # exact zeros of both signs
         layout = Layout.flat(n)
-        eager, fused = make_codec(name, **options), make_codec(name, compile=True, **options)
+        eager, fused = (make_codec(name, block_size=None, **options),
+                        make_codec(name, compile=True, block_size=None, **options))
         with_error = not getattr(eager, "error_feedback_diverges", False)
         out = []
         for codec in (eager, fused):
@@ -1078,7 +1082,7 @@ def test_compiled_mulaw_compander_against_float64(mu, bits):
     x = torch.randn(n, generator=torch.Generator().manual_seed(15)) ** 3
     x[::7] *= 1e-4   # small r: where rounding 1 + mu*r loses the most (compensated for small mu)
     layout = Layout.flat(n)
-    codec = make_codec("mulaw", bits=bits, mu=mu, rounding="nearest", compile=True)
+    codec = make_codec("mulaw", bits=bits, mu=mu, rounding="nearest", compile=True, block_size=None)
     codes = torch.from_numpy(ref_unpack(encode(codec, x, layout)[0][4:].numpy(), bits, n)).to(torch.int64)
     m = x.abs().max().double()
     t = torch.log1p((x.double().abs() / m) * mu) * (K / math.log1p(mu))

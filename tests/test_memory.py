@@ -25,7 +25,8 @@ def _w_memory(rank, world, exchange, error_feedback):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(300, 300) for _ in range(6)])
     ddp = DDP(model, bucket_cap_mb=0.5)
-    state = ddp_qhooks.register(ddp, codec="stochastic", bits=BITS, exchange=exchange, error_feedback=error_feedback)
+    state = ddp_qhooks.register(ddp, codec="stochastic", bits=BITS, exchange=exchange, error_feedback=error_feedback,
+                                block_size=None)  # one block per bucket: the formula below
     walks = []
     for step in range(5):
         torch.manual_seed(100 * rank + step)

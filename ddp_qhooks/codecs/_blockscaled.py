@@ -14,7 +14,7 @@ import torch
 
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, sum_sq_checked
-from .blocks import blocks_for, check_block_size
+from .blocks import DEFAULT_BLOCK_SIZE, blocks_for, check_block_size
 from .options import as_int
 from .packing import STRIPE
 
@@ -164,7 +164,7 @@ class BlockScaledCodec(PerThreadScratch, Codec):
     _fused_code = None
     _fused_unit = None
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, compile: bool = False):
         super().__init__(native_bits(self.name, bits, self.native))
         self.block_size = check_block_size(self.name, block_size)
         if not isinstance(compile, bool):

@@ -262,7 +262,7 @@ class KMeansCodec(RunningStateMixin, Codec):
     option_space = {"sample": (65536, 1, 5, 100, 4096), "iterations": (8, 1, 3), "refresh_every": (10, 1, 2)}
     fidelity_configs = (("kmeans 4b", 4, {}), ("kmeans 2b", 2, {}), ("kmeans 2b, layer", 2, {"block_size": "layer"}))
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, sample: int = 65536,
+    def __init__(self, bits: int = 8, block_size: int | str | None = "layer", sample: int = 65536,
                  iterations: int = 8, refresh_every: int = 10):
         bits = check_bits(self.name, bits)
         super().__init__(bits)

@@ -58,6 +58,7 @@ import functools
 import torch
 
 from ._scaled import _ScaledTableCodec, _Scratch
+from .blocks import DEFAULT_BLOCK_SIZE
 
 __all__ = ["LogCodec"]
 
@@ -75,7 +76,7 @@ class LogCodec(_ScaledTableCodec):
     fidelity_configs = (("log 8b", 8, {}), ("log 4b", 4, {}), ("log 3b", 3, {}),
                         ("log 4b nearest", 4, {"rounding": "nearest"}))
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic",
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, rounding: str = "stochastic",
                  compile: bool = False):
         super().__init__(bits, block_size, rounding, compile)
         self.magnitudes = (1 << (self.bits - 1)) - 1   # M

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from ._scaled import _ScaledTableCodec, select_by_bits, select_tree
+from .blocks import DEFAULT_BLOCK_SIZE
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 __all__ = ["MuLawCodec"]
@@ -76,7 +77,7 @@ class MuLawCodec(_ScaledTableCodec):
     option_space = {"rounding": ("nearest", "stochastic"), "mu": (255.0, 1e-30, 0.5, 1.0, 10.0, 1e6, 1e30)}
     fidelity_configs = (("mulaw 8b", 8, {}), ("mulaw 4b", 4, {}), ("mulaw 4b, layer", 4, {"block_size": "layer"}))
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, mu: float = 255.0,
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, mu: float = 255.0,
                  rounding: str = "nearest", compile: bool = False):
         if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not MU_MIN <= float(mu) <= MU_MAX:
             raise ValueError(f"{self.name}: mu must be a number in [{MU_MIN:g}, {MU_MAX:g}] (> 0), got {mu!r}")

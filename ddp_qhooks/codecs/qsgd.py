@@ -54,6 +54,11 @@ class QsgdCodec(StochasticCodec):
     fidelity_configs = (("qsgd 8b", 8, {}), ("qsgd 4b", 4, {}), ("qsgd 2b", 2, {}),
                         ("qsgd 4b, block 256", 4, {"block_size": 256}))
 
+    def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
+        # unlike the other uniform codecs, one norm per bucket stays the default: QSGD is unbiased and
+        # meant to run without error feedback (the hook refuses EF unless blocks are small, see below)
+        super().__init__(bits, block_size, compile)
+
     @staticmethod
     def _levels_for(bits: int) -> int:
         return (1 << bits) - 2   # 2s steps between -||v|| and +||v||

@@ -1,7 +1,7 @@
 """1-bit sign quantization: every value becomes ``+a`` or ``-a``, one scale ``a`` per block.
 
-Blocks as in blocks.py (``block_size``: None = one per bucket, "layer" = one per parameter, an int
-``B`` = blocks of B values cut per parameter).  Two modes (option ``mode``):
+Blocks as in blocks.py (``block_size``: 256 by default = blocks of 256 values cut per parameter, an
+int ``B`` = blocks of B values, None = one per bucket, "layer" = one per parameter).  Two modes (option ``mode``):
 
 * ``"scaled"`` (default; EF-signSGD, Karimireddy et al. 2019): ``a = mean|x|`` of the block
   (zeros included), ``q = sign(x) * a``.  Biased on its own; meant for error feedback, where the
@@ -49,7 +49,7 @@ import torch
 
 from . import _fused
 from ._blockscaled import BlockScaledCodec, _le, _negative
-from .blocks import blocks_for
+from .blocks import DEFAULT_BLOCK_SIZE, blocks_for
 from .options import check_choice
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -74,7 +74,7 @@ class SignCodec(BlockScaledCodec):
     # the mean of W signs is no longer a sign: re-encoding it to 1 bit costs accuracy (README)
     server_codec = ("uniform", 2)
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, mode: str = "scaled",
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, mode: str = "scaled",
                  compile: bool = False):
         super().__init__(bits, block_size, compile)
         self.mode = check_choice(self.name, "mode", mode, MODES)

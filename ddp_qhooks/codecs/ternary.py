@@ -1,16 +1,16 @@
 """Ternary quantization (TernGrad, Wen et al. 2017): every value becomes one of ``{-a, 0, +a}``.
 
-One scale ``a`` per block (``block_size``: None = one per bucket, "layer" = one per parameter, an
-int ``B`` = blocks of B values cut per parameter; see blocks.py).  Two ways to choose the levels
+One scale ``a`` per block (``block_size``: 256 by default = blocks of 256 values cut per parameter,
+an int ``B`` = blocks of B values, None = one per bucket, "layer" = one per parameter; see blocks.py).  Two ways to choose the levels
 (option ``rounding``):
 
-* ``"stochastic"`` (default, TernGrad): ``a = max|x|`` of the block; ``x`` becomes ``sign(x) * a``
+* ``"stochastic"`` (TernGrad): ``a = max|x|`` of the block; ``x`` becomes ``sign(x) * a``
   with probability ``|x| / a`` and 0 otherwise, so ``E[decode] = x`` (variance ``a|x| - x^2``).
   The draw keeps ``x`` when ``|x| / a`` (a correctly rounded float32 quotient in [0, 1]) exceeds
   the keyed dither of :mod:`._random`; the block's largest values are always kept (dither < 1).
   TernGrad itself runs without error feedback; the squared error ``sum(a|x| - x^2)`` can exceed
-  ``|x|^2`` (NMSE > 1), which error feedback does not damp.
-* ``"threshold"`` (deterministic): ``delta = threshold * mean|x|`` of the block (``threshold``
+  ``|x|^2`` (NMSE > 1), which error feedback does not damp: the hook refuses it with error feedback.
+* ``"threshold"`` (default, deterministic): ``delta = threshold * mean|x|`` of the block (``threshold``
   > 0, default 0.7); the values with ``|x| > delta`` become ``sign(x) * a`` with ``a`` the mean of
   their ``|x|``, all others 0; ``a = 0`` when no value exceeds ``delta``.  Both means are
   accumulated in float64 from the float32 values and ``|x| > delta`` is decided exactly as in
@@ -61,7 +61,7 @@ import numbers
 import torch
 
 from ._blockscaled import BlockScaledCodec, _abs, _gt, _mask, _negative, _shift_left
-from .blocks import blocks_for
+from .blocks import DEFAULT_BLOCK_SIZE, blocks_for
 from .options import check_choice
 from .packing import (
     pack_codes,
@@ -82,7 +82,7 @@ class TernaryCodec(BlockScaledCodec):
     name = "ternary"
     codec_id = 10
     native = 2
-    stochastic = True  # the default rounding; set per instance
+    stochastic = False  # the default (threshold) rounding; set per instance
     body_formula = "4*blocks + ceil(n/4) (packing='2bit') or 4*blocks + ceil(n/5) (packing='base3')"
     summary = "TernGrad {-a, 0, +a} per block: unbiased stochastic or threshold rounding, 2-bit or base-3 (1.6-bit) codes"
     examples = ((8, {}), (8, {"rounding": "threshold", "packing": "base3", "block_size": 16}))
@@ -94,7 +94,7 @@ class TernaryCodec(BlockScaledCodec):
     # server residual would grow without bound): the two-phase exchange re-encodes it with uniform
     server_codec = ("uniform", 2)
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, rounding: str = "stochastic",
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, rounding: str = "threshold",
                  threshold: float = 0.7, packing: str = "2bit", compile: bool = False):
         super().__init__(bits, block_size, compile)
         self.rounding = check_choice(self.name, "rounding", rounding, ROUNDINGS)
@@ -105,6 +105,11 @@ class TernaryCodec(BlockScaledCodec):
                              f"mean |x|, default 0.7), got {threshold!r}")
         self.threshold = float(threshold)
         self.stochastic = self.rounding == "stochastic"
+        # a stochastic trit's error reaches a = max|x| of the block for EVERY kept or dropped value,
+        # far above |x| for most of them: fed back, residuals settle ~50x above the gradient (one
+        # scale per bucket; the LM's pre-clip gradient norm grew 300x).  Threshold rounding is
+        # contractive (||x - q||^2 = ||x||^2 - k a^2 per block).  The hook refuses stochastic + EF.
+        self.error_feedback_diverges = self.stochastic
         self.body_formula = "4*blocks + ceil(n/4)" if packing == "2bit" else "4*blocks + ceil(n/5)"
         planar = self.packing == "2bit"  # the compiled kernels write and read planar 2-bit codes
         self._fused_code = _stochastic_code if planar and self.stochastic else None

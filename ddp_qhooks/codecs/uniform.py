@@ -32,7 +32,7 @@ import torch
 
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
-from .blocks import blocks_for, check_block_size
+from .blocks import DEFAULT_BLOCK_SIZE, blocks_for, check_block_size
 from .options import check_bits
 from .packing import (
     PLANAR_BITS,
@@ -99,7 +99,7 @@ class UniformCodec(Codec):
     examples = ((4, {}),)
     fidelity_configs = (("uniform 8b", 8, {}), ("uniform 4b", 4, {}), ("uniform 2b", 2, {}), ("uniform 1b", 1, {}))
 
-    def __init__(self, bits: int = 8, block_size: int | str | None = None, compile: bool = False):
+    def __init__(self, bits: int = 8, block_size: int | str | None = DEFAULT_BLOCK_SIZE, compile: bool = False):
         bits = check_bits(self.name, bits, self.valid_bits[0], self.valid_bits[-1])
         block_size = check_block_size(self.name, block_size)
         if not isinstance(compile, bool):

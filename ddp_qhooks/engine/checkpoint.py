@@ -37,6 +37,8 @@ class Checkpointing:
             "totals": dict(self._totals),
             # per-rank running state of stateful codecs (k-means codebooks, adaptive ranges)
             "codec_state": self.codec.state_dict() if hasattr(self.codec, "state_dict") else {},
+            **({"worker_momentum": {self._name_of(k): v for k, v in self.worker_momentum.state_dict().items()}}
+               if self.worker_momentum is not None else {}),
         }
 
     def load_state_dict(self, state_dict) -> None:
@@ -128,6 +130,8 @@ class Checkpointing:
         # a server residual outside this rank's shards (other world size or bucket layout) is moved
         # into the worker residual when its bucket is first seen: nothing is dropped
         self.server_memory.load(server)
+        if self.worker_momentum is not None:
+            self.worker_momentum.load_state_dict(self._residuals_by_key(state_dict.get("worker_momentum", {})))
         if state_dict.get("codec_state") and hasattr(self.codec, "load_state_dict"):
             if dict(state_dict["codec"]) == self.codec.config():
                 self.codec.load_state_dict(state_dict["codec_state"])

@@ -58,6 +58,8 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
                       len(plan.bounds), plan.mode, plan.reason)
 
     x = buf if buf.dtype == torch.float32 else buf.float()
+    if state.worker_momentum is not None:  # compress m = beta * m + g instead of g
+        state.worker_momentum.apply(signature, plan.layout.param_numels, x)
     residual, held = None, []
     if state.error_feedback:
         residual = state.memory.bucket_residual(signature, plan.layout.param_numels, buf.device)

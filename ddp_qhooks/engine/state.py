@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..codecs import Layout, make_codec, server_codec_for
 from ..error_feedback import ResidualMemory
+from ..worker_momentum import WorkerMomentum
 from ..exchange import STRATEGIES, TwoPhase, check_exchange, choose, collectives, piece_layouts
 from .accounting import Accounting
 from .checkpoint import Checkpointing
@@ -18,7 +19,7 @@ from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_bounds
 from .completion import Completion
 
 STATE_OPTIONS = ("seed", "measure_error", "hold_unused_residuals", "exchange", "ranks_per_node", "server_bits",
-                 "chunk_size")
+                 "chunk_size", "worker_momentum")
 
 
 @dataclass
@@ -75,6 +76,11 @@ class QuantizedHookState(Accounting, Checkpointing):
         chunk_size: buckets above this many values are cut into chunks that are encoded, sent and
             decoded as a pipeline, several collectives in flight (default 2**21; ``None``: never
             cut).  Each chunk has its own scales.
+        worker_momentum: ``beta`` for momentum kept on each worker and compressed instead of the
+            gradient (``m = beta * m + g``, then error feedback on ``m``): the remedy for 1-bit codecs
+            under momentum SGD; the optimizer then runs without momentum (``momentum=0``, the one
+            line the user changes).  Default None (off).  With codec ``none`` it equals SGD with
+            momentum ``beta``.
         **codec_options: codec specific, e.g. ``block_size``.
     """
 
@@ -82,12 +88,13 @@ class QuantizedHookState(Accounting, Checkpointing):
                  seed: int = 0, module: Optional[torch.nn.Module] = None, measure_error: bool = True,
                  hold_unused_residuals: bool = False, exchange: str = "auto", ranks_per_node: Optional[int] = None,
                  server_bits: Optional[int] = None, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
-                 **codec_options):
+                 worker_momentum: Optional[float] = None, **codec_options):
         # -- configuration (must agree across ranks) --
         self.codec = make_codec(codec, bits, _extra_valid=STATE_OPTIONS, **codec_options)
         self.server_codec = server_codec_for(self.codec, server_bits, codec_options)
         self.exchange = check_exchange(exchange)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.worker_momentum = None if worker_momentum is None else WorkerMomentum(worker_momentum)
         if ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
             ranks_per_node = int(os.environ["LOCAL_WORLD_SIZE"])  # torchrun: ranks on this node
         if ranks_per_node is not None and (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
@@ -168,7 +175,8 @@ class QuantizedHookState(Accounting, Checkpointing):
         """What every rank must have alike (checked once, collectively)."""
         return {**self.codec.config(), "error_feedback": self.error_feedback, "exchange": self.exchange,
                 "ranks_per_node": self.ranks_per_node, "server_codec": self.server_codec.config(),
-                "chunk_size": self.chunk_size}
+                "chunk_size": self.chunk_size,
+                "worker_momentum": None if self.worker_momentum is None else self.worker_momentum.beta}
 
     # -- plans -------------------------------------------------------------------------------------
     def _plan(self, signature: tuple, numels: list, device) -> Plan:

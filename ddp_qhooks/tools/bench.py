@@ -405,6 +405,9 @@ def run_worker(args) -> list[dict] | None:
         task = FashionMnistTask(args.batch, rank, device, args.data)
     elif args.model == "linear":
         task = LinearTask(int(args.params), args.batch, rank, device)
+    elif args.task == "lm":  # tools/lm.py; test_accuracy holds the validation loss (lower is better)
+        from .lm import LmTask
+        task = LmTask(args.batch, rank, device)
     else:
         task = SyntheticTask(int(args.params), args.batch, rank, device)
     configs = [parse_config(c) for c in args.configs]
@@ -956,6 +959,9 @@ def _param_count(args) -> int:
     if getattr(args, "model", "mlp") == "linear":
         n = _side_for(args.params)
         return n * n + n
+    if args.task == "lm":
+        from .lm import LmTask
+        return sum(p.numel() for p in LmTask(1, 0, "cpu").model().parameters())
     w = _width_for(int(args.params))
     return 64 * w + w + 3 * (w * w + w) + w * 10 + 10
 
@@ -1224,9 +1230,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_HelpFormatter, epilog=EXAMPLES)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="CONFIG",
                    help="configurations to run, in order ('all': " + " ".join(ALL_CONFIGS) + ")")
-    p.add_argument("--task", choices=("synthetic", "fmnist"), default="synthetic",
+    p.add_argument("--task", choices=("synthetic", "fmnist", "lm"), default="synthetic",
                    help="synthetic: communication-bound regression (throughput); fmnist: SmallCNN on Fashion-MNIST "
-                        "(accuracy)")
+                        "(accuracy); lm: tools/lm.py's char-level transformer (its test_accuracy column is the "
+                        "validation loss)")
     p.add_argument("--model", choices=MODELS, default="mlp",
                    help="synthetic task's model: mlp (64-w-w-w-w-10, many DDP buckets) or linear (one nn.Linear(n, n): "
                         "one parameter, one bucket; 25e6 params: n=5000, a 100 MB weight)")

@@ -90,3 +90,10 @@ class SmallCNN(nn.Sequential):
             nn.Conv2d(1, width, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(2 * width * 16, 10))
+
+
+class MLP(nn.Sequential):
+    """784-256-10 fully connected classifier (~200k parameters), the study's momentum-SGD recipe."""
+
+    def __init__(self, hidden: int = 256):
+        super().__init__(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
