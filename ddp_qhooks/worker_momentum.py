@@ -24,8 +24,8 @@ unchanged AdamW it does NOT help (LM validation loss 1.62x fp32): it is a remedy
 Buffers belong to parameters, not to bucket indices: like ``error_feedback.ResidualMemory``, each
 distinct bucket (identified by the tuple of parameter keys it holds, its *signature*) gets one flat
 buffer, assembled from wherever those parameters' momenta live when DDP rebuilds its buckets or a
-checkpoint is loaded.  Steps that GradScaler skips still advance the momentum (the non-finite
-gradient is not added: a non-finite bucket leaves the buffer as it was and passes through).
+checkpoint is loaded.  The new buffer is staged and committed by the engine at the end of a step
+whose input was finite on every rank: a step GradScaler skips leaves the momentum as it was.
 """
 from __future__ import annotations
 
@@ -33,71 +33,47 @@ import math
 
 import torch
 
+from .error_feedback import ResidualMemory
+
 __all__ = ["WorkerMomentum"]
 
 
 class WorkerMomentum:
+    """Per-parameter momentum buffers, kept like error-feedback residuals (a
+    :class:`~ddp_qhooks.error_feedback.ResidualMemory`: rebuild-safe, keyed by parameter, staged).
+
+    The new buffer is written to staging and made current by :meth:`commit` at the end of a step
+    in which every rank's input was finite, so a step GradScaler skips leaves every buffer as it
+    was, with no value read on the host."""
+
     def __init__(self, beta: float = 0.9) -> None:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
                 or not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"worker_momentum must be a number in [0, 1), got {beta!r}")
         self.beta = float(beta)
-        self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
-        self._where: dict[int, tuple[tuple[int, ...], int, int]] = {}   # key -> (signature, offset, numel)
-        self._pending: dict[int, torch.Tensor] = {}                     # loaded, not yet claimed
-
-    def _bucket(self, signature: tuple[int, ...], numels, device, dtype) -> torch.Tensor:
-        buf = self._buffers.get(signature)
-        if buf is not None:
-            return buf
-        buf = torch.zeros(sum(numels), dtype=dtype, device=device)
-        offset, emptied = 0, set()
-        for key, n in zip(signature, numels):
-            src = None
-            if key in self._where:
-                sig, off, m = self._where[key]
-                if m != n:
-                    raise RuntimeError(f"worker momentum: parameter {key} has {n} elements, its buffer {m}")
-                src = self._buffers[sig][off:off + m]
-                emptied.add(sig)
-            elif key in self._pending:
-                src = self._pending.pop(key)
-                if src.numel() != n:
-                    raise RuntimeError(f"worker momentum: checkpointed buffer of parameter {key} has {src.numel()} "
-                                       f"elements, the parameter has {n}")
-            if src is not None:
-                buf[offset:offset + n].copy_(src.reshape(-1))
-            self._where[key] = (signature, offset, n)
-            offset += n
-        self._buffers[signature] = buf
-        for sig in emptied:
-            if not any(loc[0] == sig for loc in self._where.values()):
-                del self._buffers[sig]
-        return buf
+        self.memory = ResidualMemory()
 
     @torch.no_grad()
     def apply(self, signature: tuple[int, ...], numels, x: torch.Tensor) -> torch.Tensor:
-        """``m = beta * m + x`` for the bucket's parameters, then ``x = m`` (in place); returns ``x``.
-        A non-finite ``x`` (a step GradScaler will skip) leaves ``m`` unchanged and ``x`` as it is."""
-        numels = tuple(int(n) for n in numels)
+        """``m' = beta * m + x`` for the bucket's parameters (staged), then ``x = m'`` in place;
+        returns ``x``."""
+        signature, numels = tuple(signature), tuple(int(n) for n in numels)
         if sum(numels) != x.numel():
             raise ValueError(f"worker momentum: the bucket has {x.numel()} values, the parameters {sum(numels)}")
-        if not bool(torch.isfinite(x).all()):
-            return x
-        m = self._bucket(tuple(signature), numels, x.device, torch.float32)
-        m.mul_(self.beta).add_(x)
-        x.copy_(m)
+        m = self.memory.bucket_residual(signature, numels, x.device)
+        staged = self.memory.staging(signature)
+        torch.add(x, m, alpha=self.beta, out=staged)
+        x.copy_(staged)
         return x
+
+    def commit(self, signatures) -> None:
+        """Make the staged buffers of these buckets current (end of a finite step)."""
+        self.memory.commit(signatures)
 
     def state_dict(self) -> dict[int, torch.Tensor]:
         """Every momentum buffer by parameter key (CPU copies)."""
-        out = {k: v.detach().cpu().clone() for k, v in self._pending.items()}
-        for key, (sig, off, n) in self._where.items():
-            out[key] = self._buffers[sig][off:off + n].detach().cpu().clone()
-        return out
+        return {k: v.detach().cpu().clone() for k, v in self.memory.residuals().items()}
 
     def load_state_dict(self, state: dict) -> None:
         """Replace every buffer; each is placed into its bucket when that bucket is next seen."""
-        self._buffers.clear()
-        self._where.clear()
-        self._pending = {int(k): torch.as_tensor(v).detach().reshape(-1).float().clone() for k, v in state.items()}
+        self.memory.load({int(k): torch.as_tensor(v).detach().reshape(-1).float() for k, v in state.items()})

@@ -24,6 +24,7 @@ def test_apply_is_heavy_ball_per_parameter_across_bucket_rebuilds():
             out = wm.apply(sig, [g[k].numel() for k in sig], x)
             assert out is x
             torch.testing.assert_close(x, torch.cat([ref[k] for k in sig]), rtol=0, atol=1e-6)
+        wm.commit([sig for (sig,) in buckets])  # the engine does this at the end of a finite step
     sd = wm.state_dict()
     assert sorted(sd) == [0, 1, 2] and all(torch.allclose(sd[k], ref[k], atol=1e-6) for k in ref)
     other = WorkerMomentum(0.9)
@@ -36,8 +37,9 @@ def test_apply_is_heavy_ball_per_parameter_across_bucket_rebuilds():
 def test_nonfinite_bucket_leaves_the_momentum_and_bad_beta_is_refused():
     wm = WorkerMomentum(0.5)
     wm.apply((0,), (2,), torch.tensor([1.0, 2.0]))
+    wm.commit([(0,)])
     bad = torch.tensor([float("nan"), 1.0])
-    wm.apply((0,), (2,), bad)
+    wm.apply((0,), (2,), bad)   # a non-finite step: the engine does not commit it
     assert torch.isnan(bad[0])
     torch.testing.assert_close(wm.state_dict()[0], torch.tensor([1.0, 2.0]))
     for beta in (1.0, -0.1, float("nan"), True, "0.9"):

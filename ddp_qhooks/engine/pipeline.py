@@ -176,6 +176,8 @@ def _end_of_step(state: QuantizedHookState) -> None:
     else:
         state.memory.commit(state._staged)
         state.server_memory.commit(state._staged_server)
+        if state.worker_momentum is not None:
+            state.worker_momentum.commit(state._used_this_step)
     state.step += 1
     state._close_step_record()
     state._new_step()
