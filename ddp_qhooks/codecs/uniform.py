@@ -355,12 +355,8 @@ class UniformCodec(Codec):
         codes and residuals are bitwise the same."""
         runs = blocks_for(layout, block_size).runs
         nblocks = meta.shape[0]
-        if not meta_done:
-            for start, nb, blen, bi in runs:
-                view = x[start:start + nb * blen].view(nb, blen)
-                self._range_run(view, meta[bi:bi + nb, 0], meta[bi:bi + nb, 1])
-            if not bool(torch.isfinite(meta).all()):
-                return EncodeInfo(finite=False)
+        if not meta_done and not self._block_ranges(x, meta, runs):
+            return EncodeInfo(finite=False)
         if x.device.type != "cpu":
             return self._encode_blocks_generic(x, meta, codes, layout, block_size, key, error_out, meta_done=True)
         lo = meta[:, 0].double()
@@ -427,16 +423,19 @@ class UniformCodec(Codec):
         mag = float(meta.abs().max()) if nblocks else 0.0
         return EncodeInfo(True, _sq(err, mag), _sq(x, mag))
 
+    def _block_ranges(self, x, meta, runs) -> bool:
+        """Write every block's (lo, hi) into ``meta``; whether they are all finite."""
+        for start, nb, blen, bi in runs:
+            view = x[start:start + nb * blen].view(nb, blen)
+            self._range_run(view, meta[bi:bi + nb, 0], meta[bi:bi + nb, 1])
+        return bool(torch.isfinite(meta).all())
+
     def _encode_blocks_generic(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
         """Per-block encoder in whole-bucket tensor ops (accelerators; the reference of the chunked CPU path)."""
         runs = blocks_for(layout, block_size).runs
         nblocks = meta.shape[0]
-        if not meta_done:
-            for start, nb, blen, bi in runs:
-                view = x[start:start + nb * blen].view(nb, blen)
-                self._range_run(view, meta[bi:bi + nb, 0], meta[bi:bi + nb, 1])
-            if not bool(torch.isfinite(meta).all()):
-                return EncodeInfo(finite=False)
+        if not meta_done and not self._block_ranges(x, meta, runs):
+            return EncodeInfo(finite=False)
         lo = meta[:, 0].double()
         span = meta[:, 1].double() - lo
         work = torch.float32 if self._grid_ok_fp32(lo, span) else torch.float64

@@ -13,6 +13,7 @@ first, which is what lets the first chunk leave before the last one is encoded.
 from __future__ import annotations
 
 from ..codecs.options import as_int
+from ..exchange.collectives import shard_bounds
 
 #: default chunk size in values (8 MiB of fp32 gradient); chosen by the one-big-parameter benchmark
 #: at 200 Mbit/s and 1 Gbit/s (docs/results.md)
@@ -33,11 +34,4 @@ def chunk_bounds(numel: int, chunk_size) -> list[tuple[int, int]]:
     """Equal contiguous chunks of at most ``chunk_size`` values (one chunk when None or smaller)."""
     if chunk_size is None or numel <= chunk_size:
         return [(0, numel)]
-    count = -(-numel // chunk_size)
-    base, extra = divmod(numel, count)
-    bounds, start = [], 0
-    for c in range(count):
-        end = start + base + (1 if c < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    return shard_bounds(numel, -(-numel // chunk_size))
