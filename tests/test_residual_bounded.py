@@ -13,7 +13,7 @@ import pytest
 
 from _ef_sim import simulate, summary
 from ddp_qhooks.codecs import make_codec
-from ddp_qhooks.hook import QuantizedHookState
+from ddp_qhooks import QuantizedHookState
 
 CASES = [("stochastic", 8), ("stochastic", 4), ("stochastic", 2), ("uniform", 4), ("uniform", 2), ("log", 4),
          ("mulaw", 4), ("kmeans", 2), ("adaptive", 4), ("sign", 1), ("ternary", 2), ("topk", 8), ("fp16", 16)]
