@@ -884,6 +884,10 @@ BAD_OPTIONS = [
     ({"codec": "fp16", "block_size": 8}, ["block_size", "valid options"]),
     ({"codec": "uniform", "bits": 4, "blocksize": 8}, ["blocksize", "block_size"]),
     ({"codec": "uniform", "bits": 4, "error_feedback": "yes"}, ["error_feedback"]),
+    ({"codec": "sign", "bits": 4}, ["sign", "1-bit", "bits=4 is not available", "omit bits or pass bits=1"]),
+    ({"codec": "fp16", "bits": 4}, ["fp16", "16-bit", "omit bits or pass bits=16"]),
+    ({"codec": "uniform", "bits": 4, "chunk_size": 10}, ["chunk_size", "None", "65536"]),
+    ({"codec": "none", "worker_momentum": 1.0}, ["worker_momentum", "[0, 1)"]),
 ]
 
 MISMATCHES = {
@@ -921,9 +925,17 @@ def _mismatch_one(rank, world, configs):
     return {"raised": False, "elapsed": time.monotonic() - t0}
 
 
+def _register_twice():
+    ddp = DDP(_mlp(73))
+    ddp_qhooks.register(ddp, "uniform", bits=4)
+    ddp_qhooks.register(ddp, "stochastic", bits=2)
+
+
 def _w_bad_input(rank, world, mismatches):
     # every rank builds the same DDP models (DDP's constructor is a collective)
     out = {"register": [_guard(_bad_register, kw) for kw, _ in BAD_OPTIONS] if world == 2 else []}
+    if world == 2:
+        out["twice"] = _guard(_register_twice)
     for name, configs in mismatches.items():
         out[name] = _mismatch_one(rank, world, configs)
     return out
@@ -947,6 +959,14 @@ def test_invalid_options_raise_value_error(bad_input_runs, index):
         assert "rank(s)" not in res["error"] and "ranks:" not in res["error"], res["error"]
         for w in words:
             assert w in res["error"], (w, res["error"])
+
+
+def test_registering_twice_says_how_to_change_the_codec(bad_input_runs):
+    for r in bad_input_runs[2]:
+        res = r["result"]["twice"]
+        assert not res["ok"] and res["type"] == "RuntimeError", res
+        for words in ("already has a communication hook", "new DistributedDataParallel", "load_state_dict"):
+            assert words in res["error"], res["error"]
 
 
 def test_invalid_options_on_one_rank_fail_everywhere(bad_input_runs):

@@ -29,8 +29,8 @@ def native_bits(codec: str, bits, native: int) -> int:
     """``bits`` must be 8 (what the hook passes to every codec) or the codec's own code width."""
     value = as_int(bits)
     if isinstance(value, bool) or not isinstance(value, int) or value not in (8, native):
-        raise ValueError(f"{codec}: has a fixed code width (reported as bits={native}), so bits does not apply "
-                         f"(leave it at its default 8 or pass {native}), got {bits!r}")
+        raise ValueError(f"{codec}: sends {native}-bit codes, so bits={bits!r} is not available; omit bits "
+                         f"or pass bits={native} (for other widths use stochastic or uniform)")
     return native
 
 

@@ -25,8 +25,8 @@ class CastCodec(Codec):
         native = torch.finfo(self.dtype).bits
         # 8 is register()'s default for every codec; anything else must be this format's width
         if bits is not None and (isinstance(bits, bool) or bits not in (8, native)):
-            raise ValueError(f"{self.name}: always sends {native}-bit values, so bits does not apply "
-                             f"(leave it at its default or pass {native}), got {bits!r}")
+            raise ValueError(f"{self.name}: always sends {native}-bit values, so bits={bits!r} is not available; "
+                             f"omit bits or pass bits={native}")
         super().__init__(native)
 
     def config(self) -> dict:
