@@ -96,7 +96,8 @@ def ref_value_nbytes(values, bits, value_block_size, K):
     if values in VALUE_BYTES:
         return VALUE_BYTES[values] * K
     assert values in ("uniform", "stochastic")
-    nblocks = len(ref_block_lengths([K], value_block_size))
+    # value_block_size=None: the value codec's own default, blocks of 256 (documented in uniform.py)
+    nblocks = len(ref_block_lengths([K], 256 if value_block_size is None else value_block_size))
     return 8 * nblocks + (K * bits + 7) // 8
 
 
