@@ -8,7 +8,7 @@ import torch
 from ddp_qhooks.codecs import CODECS, codec_options, make_codec
 
 from . import CodecSpec, spec
-from ._ref import ceil_div, ref_block_lengths, topk_k
+from ._ref import ceil_div, default_of, ref_block_lengths, topk_k
 
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -24,7 +24,10 @@ def expected_nbytes(bits, options, numels):
     values = options.get("values", "fp32")
     if values == "fp32":
         return index + 4 * kept
-    vopts = {} if options.get("value_block_size") is None else {"block_size": options["value_block_size"]}
+    if options.get("value_block_size") is not None:
+        vopts = {"block_size": options["value_block_size"]}
+    else:  # the value codec at its own default blocks
+        vopts = {"block_size": default_of(values, "block_size")} if "block_size" in codec_options(values) else {}
     return index + spec(values).expected_nbytes(make_codec(values, bits, **vopts).bits, vopts, [kept])
 
 
