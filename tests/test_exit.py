@@ -23,7 +23,7 @@ import ddp_qhooks
 from _dist import free_port, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART_RUNS = int(os.environ.get("DDP_QHOOKS_EXIT_RUNS", "20"))
+QUICKSTART_RUNS = int(os.environ.get("DDP_QHOOKS_EXIT_RUNS", "16"))
 
 
 def _threads_running_codec_code(rank, world, exchange, chunk_size):
