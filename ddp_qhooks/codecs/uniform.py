@@ -359,12 +359,7 @@ class UniformCodec(Codec):
             return EncodeInfo(finite=False)
         if x.device.type != "cpu":
             return self._encode_blocks_generic(x, meta, codes, layout, block_size, key, error_out, meta_done=True)
-        lo = meta[:, 0].double()
-        span = meta[:, 1].double() - lo
-        work = torch.float32 if self._grid_ok_fp32(lo, span) else torch.float64
-        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
-        scale = (span / self.levels).to(work)
-        lo_w = lo.to(work)
+        work, lo_w, inv, scale = self._block_grid(meta)
         n, bits = layout.numel, self.bits
         s = self._scratch_for(x.device, n)
         chunk = s.chunk
@@ -423,6 +418,15 @@ class UniformCodec(Codec):
         mag = float(meta.abs().max()) if nblocks else 0.0
         return EncodeInfo(True, _sq(err, mag), _sq(x, mag))
 
+    def _block_grid(self, meta):
+        """(working dtype, lo, levels/span, span/levels) per block: float32 where the grid fits it,
+        else float64 (``_grid_ok_fp32``)."""
+        lo = meta[:, 0].double()
+        span = meta[:, 1].double() - lo
+        work = torch.float32 if self._grid_ok_fp32(lo, span) else torch.float64
+        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
+        return work, lo.to(work), inv, (span / self.levels).to(work)
+
     def _block_ranges(self, x, meta, runs) -> bool:
         """Write every block's (lo, hi) into ``meta``; whether they are all finite."""
         for start, nb, blen, bi in runs:
@@ -436,12 +440,7 @@ class UniformCodec(Codec):
         nblocks = meta.shape[0]
         if not meta_done and not self._block_ranges(x, meta, runs):
             return EncodeInfo(finite=False)
-        lo = meta[:, 0].double()
-        span = meta[:, 1].double() - lo
-        work = torch.float32 if self._grid_ok_fp32(lo, span) else torch.float64
-        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
-        scale = (span / self.levels).to(work)
-        lo_w = lo.to(work)
+        work, lo_w, inv, scale = self._block_grid(meta)
         xw = x.to(work)
         dither = _random.param_dither(layout, key, x.device) if self.stochastic else None
         ci = torch.empty(layout.numel, dtype=torch.uint8, device=x.device)
