@@ -86,7 +86,12 @@ def codec_options(name: str) -> tuple[str, ...]:
 
 
 def make_codec(name: str, bits: int = 8, _extra_valid: tuple = (), **options) -> Codec:
-    """Build a codec by name, with a clear ValueError for unknown names or options."""
+    """Build a codec by name, with a clear ValueError for unknown names or options.
+
+    ``name`` is a key of ``CODECS`` (the registry); ``bits`` the width in 1..8 (fixed-width codecs
+    accept 8, the hook's default, and their own width, see :func:`valid_bits`); ``options`` the
+    codec's own keyword options (``codec_options(name)`` lists them, e.g. ``block_size``,
+    ``rounding``, ``compile``), passed to its constructor unchanged."""
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(sorted(CODECS))}")
     valid = codec_options(name) + tuple(_extra_valid)
