@@ -54,7 +54,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import Codec, EncodeInfo, Layout
+from .base import Codec, EncodeInfo, Layout, all_finite, sum_sq64
 from .blocks import blocks_for, check_block_size
 from .options import check_int
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -231,8 +231,8 @@ class TopKCodec(Codec):
                 self.value_codec.encode(xf, body, plan.value_layout, key=key)
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
         mag = xf.abs()
-        if not math.isfinite(float(mag.max())):  # max propagates NaN
-            return EncodeInfo(finite=False)
+        # left on the device (max propagates NaN): a non-finite input still gets a body, the flag marks it
+        finite = torch.isfinite(mag.max())
         rel_parts, val_parts = [], []
         for start, nb, blen, k in plan.runs:
             xv = xf[start:start + nb * blen].view(nb, blen)
@@ -263,8 +263,7 @@ class TopKCodec(Codec):
         else:
             target = _aligned(section)
             info = self.value_codec.encode(vals, target, plan.value_layout, key=key)
-            if not info.finite:
-                return EncodeInfo(finite=False)
+            finite = all_finite([EncodeInfo(finite), info])
             if target is not section:
                 section.copy_(target)
             sent = None
@@ -272,15 +271,14 @@ class TopKCodec(Codec):
                 sent = torch.empty_like(vals)
                 self.value_codec.decode([target], plan.value_layout, sent)
         if error_out is None:
-            return EncodeInfo()
+            return EncodeInfo(finite)
         # x - decode(body): the input everywhere, minus what the receivers get at the kept positions
         err = error_out if error_out.dtype == torch.float32 else torch.empty(xf.shape, dtype=torch.float32, device=x.device)
         err.copy_(xf)
         err.index_copy_(0, rel + base, vals - sent)
         if err is not error_out:
             error_out.copy_(err)
-        e, v = error_out.double(), xf.double()
-        return EncodeInfo(True, float(torch.dot(e, e)), float(torch.dot(v, v)))
+        return EncodeInfo(finite, sum_sq64(error_out.reshape(-1)), sum_sq64(xf.reshape(-1)))
 
     # -- decode ------------------------------------------------------------------------------
     def _positions(self, body: torch.Tensor, plan: _Plan, device) -> torch.Tensor:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _fused, _random
-from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
+from .base import Codec, EncodeInfo, Layout, _stats_off, sum_sq as _sq
 from .blocks import DEFAULT_BLOCK_SIZE, blocks_for, check_block_size
 from .options import check_bits
 from .packing import (
@@ -175,15 +175,19 @@ class UniformCodec(Codec):
         step = span / self.levels
         return self._fits_fp32(step, step, abs(lo) if lo != 0 else math.inf, max(abs(lo), abs(lo + span)))
 
-    def _grid_ok_fp32(self, lo: torch.Tensor, span: torch.Tensor) -> bool:
-        """:meth:`_fits_fp32` for float64 per-block ``lo`` / ``span`` tensors."""
+    def _grid_ok_fp32(self, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        """:meth:`_fits_fp32` for float64 per-block ``lo`` / ``span`` tensors, as a 0-dim bool tensor
+        computed on their device (False where any is NaN)."""
         scale = span / self.levels
-        nonzero = scale[scale > 0]
-        offsets = lo.abs()[lo != 0]
-        return self._fits_fp32(float(nonzero.min()) if nonzero.numel() else 0.0,
-                               float(nonzero.max()) if nonzero.numel() else 0.0,
-                               float(offsets.min()) if offsets.numel() else math.inf,
-                               float(torch.maximum(lo.abs(), (lo + span).abs()).max()) if lo.numel() else 0.0)
+        pos = scale > 0
+        step_min = torch.where(pos, scale, math.inf).amin()
+        step_max = torch.where(pos, scale, 0.0).amax()
+        offset_min = torch.where(lo != 0, lo.abs(), math.inf).amin()
+        value_max = torch.maximum(lo.abs(), (lo + span).abs()).amax()
+        small = value_max < _FP32_MAX / 4
+        varying = (offset_min >= _MIN_NORMAL_STEP) & (step_max < _FP32_MAX / 4 / self.levels) & \
+            (step_min > _MIN_NORMAL_STEP) & small
+        return torch.where(step_max > 0, varying, small)
 
     # -- encode ------------------------------------------------------------------------------
     def encode(self, x, body, layout, key=0, error_out=None):
@@ -354,12 +358,14 @@ class UniformCodec(Codec):
         These are the whole-bucket ops of :meth:`_encode_blocks_generic`, element by element, so
         codes and residuals are bitwise the same."""
         runs = blocks_for(layout, block_size).runs
-        nblocks = meta.shape[0]
-        if not meta_done and not self._block_ranges(x, meta, runs):
-            return EncodeInfo(finite=False)
         if x.device.type != "cpu":
-            return self._encode_blocks_generic(x, meta, codes, layout, block_size, key, error_out, meta_done=True)
-        work, lo_w, inv, scale = self._block_grid(meta)
+            return self._encode_blocks_generic(x, meta, codes, layout, block_size, key, error_out, meta_done)
+        if not meta_done:
+            self._block_ranges(x, meta, runs)
+        grid = self._block_grid(meta, check_finite=not meta_done)
+        if grid is None:
+            return EncodeInfo(finite=False)
+        work, lo_w, inv, scale = grid
         n, bits = layout.numel, self.bits
         s = self._scratch_for(x.device, n)
         chunk = s.chunk
@@ -415,32 +421,38 @@ class UniformCodec(Codec):
             return EncodeInfo()
         if not direct:
             error_out.copy_(err)
-        mag = float(meta.abs().max()) if nblocks else 0.0
-        return EncodeInfo(True, _sq(err, mag), _sq(x, mag))
+        return self._error_info(err, x, meta)
 
-    def _block_grid(self, meta):
+    def _block_grid(self, meta, check_finite: bool = True):
         """(working dtype, lo, levels/span, span/levels) per block: float32 where the grid fits it,
-        else float64 (``_grid_ok_fp32``)."""
+        else float64 (``_grid_ok_fp32``); None when ``check_finite`` and a block is not finite.
+        Finiteness and the float32 test come to the host together: the encoder's one read."""
         lo = meta[:, 0].double()
         span = meta[:, 1].double() - lo
-        work = torch.float32 if self._grid_ok_fp32(lo, span) else torch.float64
+        ok = self._grid_ok_fp32(lo, span)
+        if check_finite:
+            finite, ok = torch.stack([torch.isfinite(meta).all(), ok]).tolist()
+            if not finite:
+                return None
+        work = torch.float32 if bool(ok) else torch.float64
         inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
         return work, lo.to(work), inv, (span / self.levels).to(work)
 
-    def _block_ranges(self, x, meta, runs) -> bool:
-        """Write every block's (lo, hi) into ``meta``; whether they are all finite."""
+    def _block_ranges(self, x, meta, runs) -> None:
+        """Write every block's (lo, hi) into ``meta``."""
         for start, nb, blen, bi in runs:
             view = x[start:start + nb * blen].view(nb, blen)
             self._range_run(view, meta[bi:bi + nb, 0], meta[bi:bi + nb, 1])
-        return bool(torch.isfinite(meta).all())
 
     def _encode_blocks_generic(self, x, meta, codes, layout, block_size, key, error_out, meta_done=False):
         """Per-block encoder in whole-bucket tensor ops (accelerators; the reference of the chunked CPU path)."""
         runs = blocks_for(layout, block_size).runs
-        nblocks = meta.shape[0]
-        if not meta_done and not self._block_ranges(x, meta, runs):
+        if not meta_done:
+            self._block_ranges(x, meta, runs)
+        grid = self._block_grid(meta, check_finite=not meta_done)
+        if grid is None:
             return EncodeInfo(finite=False)
-        work, lo_w, inv, scale = self._block_grid(meta)
+        work, lo_w, inv, scale = grid
         xw = x.to(work)
         dither = _random.param_dither(layout, key, x.device) if self.stochastic else None
         ci = torch.empty(layout.numel, dtype=torch.uint8, device=x.device)
@@ -462,7 +474,15 @@ class UniformCodec(Codec):
         if err is None:
             return EncodeInfo()
         error_out.copy_(err)
-        mag = float(meta.abs().max()) if nblocks else 0.0
+        return self._error_info(err, x, meta)
+
+    @staticmethod
+    def _error_info(err, x, meta) -> EncodeInfo:
+        """The squared sums of the residual and the input, whose magnitudes ``meta`` bounds (its read
+        is skipped with the statistics)."""
+        if _stats_off():
+            return EncodeInfo(True, math.nan, math.nan)
+        mag = float(meta.abs().max()) if meta.numel() else 0.0
         return EncodeInfo(True, _sq(err, mag), _sq(x, mag))
 
     # -- decode ------------------------------------------------------------------------------
@@ -482,9 +502,11 @@ class UniformCodec(Codec):
             return self._decode_blocks(parts, layout, out, divisor, torch.float64)
         metas = torch.stack([m for m, _ in parts]).double()  # (W, nblocks, 2)
         lo, span = metas[..., 0], metas[..., 1] - metas[..., 0]
-        fp32 = self._grid_ok_fp32(lo.reshape(-1) / divisor, span.reshape(-1) / divisor) and \
-            float(lo.abs().sum(0).max()) / divisor < _FP32_MAX / 4
-        return self._decode_blocks(parts, layout, out, divisor, torch.float32 if fp32 else torch.float64)
+        ok = self._grid_ok_fp32(lo.reshape(-1) / divisor, span.reshape(-1) / divisor) & \
+            (lo.abs().sum(0).amax() / divisor < _FP32_MAX / 4)
+        # the decoder's one read: the working type, and whether a (never encoded) negative span occurs
+        fp32, negative = torch.stack([ok, (span < 0).any()]).tolist()
+        return self._decode_blocks(parts, layout, out, divisor, torch.float32 if fp32 else torch.float64, negative)
 
     def _decode_one_block(self, codes_list, scales, const, out):
         s = self._scratch_for(out.device, out.numel())
@@ -546,11 +568,11 @@ class UniformCodec(Codec):
             self._masks[device] = masks = masks.view(1, k, 1)
         return masks
 
-    def _decode_blocks(self, parts, layout, out, divisor, work):
+    def _decode_blocks(self, parts, layout, out, divisor, work, negative=None):
         """Per-block decoding; on the CPU in chunks of ``CHUNK`` values through reused scratch
         buffers, with the ops of :meth:`_decode_blocks_generic` element by element (bitwise the
         same): per payload ``codes * scale`` with per-row scales, summed in payload order, then
-        ``+ lo_sum``."""
+        ``+ lo_sum``.  ``negative``: whether some span is negative (None: found here)."""
         if out.device.type != "cpu":
             return self._decode_blocks_generic(parts, layout, out, divisor, work)
         n, bits = layout.numel, self.bits
@@ -561,7 +583,7 @@ class UniformCodec(Codec):
         scales = [(sp / self.levels / divisor).to(work) for sp in spans]
         # the reference sums into zeros: 0 + (-0.0) is +0.0, so a negative scale (never written by
         # the encoder) makes the first payload add to zeros too
-        zero_first = any(bool((sp < 0).any()) for sp in spans)
+        zero_first = bool(torch.stack([(sp < 0).any() for sp in spans]).any()) if negative is None else bool(negative)
         direct = work == torch.float32 and out.dtype == torch.float32 and out.is_contiguous()
         if work == torch.float32:
             fbuf, abuf = s.f32, s.window
