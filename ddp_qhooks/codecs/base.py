@@ -182,10 +182,12 @@ class Codec:
             raise ValueError(f"{what} has {t.numel()} elements, layout describes {layout.numel}")
 
     def _error_via_decode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout,
-                          error_out: torch.Tensor) -> EncodeInfo:
+                          error_out: torch.Tensor, decoded: bool = False) -> EncodeInfo:
         """Generic ``error_out = x - decode(body)`` with the squared sums, for codecs that have no
-        cheaper way to form the residual while encoding."""
-        self.decode([body], layout, error_out)
+        cheaper way to form the residual while encoding (``decoded``: ``error_out`` already holds
+        ``decode(body)``)."""
+        if not decoded:
+            self.decode([body], layout, error_out)
         xf = x.float()
         torch.sub(xf, error_out, out=error_out)
         return EncodeInfo(True, sum_sq64(error_out.reshape(-1)), sum_sq64(xf.reshape(-1)))
