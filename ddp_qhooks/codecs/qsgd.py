@@ -97,7 +97,8 @@ class QsgdCodec(StochasticCodec):
         k = torch.where(safe, 0, torch.frexp(m).exponent.neg()).clamp_(-126, 126)
         p = ((k + 127) << 23).to(torch.int32).view(torch.float32)  # 2**k, built from its bits
         norm = torch.linalg.vector_norm(x * p).div_(p)
-        hi = torch.maximum(norm, m).clamp_(max=_FP32_MAX)
+        # capped at float32 max, but an infinite max |x| must stay non-finite: + m * 0 is NaN then
+        hi = torch.maximum(norm, m).clamp_(max=_FP32_MAX).add_(m * 0)
         return -hi, hi
 
     def _range_run(self, view, lo_out, hi_out):
