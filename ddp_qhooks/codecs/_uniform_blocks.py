@@ -54,6 +54,14 @@ class _Scratch:
             t = bufs[name] = torch.empty(self.chunk, dtype=dtype, device=self.f32.device)
         return t
 
+    def bucket(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A bucket-sized buffer, grown on demand (the one-block norm's scaled copy)."""
+        bufs = self.__dict__.setdefault("_buckets", {})
+        t = bufs.get((name, dtype))
+        if t is None or t.numel() < numel:
+            t = bufs[(name, dtype)] = torch.empty(numel, dtype=dtype, device=self.f32.device)
+        return t[:numel]
+
     def whole(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket-sized uint8 codes + packing lanes (compiled path, which works on whole buckets)."""
         if getattr(self, "_whole", None) is None or self._whole[0].numel() < numel:

@@ -96,7 +96,8 @@ class QsgdCodec(StochasticCodec):
         safe = ((md > _SAFE_LO) & (md * md * x.numel() < SQ_LIMIT)) | (md == 0) | ~torch.isfinite(md)
         k = torch.where(safe, 0, torch.frexp(m).exponent.neg()).clamp_(-126, 126)
         p = ((k + 127) << 23).to(torch.int32).view(torch.float32)  # 2**k, built from its bits
-        norm = torch.linalg.vector_norm(x * p).div_(p)
+        scaled = torch.mul(x.view(-1), p, out=self._scratch_for(x.device, x.numel()).bucket("norm", x.numel(), x.dtype))
+        norm = torch.linalg.vector_norm(scaled).div_(p)
         # capped at float32 max, but an infinite max |x| must stay non-finite: + m * 0 is NaN then
         hi = torch.maximum(norm, m).clamp_(max=_FP32_MAX).add_(m * 0)
         return -hi, hi

@@ -54,6 +54,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._blockscaled import PerThreadScratch
 from .base import Codec, EncodeInfo, Layout, all_finite, sum_sq64
 from .blocks import blocks_for, check_block_size
 from .options import check_int
@@ -119,7 +120,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class TopKCodec(Codec):
+class TopKCodec(PerThreadScratch, Codec):
     """Top-k magnitude sparsification per block; values as float32 or through any registered codec."""
 
     name = "topk"
@@ -189,11 +190,11 @@ class TopKCodec(Codec):
                 "value_config": None if self.value_codec is None else dict(self.value_codec.config())}
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_plans"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plans", "_scratch")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._plans = {}
+        self._plans, self._scratch = {}, {}
 
     # -- sizes -------------------------------------------------------------------------------
     def k_for(self, block_len: int) -> int:
@@ -230,7 +231,8 @@ class TopKCodec(Codec):
             if self.value_codec is not None:
                 self.value_codec.encode(xf, body, plan.value_layout, key=key)
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
-        mag = xf.abs()
+        # |x| into a per-thread buffer: no bucket-sized allocation per step
+        mag = torch.abs(xf.view(-1), out=self._scratch_for(x.device).get("mag", xf.numel(), torch.float32))
         # left on the device (max propagates NaN): a non-finite input still gets a body, the flag marks it
         finite = torch.isfinite(mag.max())
         rel_parts, val_parts = [], []
