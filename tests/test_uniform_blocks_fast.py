@@ -60,7 +60,7 @@ class _Frozen:
         mag = float(meta.abs().max()) if nblocks else 0.0
         return EncodeInfo(True, _sq(err, mag), _sq(x, mag))
 
-    def _decode_blocks(self, parts, layout, out, divisor, work):
+    def _decode_blocks(self, parts, layout, out, divisor, work, negative=None):  # (negative: not used here)
         runs = blocks_for(layout, self.block_size).runs
         acc = torch.zeros(layout.numel, dtype=work, device=out.device)
         # offsets summed over ranks in float64 first and added once (exact for constant blocks)

@@ -245,17 +245,20 @@ class BlockScaledCodec(PerThreadScratch, Codec):
             if info is not None:
                 return info
         scales, check, aux = self._scales(xf, layout, s)
-        if not bool(torch.isfinite(check).all()):
-            return EncodeInfo(finite=False)
+        # left on the device: a non-finite input still gets (meaningless) codes, the flag marks it
+        finite = torch.isfinite(check).all()
         codes = s.get("codes", n, torch.uint8)
-        self._codes(xf, layout, scales, aux, self._dither(layout, key, xf.device) if self.stochastic else None, s, codes)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf inputs: flagged above, not warned about
+            self._codes(xf, layout, scales, aux, self._dither(layout, key, xf.device) if self.stochastic else None,
+                        s, codes)
         scales.abs_()  # turns the -0.0 scale an all-zero block may get into +0.0 (else a no-op)
         nb = scales.numel()
         body[: 4 * nb].copy_(scales.view(torch.uint8))  # byte copy: any alignment of the body
         self._pack(codes, body[4 * nb:])
         if error_out is None:
-            return EncodeInfo()
-        return self._residual(xf, layout, scales, self._units(codes), s, error_out)
+            return EncodeInfo(finite)
+        info = self._residual(xf, layout, scales, self._units(codes), s, error_out)
+        return EncodeInfo(finite, info.error_sq, info.input_sq)
 
     def _encode_fused(self, xf, body, layout, key, error_out, s) -> EncodeInfo | None:
         """The compiled kernel over the full stripes, the partial last stripe eagerly; None when the
@@ -264,8 +267,7 @@ class BlockScaledCodec(PerThreadScratch, Codec):
         scales, check, aux = self._scales_fused(xf, layout, s)
         if scales is None:
             return None
-        if not bool(torch.isfinite(check).all()):
-            return EncodeInfo(finite=False)
+        finite = torch.isfinite(check).all()
         scales.abs_()
         k = 8 // bits
         stripes, m = n // STRIPE, STRIPE // k
@@ -299,12 +301,13 @@ class BlockScaledCodec(PerThreadScratch, Codec):
         if full < n:  # the partial last stripe, eagerly (its dither: full is a multiple of the period)
             tail, tail_layout = xf[full:], Layout.flat(n - full)
             codes = s.get("codes", n - full, torch.uint8)
-            self._codes(tail, tail_layout, scales, aux, dither, s, codes)
+            with np.errstate(invalid="ignore", over="ignore"):
+                self._codes(tail, tail_layout, scales, aux, dither, s, codes)
             self._pack(codes, body[4 + stripes * m: 4 + self._codes_nbytes(n)])
             if err is not None:
                 info = self._residual(tail, tail_layout, scales, self._units(codes), s, err[full:])
                 err_sq, inp_sq = err_sq + info.error_sq, inp_sq + info.input_sq
-        return EncodeInfo() if err is None else EncodeInfo(True, err_sq, inp_sq)
+        return EncodeInfo(finite) if err is None else EncodeInfo(finite, err_sq, inp_sq)
 
     def _scales_fused(self, xf, layout, s):
         """``_scales`` for the compiled path; ``(None, None, None)`` when its kernel is unavailable."""

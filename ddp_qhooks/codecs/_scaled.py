@@ -3,13 +3,15 @@ that index a fixed table of levels in units of that scale (``log``, ``mulaw``): 
 chunked encoding, packing, table-lookup decoding with float64 fallback against overflow."""
 from __future__ import annotations
 
+import math
 import threading
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import _fused, _random
-from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
+from .base import Codec, EncodeInfo, Layout, _stats_off, sum_sq as _sq
 from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_choice
 from .packing import PLANAR_BITS, pack_codes, packed_nbytes, unpack_codes
@@ -122,8 +124,8 @@ class _ScaledTableCodec(Codec):
         xf = x.reshape(-1).float()
         blocks = blocks_for(layout, self.block_size)
         scales = blocks.reduce(xf, "absmax")  # NaN and Inf propagate into the block max
-        if not bool(torch.isfinite(scales).all()):
-            return EncodeInfo(finite=False)
+        # left on the device: a non-finite input still gets (meaningless) codes, the flag marks it
+        finite = torch.isfinite(scales).all()
         # byte copy: the body slice may sit at any offset, a float32 view of it would need alignment
         meta.copy_(scales.view(torch.uint8))
         s = self._scratch_for(xf.device)
@@ -171,25 +173,29 @@ class _ScaledTableCodec(Codec):
             c = min(chunk, n - a)
             rc = rel[a:a + c] if rel is not None else torch.div(xf[a:a + c], denom[0], out=s.get("rel", min(chunk, n), torch.float32)[:c])
             rnd = 0.5 if not self.stochastic else tiled[:c] if tiled is not None else dither[a:a + c]
-            self._codes(rc, rnd, codes[a:a + c], s)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf inputs: flagged, not warned about
+                self._codes(rc, rnd, codes[a:a + c], s)
         if self.bits != 8 and packed_upto < n:  # planar packing is stripe-local: the rest packs on its own
             pack_codes(codes[packed_upto:n], self.bits, out=packed[packed_upto * self.bits // 8:])
         if error_out is None:
-            return EncodeInfo()
-        mag = float(scales.max())
-        if (self.compile and self._fused_value is not None and self._fused_residual_ok and blocks.count == 1
-                and xf.device.type == "cpu"
-                and n >= _random.PERIOD and mag < _FP32_MAX / 2 and error_out.dtype == torch.float32
-                and error_out.is_contiguous() and xf.is_contiguous()):
+            return EncodeInfo(finite)
+        fused = (self.compile and self._fused_value is not None and self._fused_residual_ok and blocks.count == 1
+                 and xf.device.type == "cpu" and n >= _random.PERIOD and error_out.dtype == torch.float32
+                 and error_out.is_contiguous() and xf.is_contiguous())
+        # the block maxima on the host only where needed: the compiled path's range test, the statistics
+        mag = float(scales.max()) if fused or not _stats_off() else None
+        if fused and mag < _FP32_MAX / 2:
             # one compiled pass for x - decode(body) and both squared sums, reading the codes sent
             # (the decoder's float32 arithmetic: it decodes in float32 below FP32_MAX / 2)
             sent = packed if self.bits == 8 else unpack_codes(packed, self.bits, n, out=s.get("dcodes", n, torch.uint8))
             sums = _fused.value_residual(self._fused_value, xf, sent, scales[0], error_out.view(-1))
             if sums is not None:
-                return EncodeInfo(True, float(sums[0]), float(sums[1]))
+                return EncodeInfo(finite, float(sums[0]), float(sums[1]))
         self.decode([body], layout, error_out)
         torch.sub(xf, error_out, out=error_out)
-        return EncodeInfo(True, _sq(error_out, mag), _sq(xf, mag))
+        if mag is None:
+            return EncodeInfo(finite, math.nan, math.nan)
+        return EncodeInfo(finite, _sq(error_out, mag), _sq(xf, mag))
 
     def _codes(self, rel: torch.Tensor, rnd, out: torch.Tensor, s: _Scratch) -> None:
         """Write the uint8 codes of ``rel = x / m`` (float32 in [-1, 1]; may be overwritten) into
@@ -210,9 +216,13 @@ class _ScaledTableCodec(Codec):
         for body in bodies:
             meta, packed = self._split(body, layout)
             parts.append((meta.clone().view(torch.float32), packed))  # clone: an aligned float32 view
-        # |partial sums| <= the summed block maxima: float32 unless that could overflow
-        bound = float(torch.stack([m.abs().max() for m, _ in parts]).double().sum())
-        work = torch.float32 if bound < _FP32_MAX / 2 else torch.float64
+        # |partial sums| <= the summed block maxima: float32 unless that could overflow (one body
+        # undivided cannot: |value| <= its block max, no read needed)
+        if len(parts) == 1 and divisor == 1:
+            work = torch.float32
+        else:
+            bound = float(torch.stack([m.abs().max() for m, _ in parts]).double().sum())
+            work = torch.float32 if bound < _FP32_MAX / 2 else torch.float64
         table = self._table(out.device, work)
         s = self._scratch_for(out.device)
         direct = out.dtype == work and out.is_contiguous()

@@ -157,18 +157,18 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
     # -- state ---------------------------------------------------------------------------------
 
     # -- statistics ----------------------------------------------------------------------------
-    def _observe(self, xf: torch.Tensor, blocks) -> torch.Tensor | None:
-        """Per-block observation, (blocks, 2) min/max or (blocks, 1) percentile; None if non-finite."""
+    def _observe(self, xf: torch.Tensor, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block observation, (blocks, 2) min/max or (blocks, 1) percentile, and whether the
+        input is finite (a 0-dim bool tensor, unread)."""
         if self.stat == "minmax":
             obs = torch.empty(blocks.count, 2, dtype=xf.dtype, device=xf.device)
             for view, sl in blocks.views(xf):
                 obs[sl, 0], obs[sl, 1] = _row_minmax(view)
-            return obs if bool(torch.isfinite(obs).all()) else None
+            return obs, torch.isfinite(obs).all()
         amax = blocks.reduce(xf, "absmax")   # also the finiteness check the subsample cannot give
-        if not bool(torch.isfinite(amax).all()):
-            return None
+        finite = torch.isfinite(amax).all()
         if self.percentile == 100:
-            return amax[:, None]
+            return amax[:, None], finite
         obs = torch.empty(blocks.count, 1, dtype=torch.float32, device=xf.device)
         for view, sl in blocks.views(xf):
             idx = sample_index(view.shape[1], self.sample, xf.device)
@@ -176,7 +176,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             S = smp.shape[1]
             k = max(1, math.ceil(self.percentile * S / 100))
             obs[sl, 0] = torch.kthvalue(smp, min(k, S), dim=1).values
-        return obs
+        return obs, finite
 
     def _update(self, prev: torch.Tensor, have: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         if self.decay is None:
@@ -196,17 +196,28 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
         xf = x if x.dtype == torch.float32 else x.float()
         blocks = blocks_for(layout, self.block_size)
-        obs = self._observe(xf, blocks)
-        if obs is None:
-            return EncodeInfo(finite=False)
+        obs, finite = self._observe(xf, blocks)
         slots, prev, have, _, prior = self._state.read(layout, x.device)
         running = self._update(prev, have.to(x.device), obs.double())
         lohi = running if self.stat == "minmax" else torch.cat([-running, running], 1)
         meta = lohi.to(torch.float32)
         span = meta[:, 1].double() - meta[:, 0].double()   # float64: cannot overflow
-        work = torch.float32 if _fits_fp32(meta, span / self.levels) else torch.float64
-        inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
+        inv64 = torch.where(span > 0, self.levels / span, torch.zeros_like(span))
+        on_cpu = x.device.type == "cpu"
+        # the encoder's one read: finiteness (the state must stay as it was for a non-finite input),
+        # the float32 test, and on the CPU the bounds as numbers for the eager pieces
+        head = torch.stack([finite, _fits_fp32(meta, span / self.levels)]).double()
+        step64 = span / self.levels
+        got = torch.cat([head, meta.double().t().reshape(-1), inv64, step64] if on_cpu else [head]).tolist()
+        if not got[0]:
+            return EncodeInfo(finite=False)
+        work = torch.float32 if got[1] else torch.float64
+        inv = inv64.to(work)
         lo_w, hi_w = meta[:, 0].to(work), meta[:, 1].to(work)
+        host = None
+        if on_cpu:
+            nb = meta.shape[0]
+            host = (got[2:2 + nb], got[2 + nb:2 + 2 * nb], _as_work(got[2 + 2 * nb:2 + 3 * nb], work))
         dither = _random.ParamPeriodDither(layout, key, x.device) if self.stochastic else None
         s = self._scratch_for(x.device)
         packed = body[meta.numel() * 4:meta.numel() * 4 + packed_nbytes(n, self.bits)]
@@ -217,7 +228,7 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
             bounds = torch.stack([lo_w, hi_w, inv, (span / self.levels).to(work)])
             fused = self._encode_compiled(xf, layout, bounds, dither, codes, packed, s)
         if fused is None:
-            self._encode_eager(xf, layout, lo_w, hi_w, inv, dither, codes, s)
+            self._encode_eager(xf, layout, lo_w, hi_w, inv, dither, codes, s, host)
             fused = []
         write_meta(body, meta)
         if self.bits != 8:   # stripes pack independently (packing.py): the ones the kernels left
@@ -234,17 +245,20 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
                 sums = self._encode_compiled(xf, layout, bounds, dither, codes, packed, s, err=error_out.view(-1))
                 if sums is not None:
                     return EncodeInfo(True, *sums)
-            return self._error_via_decode(x, body, layout, error_out)
+            # x - decode(body), the decoder told what this read found (no second read)
+            known = (work, [_as_work(got[2 + 3 * meta.shape[0]:], work)] if on_cpu else None)
+            self._decode([body], layout, error_out, 1, known)
+            return self._error_via_decode(x, body, layout, error_out, decoded=True)
         return EncodeInfo()
 
-    def _encode_eager(self, xf, layout, lo_w, hi_w, inv, dither, codes, s) -> None:
+    def _encode_eager(self, xf, layout, lo_w, hi_w, inv, dither, codes, s, host=None) -> None:
         work = lo_w.dtype
         parts = self._pieces(layout, xf.device)
         size = max(r * c for _, r, c, _ in parts)
         v_all, d_all = s.get("v", size, work), s.get("dither", size, torch.float32)
         on_cpu = xf.device.type == "cpu"
         if on_cpu:  # a piece of one block takes its bounds as numbers: 6x faster than broadcasting
-            lo_n, hi_n, inv_n = lo_w.tolist(), hi_w.tolist(), inv.tolist()
+            lo_n, hi_n, inv_n = host if host is not None else (lo_w.tolist(), hi_w.tolist(), inv.tolist())
         # piece by piece (whole blocks or parts of one): the temporaries stay in cache
         for start, rows, cols, b in parts:
             m = rows * cols
@@ -353,6 +367,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
 
     # -- decode --------------------------------------------------------------------------------
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1) -> torch.Tensor:
+        return self._decode(bodies, layout, out, divisor)
+
+    def _decode(self, bodies, layout, out, divisor, known=None) -> torch.Tensor:
+        """``known``: ``(working type, per body the steps / divisor as numbers or None)``, from a
+        caller that has read them (the encoder's residual); else this reads them once."""
         self._check_numel("output", out, layout)
         n = layout.numel
         if n == 0 or not bodies:
@@ -361,7 +380,16 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         meta_bytes = 8 * blocks.count
         metas = [read_meta(b, meta_bytes, (blocks.count, 2)) for b in bodies]
         steps = [(m[:, 1].double() - m[:, 0].double()) / self.levels for m in metas]
-        work = torch.float32 if all(_fits_fp32(m, s) for m, s in zip(metas, steps)) else torch.float64
+        on_cpu = out.device.type == "cpu"
+        nb = blocks.count
+        if known is None:
+            # the decoder's one read: the float32 test over every body, on the CPU the steps as numbers
+            fits = _fits_fp32(torch.stack(metas), torch.stack(steps)).double().view(1)
+            got = torch.cat([fits] + ([st / divisor for st in steps] if on_cpu else [])).tolist()
+            work = torch.float32 if got[0] else torch.float64
+            steps_n = [_as_work(got[1 + i * nb:1 + (i + 1) * nb], work) for i in range(len(bodies))] if on_cpu else None
+        else:
+            work, steps_n = known
         direct = out.dtype == work and out.is_contiguous()
         acc = out.view(-1) if direct else torch.empty(n, dtype=work, device=out.device)
         s = self._scratch_for(out.device)
@@ -369,12 +397,11 @@ class AdaptiveCodec(PerThreadScratch, RunningStateMixin, Codec):
         size = max(r * c for _, r, c, _ in parts)
         c_all, v_all = s.get("dcodes_f", size, work), s.get("dvals", size, work)
         codes = s.get("dcodes", n, torch.uint8)
-        on_cpu = out.device.type == "cpu"
         for i, (body, meta, step) in enumerate(zip(bodies, metas, steps)):
             # each share divided before summing: W shares near float32 max cannot overflow
             lo = (meta[:, 0].double() / divisor).to(work)
             step = (step / divisor).to(work)
-            step_n = step.tolist() if on_cpu else None
+            step_n = steps_n[i] if on_cpu else None
             unpack_codes(body[meta_bytes:meta_bytes + packed_nbytes(n, self.bits)], self.bits, n, out=codes)
             for start, rows, cols, b in parts:
                 m = rows * cols
@@ -414,11 +441,18 @@ def _error(x, code, bounds):
     return x - (bounds[0] + code.to(torch.float32) * bounds[3])
 
 
-def _fits_fp32(meta: torch.Tensor, step: torch.Tensor) -> bool:
+def _as_work(values: list, work: torch.dtype) -> list:
+    """Float64 numbers as the working type holds them (float32: rounded to nearest, as ``.to``)."""
+    if work == torch.float64:
+        return values
+    return np.asarray(values, dtype=np.float64).astype(np.float32).tolist()
+
+
+def _fits_fp32(meta: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Can the grids ``meta`` (float32 lo, hi per block) with float64 ``step`` be applied in
-    float32 without overflow or steps too small for float32 products?"""
+    float32 without overflow or steps too small for float32 products?  A 0-dim bool tensor on
+    their device (unread)."""
     if meta.numel() == 0:
-        return True
-    small = torch.where(step > 0, step, torch.full_like(step, math.inf)).min()
-    mag, small = torch.stack([meta.abs().max().double(), small]).tolist()
-    return mag < _FP32_MAX / 4 and small >= _MIN_STEP
+        return torch.ones((), dtype=torch.bool, device=meta.device)
+    small = torch.where(step > 0, step, math.inf).amin()
+    return (meta.abs().amax().double() < _FP32_MAX / 4) & (small >= _MIN_STEP)

@@ -5,7 +5,6 @@ body (see :mod:`ddp_qhooks.codecs.wire`) and the exchange layer moves the bytes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import contextlib
@@ -72,13 +71,50 @@ class Layout:
         return f"Layout(numel={self.numel}, params={len(self.param_numels)})"
 
 
-@dataclass
 class EncodeInfo:
-    """What an encode call learned about its input."""
+    """What an encode call learned about its input.
 
-    finite: bool = True
-    error_sq: float | None = None    # ||x - decode(encode(x))||^2, when an error buffer was given
-    input_sq: float | None = None    # ||x||^2, alongside error_sq
+    ``finite`` may be given as a 0-dim bool tensor on the input's device: an encoder that decides
+    finiteness there leaves it unread, the exchange copies it into the payload's header on the
+    device (:attr:`finite_flag`), and reading :attr:`finite` on the host is one device read."""
+
+    __slots__ = ("_finite", "error_sq", "input_sq")
+
+    def __init__(self, finite: "bool | torch.Tensor" = True, error_sq: float | None = None,
+                 input_sq: float | None = None):
+        self._finite = finite
+        self.error_sq = error_sq    # ||x - decode(encode(x))||^2, when an error buffer was given
+        self.input_sq = input_sq    # ||x||^2, alongside error_sq
+
+    @property
+    def finite(self) -> bool:
+        f = self._finite
+        return bool(f) if isinstance(f, torch.Tensor) else f
+
+    @property
+    def finite_flag(self) -> "bool | torch.Tensor":
+        """``finite`` as given: a Python bool, or a 0-dim bool tensor left on the device."""
+        return self._finite
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, EncodeInfo):
+            return NotImplemented
+        return (self.finite, self.error_sq, self.input_sq) == (other.finite, other.error_sq, other.input_sq)
+
+    def __repr__(self) -> str:
+        return f"EncodeInfo(finite={self._finite!r}, error_sq={self.error_sq!r}, input_sq={self.input_sq!r})"
+
+
+def all_finite(infos) -> "bool | torch.Tensor":
+    """Whether every one of these EncodeInfos is finite, without reading device flags: a bool, or
+    a 0-dim bool tensor when some flag is one (and no bool flag is False)."""
+    flags = [i.finite_flag for i in infos]
+    if not all(f for f in flags if not isinstance(f, torch.Tensor)):
+        return False
+    tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+    if not tensors:
+        return True
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).all()
 
 
 class Codec:
@@ -90,8 +126,10 @@ class Codec:
     deterministic codecs ignore it.  ``decode(bodies, layout, out, divisor)`` writes
     ``sum(decode(b) for b in bodies) / divisor`` into ``out`` (averaging W payloads in one pass).
 
-    A non-finite input must not raise: ``encode`` returns ``EncodeInfo(finite=False)`` and leaves
-    ``error_out`` untouched, and the hook marks the payload so every rank yields a non-finite result.
+    A non-finite input must not raise: ``encode`` returns ``EncodeInfo(finite=False)`` (or a
+    device flag, see :class:`EncodeInfo`), and the hook marks the payload so every rank yields a
+    non-finite result.  ``error_out`` is then unspecified: every caller stages residuals and drops
+    those of a non-finite step, so an encoder need not read the flag on the host to spare it.
     """
 
     name: ClassVar[str] = ""
@@ -144,10 +182,12 @@ class Codec:
             raise ValueError(f"{what} has {t.numel()} elements, layout describes {layout.numel}")
 
     def _error_via_decode(self, x: torch.Tensor, body: torch.Tensor, layout: Layout,
-                          error_out: torch.Tensor) -> EncodeInfo:
+                          error_out: torch.Tensor, decoded: bool = False) -> EncodeInfo:
         """Generic ``error_out = x - decode(body)`` with the squared sums, for codecs that have no
-        cheaper way to form the residual while encoding."""
-        self.decode([body], layout, error_out)
+        cheaper way to form the residual while encoding (``decoded``: ``error_out`` already holds
+        ``decode(body)``)."""
+        if not decoded:
+            self.decode([body], layout, error_out)
         xf = x.float()
         torch.sub(xf, error_out, out=error_out)
         return EncodeInfo(True, sum_sq64(error_out.reshape(-1)), sum_sq64(xf.reshape(-1)))

@@ -10,7 +10,7 @@ max) round to inf in bf16 and are reported non-finite the same way.
 """
 from __future__ import annotations
 
-import math
+import threading
 from typing import Sequence
 
 import torch
@@ -28,6 +28,14 @@ class CastCodec(Codec):
             raise ValueError(f"{self.name}: always sends {native}-bit values, so bits={bits!r} is not available; "
                              f"omit bits or pass bits={native}")
         super().__init__(native)
+        self._shares: dict[tuple, torch.Tensor] = {}  # decode's float32 share buffer, per thread and device
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_shares"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._shares = {}
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits}
@@ -39,13 +47,13 @@ class CastCodec(Codec):
         self._check_numel("input", x, layout)
         values = body.view(self.dtype)
         values.copy_(x)
-        if values.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(values)).tolist()):
-            return EncodeInfo(finite=False)
+        # decided on the device (min and max carry any NaN or Inf): no host read
+        finite = torch.isfinite(torch.stack(torch.aminmax(values))).all() if values.numel() else True
         if error_out is None:
-            return EncodeInfo()
+            return EncodeInfo(finite)
         xf = x.float()
         torch.sub(xf, values, out=error_out)
-        return EncodeInfo(True, _sq(error_out), _sq(xf))
+        return EncodeInfo(finite, _sq(error_out), _sq(xf))
 
     def decode(self, bodies: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor, divisor: int = 1):
         self._check_numel("output", out, layout)
@@ -54,7 +62,7 @@ class CastCodec(Codec):
         # every share is widened to float32 BEFORE dividing, as DDP's fp32 allreduce divides
         # float32 gradients; bodies are never modified (they may be views of received buffers)
         acc = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        share = torch.empty_like(acc) if len(bodies) > 1 else None
+        share = self._share(acc) if len(bodies) > 1 else None
         for i, body in enumerate(bodies):
             target = acc if i == 0 else share
             target.copy_(body.view(self.dtype))
@@ -64,6 +72,14 @@ class CastCodec(Codec):
         if acc is not out:
             out.copy_(acc)
         return out
+
+    def _share(self, like: torch.Tensor) -> torch.Tensor:
+        # one per thread: the caller's thread and the completion thread may decode at once
+        key = (like.device, threading.get_ident())
+        buf = self._shares.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self._shares[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        return buf[:like.numel()].view(like.shape)
 
 
 class NoneCodec(CastCodec):

@@ -73,6 +73,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .base import Codec, EncodeInfo, Layout
@@ -295,11 +296,15 @@ class KMeansCodec(RunningStateMixin, Codec):
         for view, sl in blocks.views(xf):
             lo, hi = torch.aminmax(view, dim=1)   # one pass, no |x| temporary; NaN propagates
             torch.maximum(hi, lo.neg_(), out=amax[sl])
-        if not bool(torch.isfinite(amax).all()):
-            return EncodeInfo(finite=False)
         slots, cb, have, updates, prior = self._state.read(layout, x.device)
-        usable = (cb[:, -1] > cb[:, 0]).cpu() & have   # a single-level codebook cannot be rescaled
-        refit = ~usable | (updates % self.refresh_every == 0)
+        # the encoder's one read of device data: finiteness (the state must stay as it was for a
+        # non-finite input) and which codebooks can be rescaled (a single-level one cannot); which
+        # blocks to refit is then decided on the host
+        flags = torch.cat([torch.isfinite(amax).all().view(1), cb[:, -1] > cb[:, 0]]).tolist()
+        if not flags[0]:
+            return EncodeInfo(finite=False)
+        usable = np.array(flags[1:], dtype=bool) & have.numpy()
+        refit = ~usable | (updates.numpy() % self.refresh_every == 0)
         # dividing by 1 leaves an all-zero block at zero
         scale = torch.where(amax > 0, amax, torch.ones_like(amax))
         codes = torch.empty(n, dtype=torch.uint8, device=x.device)
@@ -307,13 +312,13 @@ class KMeansCodec(RunningStateMixin, Codec):
             view = xf[start:start + nb * blen].view(nb, blen)
             sl = slice(bi, bi + nb)
             r = refit[sl]
-            if bool(r.all()):
-                cb[sl] = self._fit(view, scale[sl], cb[sl], usable[sl].to(x.device))
-            elif bool(r.any()):
-                idx = r.nonzero().squeeze(1)
-                rows = (idx + bi).to(x.device)
-                cb[rows] = self._fit(view.index_select(0, idx.to(x.device)), scale[rows], cb[rows],
-                                     usable[idx + bi].to(x.device))
+            if r.all():
+                cb[sl] = self._fit(view, scale[sl], cb[sl], torch.from_numpy(usable[sl]).to(x.device))
+            elif r.any():
+                idx = np.flatnonzero(r)
+                rows = torch.from_numpy(idx + bi).to(x.device)
+                cb[rows] = self._fit(view.index_select(0, torch.from_numpy(idx).to(x.device)), scale[rows], cb[rows],
+                                     torch.from_numpy(usable[idx + bi]).to(x.device))
             c = cb[sl]
             mids = ((c[:, :-1] + c[:, 1:]) * 0.5).contiguous()
             _nearest_codes(view / scale[sl, None], mids, codes[start:start + nb * blen].view(nb, blen))

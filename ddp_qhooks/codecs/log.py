@@ -45,8 +45,8 @@ Edge cases:
 * tiny / subnormal values: ``|x| / m`` of subnormals is a correctly rounded float32 division
   (no reciprocal, which would overflow); a level ``m * 2**(k-M)`` below the float32 range
   decodes to the nearest float32 (possibly 0), as any float32 result would;
-* non-finite input: ``m`` is NaN/Inf, encode returns ``EncodeInfo(finite=False)`` and writes no
-  residual.
+* non-finite input: ``m`` is NaN/Inf, encode returns ``EncodeInfo(finite=False)`` (a device flag:
+  no host read) and ``error_out`` is unspecified.
 
 The metadata and packing machinery is shared with :mod:`.mulaw` (``_ScaledTableCodec`` below): both
 codecs store one float32 scale per block and decode ``table[code] * m``.

@@ -45,7 +45,8 @@ Edge cases:
   subnormal max); decoded levels below the float32 range round to the nearest float32;
 * ``mu`` must lie in [1e-30, 1e30], so that the float32 constants ``mu`` and ``K / ln(1 + mu)`` of
   the compander are finite and normal; ``mu -> 0`` approaches a uniform grid on [-m, m];
-* non-finite input: encode returns ``EncodeInfo(finite=False)`` and writes no residual.
+* non-finite input: encode returns ``EncodeInfo(finite=False)`` (a device flag: no host read) and
+  ``error_out`` is unspecified.
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ or the first level with probability proportional to their size.  A min-max grid 
 in general and rounds every tiny entry with variance ~ step^2 / 4, which breaks the bound (see the
 tests).
 
-Norms are computed so that they neither overflow nor underflow in float32 (scaled by the block's
-max |v| when needed), and never come out below max |v| through round-off (every value must lie on
+Norms are computed so that they neither overflow nor underflow in float32 (scaled by a power of
+two near the block's 1 / max |v| when needed; the per-bucket norm decides that on the device), and never come out below max |v| through round-off (every value must lie on
 the grid's range).  A norm beyond the float32 range is capped at float32 max (every value still
 lies inside the range).  With ``compile=True`` the norm of a one-block bucket is one compiled pass
 accumulating float64 squares (more precise, so a norm may differ from the eager one in its last bit).
@@ -88,15 +88,18 @@ class QsgdCodec(StochasticCodec):
                 return -hi, hi
         lo, hi = torch.aminmax(x)  # max |x| (vector_norm's inf-norm is ~20x slower on a CPU core)
         m = torch.maximum(-lo, hi)
-        mf = float(m)
-        # the bound on the sum grows with the count: 1e5 values of 1e17 overflow a float32 sum
-        if _SAFE_LO < mf and mf * mf * x.numel() < SQ_LIMIT:
-            norm = torch.linalg.vector_norm(x)
-        elif mf == 0.0:
-            norm = m
-        else:
-            norm = torch.linalg.vector_norm(x / m) * m
-        hi = torch.maximum(norm, m).clamp_(max=_FP32_MAX)
+        # decided on the device, no read: where float32 squares could underflow or their sum
+        # overflow (the bound grows with the count: 1e5 values of 1e17 overflow a float32 sum),
+        # x is scaled by a power of two 2**k near 1 / max |x| (exact: the norm of the scaled
+        # values, scaled back, is the norm of x to float32 rounding); else k = 0, the plain norm
+        md = m.double()
+        safe = ((md > _SAFE_LO) & (md * md * x.numel() < SQ_LIMIT)) | (md == 0) | ~torch.isfinite(md)
+        k = torch.where(safe, 0, torch.frexp(m).exponent.neg()).clamp_(-126, 126)
+        p = ((k + 127) << 23).to(torch.int32).view(torch.float32)  # 2**k, built from its bits
+        scaled = torch.mul(x.view(-1), p, out=self._scratch_for(x.device, x.numel()).bucket("norm", x.numel(), x.dtype))
+        norm = torch.linalg.vector_norm(scaled).div_(p)
+        # capped at float32 max, but an infinite max |x| must stay non-finite: + m * 0 is NaN then
+        hi = torch.maximum(norm, m).clamp_(max=_FP32_MAX).add_(m * 0)
         return -hi, hi
 
     def _range_run(self, view, lo_out, hi_out):

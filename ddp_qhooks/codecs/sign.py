@@ -40,8 +40,8 @@ Edge cases:
 * tiny and subnormal values: ``mean|x|`` in float64 keeps them; ``x / a`` is a correctly rounded
   quotient even for a subnormal ``a`` (no reciprocal, which would overflow); a decoder dividing
   subnormal scales accumulates in float64 and rounds once;
-* NaN/Inf anywhere: ``encode`` returns ``EncodeInfo(finite=False)`` (detected from the per-block
-  reductions, which propagate them) and leaves ``error_out`` untouched.
+* NaN/Inf anywhere: ``encode`` returns ``EncodeInfo(finite=False)`` (a device flag from the per-block
+  reductions, which propagate them: no host read); ``error_out`` is then unspecified.
 """
 from __future__ import annotations
 

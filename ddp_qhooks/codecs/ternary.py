@@ -42,8 +42,8 @@ Edge cases:
 * tiny and subnormal values: ``|x| / a`` is a correctly rounded quotient even for subnormal ``a``
   (no reciprocal, which would overflow), so the keep probability stays exact to float32 precision;
   a decoder that divides subnormal scales accumulates in float64 and rounds once;
-* NaN/Inf anywhere: ``encode`` returns ``EncodeInfo(finite=False)`` (detected from the per-block
-  reductions, which propagate them) and leaves ``error_out`` untouched.
+* NaN/Inf anywhere: ``encode`` returns ``EncodeInfo(finite=False)`` (a device flag from the per-block
+  reductions, which propagate them: no host read); ``error_out`` is then unspecified.
 
 The module also holds :class:`BlockScaledCodec`, the machinery shared with :mod:`.sign` (codes that
 decode to a unit in {-1, 0, +1} times one float32 scale per block).  Speed: the bucket is walked in

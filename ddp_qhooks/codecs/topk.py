@@ -54,7 +54,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import Codec, EncodeInfo, Layout
+from ._blockscaled import PerThreadScratch
+from .base import Codec, EncodeInfo, Layout, all_finite, sum_sq64
 from .blocks import blocks_for, check_block_size
 from .options import check_int
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -119,7 +120,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class TopKCodec(Codec):
+class TopKCodec(PerThreadScratch, Codec):
     """Top-k magnitude sparsification per block; values as float32 or through any registered codec."""
 
     name = "topk"
@@ -189,11 +190,11 @@ class TopKCodec(Codec):
                 "value_config": None if self.value_codec is None else dict(self.value_codec.config())}
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_plans"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plans", "_scratch")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._plans = {}
+        self._plans, self._scratch = {}, {}
 
     # -- sizes -------------------------------------------------------------------------------
     def k_for(self, block_len: int) -> int:
@@ -230,9 +231,10 @@ class TopKCodec(Codec):
             if self.value_codec is not None:
                 self.value_codec.encode(xf, body, plan.value_layout, key=key)
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
-        mag = xf.abs()
-        if not math.isfinite(float(mag.max())):  # max propagates NaN
-            return EncodeInfo(finite=False)
+        # |x| into a per-thread buffer: no bucket-sized allocation per step
+        mag = torch.abs(xf.view(-1), out=self._scratch_for(x.device).get("mag", xf.numel(), torch.float32))
+        # left on the device (max propagates NaN): a non-finite input still gets a body, the flag marks it
+        finite = torch.isfinite(mag.max())
         rel_parts, val_parts = [], []
         for start, nb, blen, k in plan.runs:
             xv = xf[start:start + nb * blen].view(nb, blen)
@@ -263,8 +265,7 @@ class TopKCodec(Codec):
         else:
             target = _aligned(section)
             info = self.value_codec.encode(vals, target, plan.value_layout, key=key)
-            if not info.finite:
-                return EncodeInfo(finite=False)
+            finite = all_finite([EncodeInfo(finite), info])
             if target is not section:
                 section.copy_(target)
             sent = None
@@ -272,15 +273,14 @@ class TopKCodec(Codec):
                 sent = torch.empty_like(vals)
                 self.value_codec.decode([target], plan.value_layout, sent)
         if error_out is None:
-            return EncodeInfo()
+            return EncodeInfo(finite)
         # x - decode(body): the input everywhere, minus what the receivers get at the kept positions
         err = error_out if error_out.dtype == torch.float32 else torch.empty(xf.shape, dtype=torch.float32, device=x.device)
         err.copy_(xf)
         err.index_copy_(0, rel + base, vals - sent)
         if err is not error_out:
             error_out.copy_(err)
-        e, v = error_out.double(), xf.double()
-        return EncodeInfo(True, float(torch.dot(e, e)), float(torch.dot(v, v)))
+        return EncodeInfo(finite, sum_sq64(error_out.reshape(-1)), sum_sq64(xf.reshape(-1)))
 
     # -- decode ------------------------------------------------------------------------------
     def _positions(self, body: torch.Tensor, plan: _Plan, device) -> torch.Tensor:

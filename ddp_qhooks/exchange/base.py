@@ -87,7 +87,7 @@ class Strategy:
                 stats: bool = True) -> EncodeInfo:
         with error_stats(stats):
             info = codec.encode(x, body_of(slot, body), layout, key, error_out=err)
-        set_flag(slot, info.finite)
+        set_flag(slot, info.finite_flag)
         return info
 
     def _received(self, rows: torch.Tensor, numel, validate: bool, codec=None) -> torch.Tensor:
@@ -106,8 +106,12 @@ def write_header(slot: torch.Tensor, codec, config_print: int, numel: int) -> No
     slot[:HEADER_BYTES] = header_bytes(codec.codec_id, codec.bits, config_print, numel).to(slot.device)
 
 
-def set_flag(slot: torch.Tensor, finite: bool) -> None:
-    slot[3] = 0 if finite else FLAG_NONFINITE
+def set_flag(slot: torch.Tensor, finite) -> None:
+    """Header flag byte from ``finite``: a bool, or a 0-dim bool tensor (set on the device, unread)."""
+    if isinstance(finite, torch.Tensor):
+        torch.mul(finite.logical_not(), FLAG_NONFINITE, out=slot[3])
+    else:
+        slot[3] = 0 if finite else FLAG_NONFINITE
 
 
 def nonfinite_flag(rows: torch.Tensor) -> torch.Tensor:

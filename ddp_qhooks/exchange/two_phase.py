@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codecs.base import EncodeInfo
+from ..codecs.base import EncodeInfo, all_finite
 from ..codecs.wire import payload_nbytes
 from ..error_feedback import add_residual, restore_held
 from ..codecs._random import splitmix64
@@ -109,7 +109,7 @@ class TwoPhase(Strategy):
 
 
 def _merged(infos: list) -> EncodeInfo:
-    finite = all(i.finite for i in infos)
+    finite = all_finite(infos)
     if any(i.error_sq is None for i in infos):
         return EncodeInfo(finite)
     return EncodeInfo(finite, sum(i.error_sq for i in infos), sum(i.input_sq for i in infos))

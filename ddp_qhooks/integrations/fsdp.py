@@ -43,7 +43,8 @@ import torch.distributed as dist
 
 from ..codecs import Layout, make_codec
 from ..codecs._random import splitmix64
-from ..codecs.wire import HEADER_BYTES, fingerprint, payload_nbytes
+from ..codecs.base import all_finite
+from ..codecs.wire import FLAG_NONFINITE, HEADER_BYTES, fingerprint, payload_nbytes
 from ..error_feedback import ResidualMemory
 from ..exchange import check_agreement, collectives
 from ..exchange.base import body_of, check_headers, nonfinite_flag, set_flag, write_header
@@ -354,20 +355,24 @@ class QuantizedReduceScatter(ReduceScatter):
         row_layout = layout if keys else Layout([S], layout.param_keys)
         base_key = splitmix64(st.seed, collectives.rank(group), st.step, self.index)
         err_sq = inp_sq = 0.0
-        finite = True
+        infos = []
         send, recv = st._wire_buffers(w * plan.slot, device)
         send.view(w, plan.slot)[:, :HEADER_BYTES].copy_(plan.headers)
         for r in range(w):
             slot = send[r * plan.slot:(r + 1) * plan.slot]
             info = st.codec.encode(x[r * S:(r + 1) * S], body_of(slot, plan.body), row_layout, splitmix64(base_key, r),
                                    None if err is None else err[r * S:(r + 1) * S])
-            set_flag(slot, info.finite)
-            finite = finite and bool(info.finite)
+            set_flag(slot, info.finite_flag)
+            infos.append(info)
             if info.error_sq is not None:
                 err_sq += info.error_sq
                 inp_sq += info.input_sq
-        if not finite:  # every destination learns that this rank's input was not finite
-            send.view(w, plan.slot)[:, 3] = 1
+        # every destination learns that this rank's input was not finite (on the device, unread)
+        finite = all_finite(infos)
+        if isinstance(finite, torch.Tensor):
+            send.view(w, plan.slot)[:, 3].bitwise_or_(finite.logical_not().to(torch.uint8))
+        elif not finite:
+            send.view(w, plan.slot)[:, 3] = FLAG_NONFINITE
         collectives.alltoall(send, recv, group).wait()
         rows = recv.view(w, plan.slot)
         if plan.uses < VALIDATE_USES:
