@@ -541,12 +541,14 @@ def _innermost_error(exc: BaseException) -> str:
 TCP_FRAMING = 1 + 66 / 1448
 
 
-def _derive(rows: list[dict], ranks_per_host: int = 1) -> None:
+def _derive(rows: list[dict], ranks_per_host: int = 1, prefer_tc: bool = False) -> None:
     """Speedups and the ideal, relative to the fp32 row of the same run.
 
     With several ranks per simulated host, tc counts what the whole host sends over its link (not
     the same-host traffic, which stays on loopback), while the package counts per rank: the two are
-    not comparable, so ``tc_vs_accounted`` is left out and the ideal uses the link bytes tc saw."""
+    not comparable, so ``tc_vs_accounted`` is left out and the ideal uses the link bytes tc saw.
+    ``prefer_tc``: the ideal uses tc's bytes wherever it counted them (FSDP: what Gloo's own
+    reduce-scatter sends is not the textbook volume)."""
     base = next((r for r in rows if r["config"] == "fp32" and r["status"] == "ok"), None)
     for r in rows:
         if r["status"] != "ok" or base is None:
@@ -555,7 +557,7 @@ def _derive(rows: list[dict], ranks_per_host: int = 1) -> None:
         if r.get("tc_bytes_per_step") and r["bytes_per_step"] and ranks_per_host == 1:
             r["tc_vs_accounted"] = r["tc_bytes_per_step"] / (r["bytes_per_step"] * TCP_FRAMING) - 1
         measure = "bytes_per_step"
-        if ranks_per_host > 1 and r.get("tc_bytes_per_step") and base.get("tc_bytes_per_step"):
+        if (ranks_per_host > 1 or prefer_tc) and r.get("tc_bytes_per_step") and base.get("tc_bytes_per_step"):
             measure = "tc_bytes_per_step"
         if base["bytes_per_step"] and r["bytes_per_step"]:
             r["fewer_bytes_than_fp32"] = base["bytes_per_step"] / r["bytes_per_step"]
@@ -1171,7 +1173,7 @@ def _launch(args) -> dict:
                 for r in link_rows:
                     r["compute_s"] = r["compute_s"] if r["compute_s"] is not None or r["status"] == "skipped" \
                         else compute_s
-                _derive(link_rows, args.procs_per_node if net is not None else 1)
+                _derive(link_rows, args.procs_per_node if net is not None else 1, prefer_tc=args.fsdp)
                 if net is not None:
                     tc_total[rate] = [net.bytes_sent(n) for n in range(args.nodes)]
             finally:

@@ -16,7 +16,9 @@ module; ours: the package's ``wire_bytes_sent``).  In the hierarchical mode the 
 intra-host reduce-scatter stay on the host: bytes are what crosses hosts (the package's count); for
 the flat fp32 baseline the cross-host share of its exchanges, ``(W - L) / (W - 1)``, assuming every
 rank exchanges directly with every other (tc's counters measure it with ``--netsim``).  Compute
-time: the same steps on an unsharded copy of the model, without communication.
+time: the same steps on an unsharded copy of the model, without communication.  Measured with
+``--netsim 200mbit`` at W = 2: Gloo's fp32 reduce-scatter puts 1.5x the textbook bytes on the
+link (what an allreduce sends), so there the ideal speedup is computed from tc's byte counters.
 """
 from __future__ import annotations
 
@@ -128,7 +130,8 @@ def run_fsdp_worker(args, task, configs, device, ifname) -> list | None:
             state = None
             if cfg["spec"] == "fp32":
                 shard(model)
-                row["note"] = "FSDP's own fp32 reduce-scatter over all ranks"
+                row["note"] = ("FSDP's own fp32 reduce-scatter over all ranks (bytes: the textbook volume; Gloo's "
+                               "reduce-scatter sends more, see tc MB/step: with --netsim the ideal uses tc's bytes)")
             elif hierarchical:
                 mesh = ddp_qhooks.fsdp.node_mesh(per_node, device.type)
                 shard(model, mesh["local"])
@@ -178,5 +181,5 @@ def run_fsdp_worker(args, task, configs, device, ifname) -> list | None:
                 traceback.print_exc()
         rows.append(row)
     _progress(rank, "done")
-    _derive(rows, per_node if ifname else 1)
+    _derive(rows, per_node if ifname else 1, prefer_tc=True)
     return rows if rank == 0 else None
