@@ -63,3 +63,17 @@ def test_fsdp_rejects_ddp_only_configurations(capsys, monkeypatch):
         bench.main(["--fsdp", "--loopback", "--configs", "fp32", "fp16_hook"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "'fp16_hook' is not an FSDP one" in err and "fp32" in err
+
+
+def test_study_fsdp_table_and_configuration_errors(capsys):
+    from ddp_qhooks.tools import study_fsdp
+    runs = [{"config": "fp32", "seed": 0, "val_loss": 2.0},
+            {"config": "stochastic:4", "seed": 0, "val_loss": 2.02, "bytes_sent": 1000, "fp32_bytes_sent": 7500}]
+    lines = study_fsdp.table(runs).splitlines()
+    assert lines[3] == "| stochastic:4 | 0 | 2.0200 | +1.00 % | 1,000 | 7,500 | 7.50x |"
+    for argv, text in ((["--configs", "fp16_hook"], "not an FSDP configuration"),
+                       (["--configs", "stochastic:4,local_steps=4"], "not an FSDP configuration"),
+                       (["--steps", "0"], "--steps must be positive")):
+        with pytest.raises(SystemExit):
+            study_fsdp.main(argv)
+        assert text in capsys.readouterr().err
