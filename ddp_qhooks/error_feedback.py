@@ -9,6 +9,10 @@ keys it holds) gets one flat residual buffer aligned with the bucket buffer, for
 bucket appears, its buffer is assembled from wherever those parameters' residuals live (an older
 bucket's buffer or a loaded checkpoint), and buffers whose parameters have all moved are freed.
 A residual is therefore never lost and never applied to another parameter; sizes are checked.
+A bucket layout may also come back after some of its parameters moved to another one (FSDP
+reduces only the parameters that got a gradient, so a module's layout changes with the parameters
+used in a step): its buffer is then stale and is rebuilt from where each parameter's residual lives
+now (:meth:`ResidualMemory.evict` does the same on request).
 
 New residuals are written to a staging buffer and committed (a buffer swap, no copy) only once the
 whole step is known to be finite on every rank: a step that GradScaler skips leaves every residual
@@ -30,12 +34,16 @@ class ResidualMemory:
         self._pending: dict[int, torch.Tensor] = {}
         # bucket signature -> buffer holding the next residual until the step is committed
         self._staging: dict[tuple[int, ...], torch.Tensor] = {}
+        # signatures whose buffer some (not all) of their parameters have left: stale if they return
+        self._partial: set[tuple[int, ...]] = set()
 
     def bucket_residual(self, signature: tuple[int, ...], numels: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
         """The flat residual of the bucket holding parameters ``signature`` (sizes ``numels``)."""
         buf = self._buffers.get(signature)
         if buf is not None:
-            return buf
+            if signature not in self._partial:
+                return buf
+            self.evict(signature)
         buf = torch.zeros(sum(numels), dtype=dtype, device=device)
         offset = 0
         emptied = set()
@@ -61,7 +69,31 @@ class ResidualMemory:
             if not any(loc[0] == sig for loc in self._where.values()):
                 del self._buffers[sig]
                 self._staging.pop(sig, None)
+                self._partial.discard(sig)
+            else:
+                self._partial.add(sig)
         return buf
+
+    def evict(self, signature: tuple[int, ...]) -> None:
+        """Detach the bucket's buffer when its layout changes: the residuals of the parameters that
+        still live in it move to the pool of unplaced residuals (copied), where the next
+        :meth:`bucket_residual` holding them finds them; its staging buffer is dropped.  Nothing is
+        lost; a bucket that was never built is left alone."""
+        buf = self._buffers.pop(signature, None)
+        self._staging.pop(signature, None)
+        self._partial.discard(signature)
+        if buf is None:
+            return
+        for key in signature:
+            loc = self._where.get(key)
+            if loc is not None and loc[0] == signature:
+                _, off, n = self._where.pop(key)
+                self._pending[key] = buf[off:off + n].clone()
+
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes of the live residual buffers, bytes of the staging buffers)."""
+        return (sum(b.numel() * b.element_size() for b in self._buffers.values()),
+                sum(b.numel() * b.element_size() for b in self._staging.values()))
 
     def staging(self, signature: tuple[int, ...]) -> torch.Tensor:
         """Where the bucket's next residual is written before :meth:`commit`."""
@@ -84,6 +116,7 @@ class ResidualMemory:
         """Forget the bucket's residuals (the caller has moved them elsewhere)."""
         self._buffers.pop(signature, None)
         self._staging.pop(signature, None)
+        self._partial.discard(signature)
         for key in signature:
             if key in self._where and self._where[key][0] == signature:
                 del self._where[key]
@@ -100,6 +133,7 @@ class ResidualMemory:
         self._buffers.clear()
         self._where.clear()
         self._staging.clear()
+        self._partial.clear()
         self._pending = {int(k): v.detach().reshape(-1).clone() for k, v in residuals.items()}
 
     def clear(self) -> None:

@@ -5,19 +5,29 @@
     torchrun --nproc-per-node=2 examples/train_fsdp.py --residual-dtype bf16
     torchrun --nproc-per-node=4 examples/train_fsdp.py --ranks-per-node 2  # hierarchical: 2 "nodes" x 2
     python examples/train_fsdp.py                                           # no launcher: 2 local workers
+    torchrun ... examples/train_fsdp.py --checkpoint-dir ckpt --resume      # continue from ckpt's latest
 
 A small causal transformer language model (every block its own FSDP module, the root owns the
 embeddings and the head) learns a synthetic token stream: a fixed random first-order Markov chain
 with a few likely successors per token, so nothing is downloaded and the loss has a known floor.
 Every rank sees different sequences.  Gloo on CPU, NCCL on GPUs.
+
+Checkpoints (``--checkpoint-dir``, every ``--checkpoint-every`` steps and at the end): model and
+optimizer with torch.distributed.checkpoint (each rank writes its shards), and per rank the hook's
+``state_dict()`` with the data generator's state (``torch.load(weights_only=True)``); ``--resume``
+continues from the latest one bitwise as if never stopped.
 """
 import argparse
+import hashlib
+import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
 import ddp_qhooks
@@ -68,6 +78,37 @@ def batch(probs, n: int, t: int, gen) -> torch.Tensor:
     return out
 
 
+def save(ckpt_dir: str, step: int, model, opt, state, gen, rank: int) -> None:
+    where = os.path.join(ckpt_dir, f"step{step}")
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
+    torch.save({"hook": state.state_dict(), "gen": gen.get_state()}, os.path.join(where, f"hook{rank}.pt"))
+    dist.barrier()  # every rank's files are there before latest.json points at them
+    if rank == 0:
+        with open(os.path.join(ckpt_dir, "latest.json.tmp"), "w") as f:
+            json.dump({"step": step, "dir": where}, f)
+        os.replace(os.path.join(ckpt_dir, "latest.json.tmp"), os.path.join(ckpt_dir, "latest.json"))
+
+
+def resume(ckpt_dir: str, model, opt, state, gen, rank: int) -> int:
+    """The step to continue from (0 without a checkpoint); loads model, optimizer, hook, data."""
+    latest = os.path.join(ckpt_dir, "latest.json")
+    if not os.path.exists(latest):
+        return 0
+    with open(latest) as f:
+        info = json.load(f)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=info["dir"])
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    own = torch.load(os.path.join(info["dir"], f"hook{rank}.pt"), weights_only=True)
+    state.load_state_dict(own["hook"])
+    gen.set_state(own["gen"])
+    if rank == 0:
+        print(f"resumed from {info['dir']} at step {info['step']}", flush=True)
+    return int(info["step"])
+
+
 def train(rank: int, world: int, args) -> None:
     use_cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if use_cuda else torch.device("cpu")
@@ -79,7 +120,9 @@ def train(rank: int, world: int, args) -> None:
         model = TinyLM(args.vocab, args.width, args.layers, args.heads, args.ctx).to(device)
         quantized = codec not in ("none", "bf16", "fp16")
         bits = {"bits": args.bits} if quantized else {}
-        mesh = ddp_qhooks.fsdp.node_mesh(args.ranks_per_node) if args.ranks_per_node else None
+        # "auto": torchrun's LOCAL_WORLD_SIZE, the workers of this node
+        per_node = None if args.ranks_per_node == "auto" else args.ranks_per_node and int(args.ranks_per_node)
+        mesh = ddp_qhooks.fsdp.node_mesh(per_node) if args.ranks_per_node else None
         for block in model.blocks:
             fully_shard(block, mesh=None if mesh is None else mesh["local"])
         fully_shard(model, mesh=None if mesh is None else mesh["local"])
@@ -92,7 +135,9 @@ def train(rank: int, world: int, args) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
         gen = torch.Generator().manual_seed(10_000 + rank)
         t0, tail = time.perf_counter(), []
-        for step in range(args.steps):
+        main_run = codec == args.codec and args.checkpoint_dir
+        start = resume(args.checkpoint_dir, model, opt, state, gen, rank) if main_run and args.resume else 0
+        for step in range(start, args.steps):
             seq = batch(probs, args.batch, args.ctx, gen).to(device)
             logits = model(seq[:, :-1])
             loss = nn.functional.cross_entropy(logits.reshape(-1, args.vocab), seq[:, 1:].reshape(-1))
@@ -106,16 +151,24 @@ def train(rank: int, world: int, args) -> None:
                 tail.append(mean)
             if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
                 print(f"[{codec}] step {step:4d}  loss {mean:.4f}", flush=True)
+            if main_run and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps):
+                save(args.checkpoint_dir, step + 1, model, opt, state, gen, rank)
+        if main_run:  # the same value after an interrupted and resumed run as after an uninterrupted one
+            digest = hashlib.sha256()
+            for p in model.parameters():
+                digest.update(p.detach().full_tensor().cpu().numpy().tobytes())
+            print(f"[rank {rank}] params_sha256 {digest.hexdigest()}", flush=True)
         s = state.stats()
         if rank == 0 and mesh is not None:
-            print(f"[{codec}] hierarchical ({args.ranks_per_node} ranks per node): final loss (mean of last 10 steps) "
-                  f"{sum(tail) / len(tail):.4f}, {time.perf_counter() - t0:.1f} s; bytes sent between nodes per "
-                  f"rank {s['wire_bytes_sent']:,} (fp32 values exchanged: {s['fp32_bytes']:,} B), residual "
+            print(f"[{codec}] hierarchical ({args.ranks_per_node} ranks per node): final loss (mean of last 10 "
+                  f"steps) {sum(tail) / max(1, len(tail)):.4f}, {time.perf_counter() - t0:.1f} s; bytes sent between "
+                  f"nodes per rank {s['wire_bytes_sent']:,} (fp32 values exchanged: {s['fp32_bytes']:,} B), residual "
                   f"memory {sum(v.numel() * 4 for v in state.memory.residuals().values()):,} B", flush=True)
         elif rank == 0:
             res = state.residual_nbytes()
             print(f"[{codec}] {state.codec.bits}-bit: final loss (mean of last 10 steps) "
-                  f"{sum(tail) / len(tail):.4f}, {time.perf_counter() - t0:.1f} s, {s['modules']} FSDP modules\n"
+                  f"{sum(tail) / max(1, len(tail)):.4f}, {time.perf_counter() - t0:.1f} s, {s['modules']} FSDP "
+                  "modules\n"
                   f"  bytes sent per rank {s['wire_bytes_sent']:,} vs fp32 reduce-scatter "
                   f"{s['fp32_reduce_scatter_wire_bytes']:,} ({s['compression_ratio']:.2f}x less), "
                   f"nmse {s['nmse']:.4f}\n"
@@ -139,10 +192,18 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--ranks-per-node", type=int, default=None,
-                   help="hierarchical: FSDP inside groups of this many ranks, quantized exchange between them")
+    p.add_argument("--ranks-per-node", default=None,
+                   help="hierarchical: FSDP inside groups of this many ranks, quantized exchange between them "
+                        "('auto': torchrun's workers per node)")
+    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (DCP + the hook's state_dict)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's latest checkpoint")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args()
+    if args.ranks_per_node not in (None, "auto") and not str(args.ranks_per_node).isdigit():
+        p.error(f"--ranks-per-node must be a positive integer or 'auto', got {args.ranks_per_node!r}")
+    if args.checkpoint_dir:
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() and not args.cpu else "gloo")
         torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

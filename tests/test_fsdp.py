@@ -500,3 +500,10 @@ def test_load_every_rank_at_another_world_size(runs):
     for r, res in enumerate(_sub(runs, 4, "redistribute")):
         assert res["worst"] <= 1e-7 and res["nonzero"] > 0 and res["warned"] and res["names"], (r, res)
         assert res["step"] == 3, (r, res)
+
+
+def test_hierarchical_backward_is_one_step(runs):
+    """Every module's exchange between nodes belongs to its backward's step (engine.end_step at the
+    end of the pass): 2 backward passes, 2 steps, whatever the number of FSDP modules."""
+    for r, res in enumerate(_sub(runs, 4, "hierarchical")):
+        assert res["none"]["steps"] == 2 and res["stochastic"]["steps"] == 2, (r, res)

@@ -72,3 +72,19 @@ def test_srun_sbatch_resumes_from_checkpoint(cluster, tmp_path):
     assert int(m.group(2)) == 4 and os.path.commonpath([m.group(1), str(ckpt)]) == str(ckpt), m.group(0)
     assert not re.search(r"^step\s+2\b", second, re.M), "second run redid steps before the checkpoint"
     check_trained(second, 8)
+
+
+def test_train_fsdp_sbatch_two_nodes_resumes(cluster, tmp_path):
+    """FSDP2 across the two nodes; a second job with the same CKPT_DIR continues from the first's
+    DCP checkpoint and both ranks end with the same full parameters."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--cpu", "--steps", "4", "--checkpoint-every", "2", "--log-every", "2"]
+    first = submit(cluster, "train_fsdp.sbatch", ckpt, *args)
+    assert re.search(r"^\[stochastic\] 4-bit: final loss", first, re.M), first
+    assert (ckpt / "latest.json").exists() and "resumed from" not in first
+    second = submit(cluster, "train_fsdp.sbatch", ckpt, *[a if a != "4" else "6" for a in args])
+    m = re.search(r"^resumed from (\S+) at step (\d+)", second, re.M)
+    assert m and int(m.group(2)) == 4, second
+    assert not re.search(r"^\[stochastic\] step\s+2\b", second, re.M), "the resumed job redid steps"
+    shas = dict(SHA_RE.findall(second))
+    assert set(shas) == {"0", "1"} and len(set(shas.values())) == 1, second

@@ -167,6 +167,21 @@ def _unit_failed(state: QuantizedHookState) -> None:
             _end_of_step(state)
 
 
+def end_step(state: QuantizedHookState) -> None:
+    """End the state's current step, for integrations whose units cannot tell which one is a step's
+    last (FSDP exchanges module by module, and a module without gradients in a step is skipped):
+    submit every unit with ``is_last=False``, then call this once per step, e.g. from an autograd
+    final callback.  The step ends when its units have all completed (now, or when the last one in
+    flight does): residuals are committed if every rank's input was finite, counters roll over.
+    A step with no unit submitted, or one already ending, is left alone."""
+    with state._lock:
+        if state._calls == 0 or state._last_seen:
+            return
+        state._last_seen = True
+        if state._done == state._calls:
+            _end_of_step(state)
+
+
 def _end_of_step(state: QuantizedHookState) -> None:
     """Every unit of the step has been exchanged and decoded (called under the lock)."""
     bad = state._step_bad is not None and bool(state._step_bad)  # the one host read per step

@@ -413,6 +413,9 @@ def run_worker(args) -> list[dict] | None:
     configs = [parse_config(c) for c in args.configs]
     ifname = os.environ.get("GLOO_SOCKET_IFNAME") if args.netsim else None
     from .netsim import tc_bytes_sent_here
+    if args.fsdp:
+        from .bench_fsdp import run_fsdp_worker
+        return run_fsdp_worker(args, task, configs, device, ifname)
 
     if args.compute_s is not None:  # measured by an earlier group of this invocation
         compute_s = args.compute_s
@@ -538,12 +541,14 @@ def _innermost_error(exc: BaseException) -> str:
 TCP_FRAMING = 1 + 66 / 1448
 
 
-def _derive(rows: list[dict], ranks_per_host: int = 1) -> None:
+def _derive(rows: list[dict], ranks_per_host: int = 1, prefer_tc: bool = False) -> None:
     """Speedups and the ideal, relative to the fp32 row of the same run.
 
     With several ranks per simulated host, tc counts what the whole host sends over its link (not
     the same-host traffic, which stays on loopback), while the package counts per rank: the two are
-    not comparable, so ``tc_vs_accounted`` is left out and the ideal uses the link bytes tc saw."""
+    not comparable, so ``tc_vs_accounted`` is left out and the ideal uses the link bytes tc saw.
+    ``prefer_tc``: the ideal uses tc's bytes wherever it counted them (FSDP: what Gloo's own
+    reduce-scatter sends is not the textbook volume)."""
     base = next((r for r in rows if r["config"] == "fp32" and r["status"] == "ok"), None)
     for r in rows:
         if r["status"] != "ok" or base is None:
@@ -552,7 +557,7 @@ def _derive(rows: list[dict], ranks_per_host: int = 1) -> None:
         if r.get("tc_bytes_per_step") and r["bytes_per_step"] and ranks_per_host == 1:
             r["tc_vs_accounted"] = r["tc_bytes_per_step"] / (r["bytes_per_step"] * TCP_FRAMING) - 1
         measure = "bytes_per_step"
-        if ranks_per_host > 1 and r.get("tc_bytes_per_step") and base.get("tc_bytes_per_step"):
+        if (ranks_per_host > 1 or prefer_tc) and r.get("tc_bytes_per_step") and base.get("tc_bytes_per_step"):
             measure = "tc_bytes_per_step"
         if base["bytes_per_step"] and r["bytes_per_step"]:
             r["fewer_bytes_than_fp32"] = base["bytes_per_step"] / r["bytes_per_step"]
@@ -691,6 +696,7 @@ def describe(result: dict) -> str:
     links = _links(result["rows"]) or [m.get("netsim")]
     link = "; ".join(_link_name(result, k) for k in links)
     model = "SmallCNN" if m["task"] == "fmnist" else m.get("model", "mlp")
+    model += " under FSDP2 (fully_shard)" if m.get("fsdp") else ""
     return (f"task={m['task']} model={model} params={m['params']:,} world={m['world']} backend={m['backend']} "
             f"({link}); {m['steps']} timed steps after {m['warmup']} warm-up; "
             f"compute {1000 * m['compute_s']:.1f} ms/step; torch {m['torch']}")
@@ -702,7 +708,10 @@ def verdict(result: dict, width: int = 100) -> str:
     lines = []
     for link in _links(result["rows"]):
         rows = {r["config"]: r for r in result["rows"] if r.get("link") == link and r["status"] == "ok"}
-        lines.append(textwrap.fill(_verdict_one(result, link, rows), width))
+        text = _verdict_one(result, link, rows)
+        if result["meta"].get("fsdp"):
+            text = text.replace("fp32 allreduce", "FSDP's fp32 reduce-scatter")
+        lines.append(textwrap.fill(text, width))
     return "\n".join(lines)
 
 
@@ -937,7 +946,8 @@ def _meta(args, rows) -> dict:
             "launch": os.environ.get("DDP_QHOOKS_BENCH_LAUNCH", "torchrun"), "steps": args.steps,
             "warmup": args.warmup, "train_steps": args.train_steps, "batch": args.batch,
             "compute_s": rows[0]["compute_s"] if rows else None, "torch": torch.__version__,
-            "configs": args.configs, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "configs": args.configs, "fsdp": bool(args.fsdp),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _width_for(params: float) -> int:
@@ -987,7 +997,7 @@ def _report(result: dict, args) -> None:
 
 def reference_table(meta: dict) -> str | None:
     """The published results (README's tables, raw output in results/) of this run's model and link."""
-    if meta["task"] != "synthetic" or meta.get("model", "mlp") != "mlp" or meta["world"] != 2:
+    if meta["task"] != "synthetic" or meta.get("model", "mlp") != "mlp" or meta["world"] != 2 or meta.get("fsdp"):
         return None
     if abs(meta["params"] - 25e6) > 0.02 * 25e6:
         return None
@@ -1002,10 +1012,12 @@ def _worker_argv(args, configs, result_file: str, compute_s, rate=None) -> list[
     argv = [sys.executable, "-m", "ddp_qhooks.tools.bench", "--_worker", "--result-file", result_file,
             "--netsim", rate or "none"]
     for key in ("task", "model", "params", "batch", "steps", "warmup", "train_steps", "lr", "threads", "timeout", "data",
-                "nodes"):
+                "nodes", "procs_per_node"):
         value = getattr(args, key)
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
+    if args.fsdp:
+        argv.append("--fsdp")
     if compute_s is not None:
         argv += ["--compute-s", repr(compute_s)]
     argv += ["--configs", *configs]
@@ -1027,7 +1039,8 @@ def _crash_reason(logs: list[str]) -> str:
 
 
 def _launch_world(args, netsim: bool) -> int:
-    return args.nodes * args.procs_per_node if netsim else args.world
+    hierarchical = args.fsdp and args.procs_per_node > 1  # hosts of several ranks, also on loopback
+    return args.nodes * args.procs_per_node if netsim or hierarchical else args.world
 
 
 def _launcher_backend(args, world: int) -> str:
@@ -1160,7 +1173,7 @@ def _launch(args) -> dict:
                 for r in link_rows:
                     r["compute_s"] = r["compute_s"] if r["compute_s"] is not None or r["status"] == "skipped" \
                         else compute_s
-                _derive(link_rows, args.procs_per_node if net is not None else 1)
+                _derive(link_rows, args.procs_per_node if net is not None else 1, prefer_tc=args.fsdp)
                 if net is not None:
                     tc_total[rate] = [net.bytes_sent(n) for n in range(args.nodes)]
             finally:
@@ -1252,7 +1265,12 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{DEFAULT_RATE} where possible (root on Linux with iproute2), else loopback")
     link.add_argument("--loopback", action="store_true", help="same as --netsim none: local processes, no link limit")
     p.add_argument("--nodes", type=int, default=2, help="simulated hosts with --netsim")
-    p.add_argument("--procs-per-node", type=int, default=1, help="ranks per simulated host with --netsim")
+    p.add_argument("--procs-per-node", type=int, default=1,
+                   help="ranks per simulated host with --netsim; with --fsdp and > 1: the hierarchical mode "
+                        "(FSDP inside a host, register_between_nodes across --nodes hosts, also on loopback)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 rows: fully_shard the model; fp32 = FSDP's own reduce-scatter, ours = "
+                        "ddp_qhooks.fsdp.register (see ddp_qhooks/tools/bench_fsdp.py)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds without progress (one step) before a configuration is reported as hung")
@@ -1288,6 +1306,8 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--warmup and --train-steps must be >= 0")
     if args.task == "fmnist" and args.model != "mlp":
         p.error("--model applies to --task synthetic (fmnist trains its SmallCNN)")
+    if args.fsdp and args.configs == DEFAULT_CONFIGS:
+        args.configs = ["fp32"] + (["none"] if args.procs_per_node > 1 else []) + ["stochastic:8", "stochastic:4"]
     configs = []
     for c in args.configs:
         configs += ALL_CONFIGS if c == "all" else [c]
@@ -1297,6 +1317,9 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
             parse_config(c)  # bad configurations fail here, before any process starts
         except Exception as exc:
             p.error(f"--configs: {exc}")
+        if args.fsdp and (c in BUILTINS and c != "fp32" or parse_config(c)["kind"] == "local"):
+            p.error(f"--fsdp: configuration {c!r} is not an FSDP one; use fp32 (FSDP's reduce-scatter) or "
+                    "<codec>[:<bits>][,option=value...]")
     if args.task == "fmnist":
         try:
             data.find_dir(args.data)  # names the package when the data is missing
