@@ -344,6 +344,8 @@ class LocalSGD:
         """Everything needed to resume bitwise: the outer start point, the outer optimizers' state,
         the engine's state (residuals, step, seed), the drift state (control variates), the
         exchanges in flight (waited for, with their means), the counters and the configuration."""
+        for p in self._pending:  # first: a finished exchange has committed its residuals and step
+            p.wait()
         return {"format": STATE_FORMAT, "inner_steps": self.inner_steps, "syncs": self.syncs,
                 "nonfinite_syncs": self.nonfinite_syncs,
                 "start": [[t.detach().cpu().clone() for t in frag] for frag in self._start],
