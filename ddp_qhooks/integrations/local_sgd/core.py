@@ -19,6 +19,12 @@ Inner optimizer state (momentum, Adam moments) stays local, as in DiLoCo.  With 
 synchronized at staggered steps (fragment f when ``step % H == f * H // F``), so each
 synchronization moves 1/F of the model: the same bytes per H steps, a peak F times lower.
 
+Federated options (see :class:`LocalSGD`'s arguments and ``drift.py`` / ``rounds.py``):
+``drift="scaffold"`` / ``"fedprox"`` correct each inner gradient for client drift (call
+:meth:`LocalSGD.attach` with the inner optimizer); ``participation=p`` lets a seeded subset of ranks
+contribute to each round; ``overlap=True`` / ``delay=tau`` leaves each exchange running on the
+engine's completion thread while the next tau inner steps go on, then applies it.
+
 Usage::
 
     model = Net()                                   # not wrapped in DDP: nothing syncs gradients
@@ -44,7 +50,7 @@ import torch.distributed as dist
 from ...engine import QuantizedHookState, Unit, submit
 from ...exchange import check_agreement, collectives
 from .drift import DRIFTS, SCAFFOLD_OPTIONS, make_drift
-from .rounds import Pending, participants
+from .rounds import Pending, _first_rank, _split, participants
 
 __all__ = ["LocalSGD", "local_phase_hook", "OUTER_OPTIMIZERS", "DRIFTS", "SCAFFOLD_OPTIONS"]
 
@@ -387,25 +393,3 @@ class LocalSGD:
         self.inner_steps, self.syncs = int(state["inner_steps"]), int(state["syncs"])
         self.nonfinite_syncs = int(state.get("nonfinite_syncs", 0))
 
-
-def _first_rank(process_group) -> int:
-    """Global rank of the group's first member (the broadcast source)."""
-    if process_group is None:
-        return 0
-    return dist.get_global_rank(process_group, 0)
-
-
-def _split(params: list, parts: int) -> list[list]:
-    """``parts`` contiguous groups of parameters with about equal numbers of values."""
-    total = sum(p.numel() for p in params)
-    groups, current, acc = [], [], 0
-    for i, p in enumerate(params):
-        current.append(p)
-        acc += p.numel()
-        left = len(params) - i - 1
-        need = parts - len(groups) - 1  # groups still to start after this one
-        if need and (acc >= total * (len(groups) + 1) / parts or left == need):
-            groups.append(current)
-            current = []
-    groups.append(current)
-    return groups

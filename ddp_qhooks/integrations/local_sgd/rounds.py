@@ -1,4 +1,4 @@
-"""Federated rounds of :class:`~ddp_qhooks.LocalSGD`: who takes part, and exchanges still in flight.
+"""Rounds of :class:`~ddp_qhooks.LocalSGD`: the fragments, who takes part, and exchanges still in flight.
 
 Participation: in fragment ``i``'s ``r``-th round, ``max(1, round(p * W))`` ranks contribute, drawn
 without replacement from a generator seeded by ``(seed, i, r)``, so every rank draws the same set
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ...codecs._random import splitmix64
 
@@ -64,3 +65,26 @@ class Pending:
         return cls(int(state["index"]), int(state["due"]), list(state["participants"]),
                    done_future(state["mean"].to(device)), None if cv is None else done_future(cv.to(device)),
                    dev(state["sent"]), dev(state["undo"]), bool(state["contributed"]))
+
+
+def _first_rank(process_group) -> int:
+    """Global rank of the group's first member (the broadcast source)."""
+    if process_group is None:
+        return 0
+    return dist.get_global_rank(process_group, 0)
+
+
+def _split(params: list, parts: int) -> list[list]:
+    """``parts`` contiguous groups of parameters with about equal numbers of values."""
+    total = sum(p.numel() for p in params)
+    groups, current, acc = [], [], 0
+    for i, p in enumerate(params):
+        current.append(p)
+        acc += p.numel()
+        left = len(params) - i - 1
+        need = parts - len(groups) - 1  # groups still to start after this one
+        if need and (acc >= total * (len(groups) + 1) / parts or left == need):
+            groups.append(current)
+            current = []
+    groups.append(current)
+    return groups
