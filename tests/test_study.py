@@ -71,3 +71,32 @@ def test_noniid_split_gives_each_rank_mostly_its_two_classes():
     assert float(((y == 0) | (y == 1)).float().mean()) < 0.3
     with pytest.raises(ValueError, match="noniid"):
         FashionMnistTask(8, 0, "cpu", noniid=1.5)
+
+
+def test_dirichlet_split_partitions_every_class_over_the_ranks():
+    import numpy as np
+    import torch
+
+    from ddp_qhooks.tools import data
+    from ddp_qhooks.tools.bench import FashionMnistTask, dirichlet_share
+    _, labels = data.load("train", None)
+    shares = [dirichlet_share(labels, r, 4, 0.1) for r in range(4)]
+    joined = torch.cat(shares).sort().values
+    assert torch.equal(joined, torch.arange(labels.numel()))  # disjoint, and nothing left out
+    # the proportions of each class are one Dirichlet(0.1) draw: mostly concentrated on one rank
+    counts = np.array([[int((labels[s] == c).sum()) for s in shares] for c in range(10)])
+    assert (counts.max(1) / counts.sum(1)).mean() > 0.6
+    task = FashionMnistTask(64, 2, "cpu", dirichlet=0.1, world=4)
+    _, y = task.batch_for(0)
+    assert bool(torch.isin(y, labels[shares[2]].unique()).all())
+    with pytest.raises(ValueError, match="dirichlet must be a concentration > 0"):
+        FashionMnistTask(8, 0, "cpu", dirichlet=0.0, world=4)
+
+
+def test_drift_participation_and_delay_are_local_sgd_options():
+    from ddp_qhooks.tools.bench import parse_config
+    cfg = parse_config("stochastic:4,local_steps=16,drift=fedprox,mu=0.1,participation=0.5,overlap=True,delay=2")
+    assert cfg["kind"] == "local" and cfg["local"] == {"local_steps": 16, "drift": "fedprox", "mu": 0.1,
+                                                       "participation": 0.5, "overlap": True, "delay": 2}
+    with pytest.raises(ValueError, match=r"drift must be one of \('none', 'scaffold', 'fedprox'\)"):
+        parse_config("stochastic:4,local_steps=16,drift=prox")

@@ -28,12 +28,15 @@ VALIDATE_USES = 2  # payload headers are checked on the host during a plan's fir
 class Unit:
     """A flat gradient to average over the ranks: ``buffer`` (its mean is written back in place),
     the ``params`` it is made of, in order, its ``index`` within the step and whether it is the
-    step's last."""
+    step's last.  ``contribute=False`` (a rank sitting out a federated round): the caller passes
+    zeros, and this rank's own residual is neither added nor updated (it keeps it for a later
+    round); server-side residuals (two-phase) still act, since the shard mean is everyone's."""
 
     index: int
     buffer: torch.Tensor
     params: list
     is_last: bool
+    contribute: bool = True
 
 
 def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
@@ -58,10 +61,10 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
                       len(plan.bounds), plan.mode, plan.reason)
 
     x = buf if buf.dtype == torch.float32 else buf.float()
-    if state.worker_momentum is not None:  # compress m = beta * m + g instead of g
+    if state.worker_momentum is not None and unit.contribute:  # compress m = beta * m + g instead of g
         state.worker_momentum.apply(signature, plan.layout.param_numels, x)
     residual, held = None, []
-    if state.error_feedback:
+    if state.error_feedback and unit.contribute:
         residual = state.memory.bucket_residual(signature, plan.layout.param_numels, buf.device)
         held = add_residual(x, residual, plan.layout, state.hold_unused_residuals)
     # the next residual e = g' - deq(own payload) is formed by the encoder while the data is hot,

@@ -68,7 +68,8 @@ KNOWN_FAILING = {
                                   "result as a stacked tensor: IndexError); skipped",
 }
 # options that turn a configuration into local SGD / DiLoCo (ddp_qhooks.LocalSGD) instead of a gradient hook
-LOCAL_OPTIONS = ("local_steps", "outer", "outer_lr", "outer_momentum", "fragments")
+LOCAL_OPTIONS = ("local_steps", "outer", "outer_lr", "outer_momentum", "fragments", "drift", "mu", "scaffold_option",
+                 "participation", "overlap", "delay")
 # the default run: the baselines and a few codecs, sized to finish in ~3 min on 2 cores at 200 Mbit/s
 DEFAULT_CONFIGS = ["fp32", "fp16_hook", "stochastic:8", "stochastic:4", "stochastic:2", "ternary", "sign"]
 # --configs all: every configuration of README's results tables that runs on Gloo
@@ -186,22 +187,50 @@ class LinearTask(SyntheticTask):
         return x, 0.5 * x.flip(1)
 
 
+def dirichlet_share(labels: torch.Tensor, rank: int, world: int, alpha: float) -> torch.Tensor:
+    """Indices of rank ``rank``'s share of a Dirichlet(``alpha``) split of ``labels`` over ``world``
+    ranks: every class cut into ``world`` parts with proportions drawn from Dirichlet(alpha)."""
+    import numpy as np
+    rng = np.random.default_rng(0)  # one split for every seed: runs differ by their training only
+    g = torch.Generator().manual_seed(0)
+    share = []
+    for c in range(int(labels.max()) + 1):
+        idx = torch.nonzero(labels == c).view(-1)
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        cuts = (np.cumsum(rng.dirichlet([alpha] * world)) * idx.numel()).round().astype(int)
+        lo = 0 if rank == 0 else int(cuts[rank - 1])
+        share.append(idx[lo:int(cuts[rank])])
+    share = torch.cat(share)
+    if share.numel() == 0:
+        raise ValueError(f"the Dirichlet({alpha}) split left rank {rank} of {world} without data; use a larger alpha")
+    return share
+
+
 class FashionMnistTask:
     """data.SmallCNN on Fashion-MNIST; each rank draws its own minibatches from the training set.
 
     ``noniid=p`` (0 <= p <= 1): a fraction p of every minibatch of rank r comes from its two "home"
     classes 2r mod 10 and 2r+1 mod 10, the rest from the whole set (p = 0: IID; p = 0.9: each rank
-    sees mostly two classes, the client drift of federated settings)."""
+    sees mostly two classes, the client drift of federated settings).  ``dirichlet=alpha`` (> 0,
+    with ``world``): the usual federated split instead: each class's training images are divided
+    among the ``world`` ranks in proportions drawn from Dirichlet(alpha) (one fixed draw, the same
+    for every seed and configuration), and rank r draws its minibatches from its own share only
+    (alpha = 0.1: most ranks hold a few classes; large alpha: IID)."""
 
-    def __init__(self, batch: int, rank: int, device, path=None, noniid: float = 0.0):
+    def __init__(self, batch: int, rank: int, device, path=None, noniid: float = 0.0, dirichlet: float | None = None,
+                 world: int = 1):
         if not 0.0 <= noniid <= 1.0:
             raise ValueError(f"noniid must be a fraction in [0, 1], got {noniid!r}")
+        if dirichlet is not None and (noniid or not dirichlet > 0):
+            raise ValueError(f"dirichlet must be a concentration > 0 and cannot be combined with noniid, got "
+                             f"dirichlet={dirichlet!r}, noniid={noniid!r}")
         self.x, self.y = data.load("train", path)
         self.xt, self.yt = data.load("test", path)
         self.batch, self.rank, self.device = batch, rank, device
         self.noniid = noniid
         home = {(2 * rank) % 10, (2 * rank + 1) % 10}
         self.home = torch.nonzero(torch.isin(self.y, torch.tensor(sorted(home)))).view(-1)
+        self.share = None if dirichlet is None else dirichlet_share(self.y, rank, world, dirichlet)
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -210,6 +239,8 @@ class FashionMnistTask:
     def batch_for(self, step: int):
         g = torch.Generator().manual_seed(7919 * self.rank + step)
         idx = torch.randint(0, self.x.shape[0], (self.batch,), generator=g)
+        if self.share is not None:
+            idx = self.share[torch.randint(0, self.share.numel(), (self.batch,), generator=g)]
         if self.noniid:
             local = round(self.noniid * self.batch)
             idx[:local] = self.home[torch.randint(0, self.home.numel(), (local,), generator=g)]
@@ -461,6 +492,8 @@ def run_worker(args) -> list[dict] | None:
             else:
                 state = _register(ddp, cfg, args.warmup)
             opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+            if cfg["kind"] == "local":
+                state.attach(opt)  # drift corrections act on the inner gradients
             for s in range(args.warmup):
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: warm-up {s + 1}/{args.warmup}")
                 _time_steps(ddp, task, opt, s, 1, sync=True, device=device)

@@ -7,8 +7,10 @@
 Trains ``data.SmallCNN`` on Fashion-MNIST (Debian package dataset-fashion-mnist) with W local Gloo
 ranks for a fixed budget of steps, for fp32 allreduce and every configuration (the bench's syntax:
 ``codec[:bits][,option=value...][,ef=0]``, plus ``lr=X`` / ``momentum=M`` to give a configuration its
-own SGD recipe; ``local_steps=H`` makes it local SGD / DiLoCo, evaluated at its last synchronized point), over
-several seeds, optionally on a non-IID split (``--noniid``).  Every configuration of a seed starts from the same weights and sees the
+own SGD recipe; ``local_steps=H`` makes it local SGD / DiLoCo, evaluated at its last synchronized point,
+with ``drift=scaffold`` / ``drift=fedprox,mu=M``, ``participation=P``, ``delay=T`` as LocalSGD's options), over
+several seeds, optionally on a non-IID split (``--noniid P``: most of each rank's minibatch from two
+home classes; ``--dirichlet ALPHA``: each class split over the ranks in Dirichlet proportions).  Every configuration of a seed starts from the same weights and sees the
 same minibatches (rank r, step t: a fixed draw), so differences are the codec's.  Records, every
 ``--eval-every`` steps: the training loss (mean over the ranks' last steps), the test accuracy and
 the bytes each rank has sent (the package's ``wire_bytes_sent``; fp32: a ring allreduce,
@@ -116,7 +118,8 @@ def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict
         torch.manual_seed(seed)
         model = TinyGPT(task.vocab, context=task.context)
     else:
-        task = FashionMnistTask(args.batch, rank, torch.device("cpu"), args.data, noniid=getattr(args, "noniid", 0.0))
+        task = FashionMnistTask(args.batch, rank, torch.device("cpu"), args.data, noniid=getattr(args, "noniid", 0.0),
+                                dirichlet=getattr(args, "dirichlet", None), world=world)
         torch.manual_seed(seed)
         model = data.MLP() if getattr(args, "model", "cnn") == "mlp" else data.SmallCNN()
     ddp = DDP(model)
@@ -132,6 +135,8 @@ def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict
         opt, sched = adamw_recipe(model, args.steps, lr=lr)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if sync is not None:
+        sync.attach(opt)  # drift corrections (drift=scaffold / fedprox) act on the inner gradients
     numel = sum(p.numel() for p in model.parameters())
     fp32_bytes_per_step = 2 * (world - 1) / world * 4 * numel
     curve, recent, norms = [], [], []
@@ -399,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100, help="steps between curve points")
     p.add_argument("--noniid", type=float, default=0.0, metavar="P",
                    help="fraction of each rank's minibatch from its two home classes (0: IID; 0.9: mostly two classes)")
+    p.add_argument("--dirichlet", type=float, default=None, metavar="ALPHA",
+                   help="instead of --noniid: each class split over the ranks in Dirichlet(ALPHA) proportions "
+                        "(0.1: most ranks hold a few classes)")
     p.add_argument("--netsim", default=None, metavar="RATE", help="also measure step times at RATE (root, iproute2)")
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: Debian package path)")
     p.add_argument("--output", default="study_results", help="directory for study.json/.md/.png")
@@ -413,6 +421,8 @@ def main(argv=None) -> None:
         args.batch = 16 if args.task == "lm" else 64
     for spec in args.configs:
         parse_config(split_lr(spec, args.lr)[0])  # bad configurations fail here, before anything starts
+    if args.dirichlet is not None and (args.noniid or not args.dirichlet > 0):
+        raise SystemExit("--dirichlet ALPHA must be > 0 and cannot be combined with --noniid")
     if args.steps < 1 or args.eval_every < 1 or args.world < 1:
         raise SystemExit("--steps, --eval-every and --world must be >= 1")
     if args.task == "lm":
@@ -431,7 +441,8 @@ def main(argv=None) -> None:
             f"Debian's text, {args.world} Gloo ranks, {args.steps} steps x {args.batch} x 64 tokens per rank, AdamW "
             f"peak lr {args.lr} unless set (warm-up 10 %, cosine to 10 %, weight decay 0.1, clip 1.0), "
             f"seeds {' '.join(map(str, args.seeds))}") if args.task == "lm" else (
-            f"Fashion-MNIST{f' non-IID (p={args.noniid})' if args.noniid else ''}, "
+            f"Fashion-MNIST{f' non-IID (p={args.noniid})' if args.noniid else ''}"
+            f"{f' Dirichlet split (alpha={args.dirichlet})' if args.dirichlet else ''}, "
             f"{'data.MLP' if args.model == 'mlp' else 'data.SmallCNN'}, {args.world} Gloo "
             f"ranks, {args.steps} steps x {args.batch} per rank, "
             f"SGD momentum {args.momentum}, lr {args.lr} unless set, seeds {' '.join(map(str, args.seeds))}"
