@@ -6,7 +6,7 @@ One line after wrapping the model::
 
 Layers: ``codecs`` (tensor <-> payload), ``error_feedback`` (residual memory), ``exchange``
 (strategies, the only layer that talks to torch.distributed), ``engine`` (the per-unit pipeline
-and its state), ``integrations`` (DDP, LocalSGD, Lightning, Accelerate, launch), ``tools``.
+and its state), ``optim`` (1-bit Adam), ``integrations`` (DDP, LocalSGD, Lightning, Accelerate, launch), ``tools``.
 """
 from . import codecs
 from .codecs import CODECS, make_codec
@@ -15,7 +15,9 @@ from .exchange import EXCHANGES, ConfigMismatchError, InvalidOptionsError
 from .integrations.ddp import quantized_allgather_hook, register
 from .integrations.local_sgd import LocalSGD, local_phase_hook
 from .integrations import fsdp
+from . import optim
 
 __version__ = "0.1.0"
 __all__ = ["register", "QuantizedHookState", "quantized_allgather_hook", "codecs", "CODECS", "make_codec",
-           "ConfigMismatchError", "InvalidOptionsError", "EXCHANGES", "LocalSGD", "local_phase_hook", "fsdp", "__version__"]
+           "ConfigMismatchError", "InvalidOptionsError", "EXCHANGES", "LocalSGD", "local_phase_hook", "fsdp", "optim",
+           "__version__"]

@@ -17,6 +17,15 @@ def test_split_recipe():
         study.split_recipe("sign,momentum=1.5", 0.05)
 
 
+def test_split_recipe_onebit():
+    assert study.split_recipe_onebit("sign,onebit_adam=30,lr=0.001", 3e-3) == ("sign", 0.001, 0.9, 30)
+    assert study.split_recipe_onebit("sign", 3e-3) == ("sign", 3e-3, 0.9, None)
+    assert study.split_recipe("sign,onebit_adam=30", 3e-3) == ("sign", 3e-3, 0.9)  # the bench never sees it
+    for bad in ("0", "-3", "2.5", "x"):
+        with pytest.raises(ValueError, match="onebit_adam must be the warm-up steps"):
+            study.split_recipe_onebit(f"sign,onebit_adam={bad}", 3e-3)
+
+
 def test_split_lr():
     assert study.split_lr("sign,block_size=256,lr=0.01,ef=0", 0.05) == ("sign,block_size=256,ef=0", 0.01)
     assert study.split_lr("stochastic:4", 0.05) == ("stochastic:4", 0.05)

@@ -10,7 +10,8 @@ class Accounting:
     """Mixin of :class:`~ddp_qhooks.QuantizedHookState`: counters and their report."""
 
     def _reset_stats(self) -> None:
-        self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0}
+        self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0,
+                        "uncompressed_steps": 0}
         self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0, "modes": {}, "timeline": []}
         # seconds, not checkpointed: inside hook calls (the autograd thread waits) and on the
         # completion thread (decoding, later phases)
@@ -28,6 +29,7 @@ class Accounting:
         self._staged = []
         self._staged_server = []
         self._step_chunks = 0
+        self._uncompressed_in_step = False
 
     def stats(self) -> dict:
         """Cumulative traffic and quality figures of this rank.
@@ -45,7 +47,9 @@ class Accounting:
         last step, see ``chunk_size``), ``payload_bytes_last_step`` and ``buckets_last_step`` (the
         last step's payload bytes and buckets), ``hook_calls`` (buckets exchanged so far),
         ``nonfinite_steps`` (steps with a non-finite input on some rank: NaN everywhere, residuals
-        kept), ``world_size``, ``codec`` and ``bits`` (the configuration).  Time (seconds,
+        kept), ``uncompressed_steps`` (steps exchanged in full precision, an all-reduce of fp32,
+        because an attached ``ddp_qhooks.optim.OneBitAdam`` was in its warm-up; their bytes are in
+        ``wire_bytes_sent`` as a ring all-reduce sends them), ``world_size``, ``codec`` and ``bits`` (the configuration).  Time (seconds,
         since the state was built, not checkpointed): ``hook_seconds`` spent inside hook calls
         (adding residuals, encoding, launching: the autograd thread waits for it) and
         ``callback_seconds`` on the completion thread (decoding, later phases: overlapping later
@@ -69,6 +73,7 @@ class Accounting:
             "exchange_reason": "; ".join(sorted({f"{p.mode}: {p.reason}" for p in self._plans.values()})),
             "hook_calls": t["hook_calls"],
             "nonfinite_steps": t["nonfinite_steps"],
+            "uncompressed_steps": t["uncompressed_steps"],
             "world_size": w,
             "codec": self.codec.name,
             "bits": self.codec.bits,

@@ -50,6 +50,10 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
     if not state._agreed:
         collectives.check_agreement(state.agreed_config(), buf.device, state.process_group)
         state._agreed = True
+    if state._optimizer is not None and not state._optimizer.compressing():
+        # the attached optimizer's warm-up: the exact mean, residuals left as they are
+        return _submit_uncompressed(state, unit, signature, buf if buf.dtype == torch.float32 else buf.float(),
+                                    t_enter)
     plan = state._plan(signature, [p.numel() for p in unit.params], buf.device)
     if plan.uses == 0:
         _settle_server_residuals(state, signature, plan, buf.device)
@@ -61,6 +65,8 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
                       len(plan.bounds), plan.mode, plan.reason)
 
     x = buf if buf.dtype == torch.float32 else buf.float()
+    if state._optimizer is not None:  # compress the optimizer's momentum, not the gradient
+        state._optimizer.mix_momentum(unit.params, x)
     if state.worker_momentum is not None and unit.contribute:  # compress m = beta * m + g instead of g
         state.worker_momentum.apply(signature, plan.layout.param_numels, x)
     residual, held = None, []
@@ -91,6 +97,26 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
     state._event(unit.index, "launched")
     for gen, work in started:
         state._completion.follow(gen, work, tracker.piece_done, buf.device)
+    with state._lock:
+        state._timing["hook_seconds"] += time.perf_counter() - t_enter
+    return tracker.surfaced
+
+
+def _submit_uncompressed(state: QuantizedHookState, unit: Unit, signature, x, t_enter: float):
+    """The full-precision mean of the unit (an attached optimizer's warm-up), counted as a ring
+    all-reduce; residuals and the codec's state are left as they are."""
+    plan = state._plan(signature, [p.numel() for p in unit.params], unit.buffer.device, uncompressed=True)
+    state._count(plan, unit.is_last)
+    with state._lock:
+        state._uncompressed_in_step = True
+    tracker = _UnitTracker(state, unit, plan, signature, False, False)
+    buf = unit.buffer
+    piece = Piece(plan.layout, x, buf, None, 0, False)
+    gen = plan.strategy.run(piece, None)
+    work = next(gen)
+    plan.uses += 1
+    state._event(unit.index, "launched")
+    state._completion.follow(gen, work, tracker.piece_done, buf.device)
     with state._lock:
         state._timing["hook_seconds"] += time.perf_counter() - t_enter
     return tracker.surfaced
@@ -196,6 +222,8 @@ def _end_of_step(state: QuantizedHookState) -> None:
         state.server_memory.commit(state._staged_server)
         if state.worker_momentum is not None:
             state.worker_momentum.commit(state._used_this_step)
+    if state._uncompressed_in_step:
+        state._totals["uncompressed_steps"] += 1
     state.step += 1
     state._close_step_record()
     state._new_step()

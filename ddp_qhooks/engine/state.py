@@ -12,6 +12,7 @@ import torch.distributed as dist
 from ..codecs import Layout, make_codec, server_codec_for
 from ..error_feedback import ResidualMemory
 from ..worker_momentum import WorkerMomentum
+from ..exchange.allreduce import FullPrecision
 from ..exchange import STRATEGIES, TwoPhase, check_exchange, choose, collectives, piece_layouts
 from .accounting import Accounting
 from .checkpoint import Checkpointing
@@ -140,6 +141,8 @@ class QuantizedHookState(Accounting, Checkpointing):
         # (zero outside the own shards) so that it survives bucket rebuilds like ``memory``
         self.server_memory = ResidualMemory()
         self._plans: Dict[tuple, Plan] = {}
+        self._full_plans: Dict[tuple, Plan] = {}  # full-precision plans of an attached optimizer's warm-up
+        self._optimizer = None  # attached by ddp_qhooks.optim.OneBitAdam(hook=...): decides the phase
         self._strategies: Dict[str, object] = {}
         self._used_this_step: set = set()
         self._lock = threading.Lock()
@@ -179,7 +182,9 @@ class QuantizedHookState(Accounting, Checkpointing):
                 "worker_momentum": None if self.worker_momentum is None else self.worker_momentum.beta}
 
     # -- plans -------------------------------------------------------------------------------------
-    def _plan(self, signature: tuple, numels: list, device) -> Plan:
+    def _plan(self, signature: tuple, numels: list, device, uncompressed: bool = False) -> Plan:
+        if uncompressed:
+            return self._uncompressed_plan(signature, numels, device)
         plan = self._plans.get(signature)
         if plan is not None:
             return plan
@@ -198,6 +203,18 @@ class QuantizedHookState(Accounting, Checkpointing):
         plan = self._plans[signature] = Plan(layout, mode, reason, strategy, bounds, layouts, buffers,
                                              sum(s[0] for s in sizes), sum(s[1] for s in sizes),
                                              sum(s[2] for s in sizes), scratch)
+        return plan
+
+    def _uncompressed_plan(self, signature: tuple, numels: list, device) -> Plan:
+        plan = self._full_plans.get(signature)
+        if plan is None:
+            layout = Layout(numels, signature)
+            w, me = collectives.world_size(self.process_group), collectives.rank(self.process_group)
+            strategy = FullPrecision(self.codec, self.server_codec, self.process_group, w, me)
+            payload, sent, values = strategy.bytes(layout, None)
+            plan = self._full_plans[signature] = Plan(layout, strategy.name, "the optimizer's uncompressed warm-up",
+                                                      strategy, [(0, layout.numel)], [layout], [None], payload, sent,
+                                                      values)
         return plan
 
     def _choose(self, layout: Layout, w: int) -> tuple:

@@ -70,13 +70,27 @@ EF_PAIRS = ("sign", "sign,worker_momentum=0.9,momentum=0", "sign,block_size=256,
 def split_recipe(spec: str, default_lr: float, default_momentum: float = 0.9) -> tuple[str, float, float]:
     """``spec`` without the study's own options ``lr=`` and ``momentum=`` (the bench knows neither),
     and the learning rate and SGD momentum they set (else the defaults)."""
+    bench_spec, lr, momentum, _ = split_recipe_onebit(spec, default_lr, default_momentum)
+    return bench_spec, lr, momentum
+
+
+def split_recipe_onebit(spec: str, default_lr: float, default_momentum: float = 0.9):
+    """:func:`split_recipe` plus the study's ``onebit_adam=N`` (LM task: the optimizer is
+    ``ddp_qhooks.optim.OneBitAdam`` with ``warmup_steps=N``, the AdamW recipe's hyper-parameters
+    unchanged), returned last (None without it)."""
     parts = spec.split(",")
     values = {"lr": default_lr, "momentum": default_momentum}
+    onebit = None
     kept = [parts[0]]
     for p in parts[1:]:
         key, eq, value = p.partition("=")
         key = key.strip()
-        if key in values and eq:
+        if key == "onebit_adam" and eq:
+            if not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"configuration {spec!r}: onebit_adam must be the warm-up steps, an integer >= 1, "
+                                 f"got {value!r}")
+            onebit = int(value)
+        elif key in values and eq:
             try:
                 values[key] = float(value)
             except ValueError:
@@ -87,7 +101,7 @@ def split_recipe(spec: str, default_lr: float, default_momentum: float = 0.9) ->
                 raise ValueError(f"configuration {spec!r}: momentum must be in [0, 1), got {value!r}")
         else:
             kept.append(p)
-    return ",".join(kept), values["lr"], values["momentum"]
+    return ",".join(kept), values["lr"], values["momentum"], onebit
 
 
 def split_lr(spec: str, default_lr: float) -> tuple[str, float]:
@@ -110,9 +124,11 @@ def _evaluate_synchronized(task, model, sync) -> float:
 
 
 def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict:
-    bench_spec, lr, momentum = split_recipe(spec, lr, getattr(args, "momentum", 0.9))
+    bench_spec, lr, momentum, onebit = split_recipe_onebit(spec, lr, getattr(args, "momentum", 0.9))
     cfg = parse_config(bench_spec)
     lm_task = getattr(args, "task", "fmnist") == "lm"
+    if onebit is not None and (not lm_task or cfg["kind"] == "local"):
+        raise ValueError(f"configuration {spec!r}: onebit_adam= needs --task lm (AdamW) and a gradient hook")
     if lm_task:
         task = LmTask(args.batch, rank, torch.device("cpu"))
         torch.manual_seed(seed)
@@ -132,7 +148,7 @@ def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict
         state = _register(ddp, cfg, 0)
     sched = None
     if lm_task:  # the AdamW recipe (warm-up, cosine, weight decay, clipping); momentum= is unused
-        opt, sched = adamw_recipe(model, args.steps, lr=lr)
+        opt, sched = adamw_recipe(model, args.steps, lr=lr, onebit_warmup=onebit, hook=state)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     if sync is not None:

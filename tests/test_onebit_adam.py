@@ -1,0 +1,186 @@
+"""ddp_qhooks.optim.OneBitAdam with the DDP hook: exact AdamW on the mean gradient during the warm-up,
+the frozen-variance update on the averaged momentum afterwards (checked against a reference written
+here), bitwise resume, the warm-up's bytes in stats(), and the misuse errors."""
+import math
+
+import _dist  # tests/conftest.py puts tests/ on sys.path
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ddp_qhooks
+from ddp_qhooks.optim import OneBitAdam
+
+LR, BETAS, EPS, WD = 0.01, (0.9, 0.95), 1e-8, 0.1
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def _groups(model):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": WD}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(8, 12, generator=g), torch.randn(8, 4, generator=g)
+
+
+def _mean_grads(model, world, step):
+    """The mean over the ranks' batches of the gradient, computed in this process alone."""
+    grads = None
+    for r in range(world):
+        model.zero_grad()
+        x, y = _batch(r, step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        g = [p.grad.detach().clone() for p in model.parameters()]
+        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+    return [g / world for g in grads]
+
+
+def _train(rank, world, codec, warmup, steps, clip, bucket_mb=0.001):
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=bucket_mb)  # several buckets, rebuilt after the first step
+    state = ddp_qhooks.register(ddp, codec)
+    opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=warmup, hook=state)
+    params = []
+    for step in range(steps):
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    return {"params": params, "stats": state.stats(),
+            "numel": sum(p.numel() for p in model.parameters())}
+
+
+def _w_warmup(rank, world):
+    return _train(rank, world, "sign", warmup=100, steps=6, clip=0.5)
+
+
+def test_warmup_is_adamw_on_the_mean_gradient_and_sends_fp32():
+    res = _dist.results(_w_warmup, 2)
+    ref_model = _model()
+    ref = torch.optim.AdamW(_groups(ref_model), lr=LR, betas=BETAS, eps=EPS)
+    for step in range(6):
+        grads = _mean_grads(ref_model, 2, step)
+        for p, g in zip(ref_model.parameters(), grads):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5)
+        ref.step()
+        for r in res:
+            for a, b in zip(r["params"][step], ref_model.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    st = res[0]["stats"]
+    # a sign codec, yet every step went uncompressed: a ring all-reduce's bytes, 2(W-1)/W x 4 per value
+    assert st["uncompressed_steps"] == 6 and st["steps"] == 6
+    assert st["wire_bytes_sent"] == 6 * 4 * res[0]["numel"] and set(st["exchange_last_step"]) == {"allreduce"}
+
+
+def _w_none(rank, world):
+    return _train(rank, world, "none", warmup=3, steps=9, clip=None)
+
+
+def test_after_warmup_with_codec_none_is_frozen_variance_adam_on_the_momentum():
+    res = _dist.results(_w_none, 2)
+    model = _model()
+    warm = torch.optim.AdamW(_groups(model), lr=LR, betas=BETAS, eps=EPS)
+    b1, b2 = BETAS
+    m = v = None
+    for step in range(9):
+        grads = _mean_grads(model, 2, step)
+        if step < 3:  # torch's AdamW is the reference of the warm-up
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            warm.step()
+        else:
+            if m is None:  # the variance freezes after 3 steps
+                m = [warm.state[p]["exp_avg"].clone() for p in model.parameters()]
+                v = [warm.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+            t = step + 1
+            with torch.no_grad():
+                for i, (p, g) in enumerate(zip(model.parameters(), grads)):
+                    m[i] = b1 * m[i] + (1 - b1) * g
+                    wd = WD if p.dim() >= 2 else 0.0
+                    p.mul_(1 - LR * wd)
+                    p.sub_(LR / (1 - b1 ** t) * m[i] / ((v[i] / (1 - b2 ** 3)).sqrt() + EPS))
+        for r in res:
+            for a, b in zip(r["params"][step], model.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    st = res[0]["stats"]
+    assert st["uncompressed_steps"] == 3 and st["steps"] == 9
+
+
+def _w_resume(rank, world, tmp):
+    def build():
+        model = _model()
+        ddp = DDP(model, bucket_cap_mb=0.001)
+        state = ddp_qhooks.register(ddp, "sign")
+        opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=2, hook=state)
+        return model, ddp, state, opt
+
+    def run(model, ddp, opt, lo, hi):
+        for step in range(lo, hi):
+            x, y = _batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+    model, ddp, state, opt = build()
+    run(model, ddp, opt, 0, 10)
+    straight = [p.detach().clone() for p in model.parameters()]
+    sent = state.stats()["wire_bytes_sent"]
+
+    model, ddp, state, opt = build()
+    run(model, ddp, opt, 0, 5)
+    path = f"{tmp}/ckpt{rank}.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()}, path)
+    del model, ddp, state, opt
+    ck = torch.load(path, weights_only=True)
+    model, ddp, state, opt = build()
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    state.load_state_dict(ck["hook"])
+    run(model, ddp, opt, 5, 10)
+    resumed = [p.detach().clone() for p in model.parameters()]
+    return {"straight": straight, "resumed": resumed, "sent": sent, "resent": state.stats()["wire_bytes_sent"],
+            "uncompressed": state.stats()["uncompressed_steps"], "steps": ck["opt"]["onebit"]["steps"]}
+
+
+def test_resume_is_bitwise(tmp_path):
+    res = _dist.results(_w_resume, 2, str(tmp_path))
+    for r in res:
+        assert r["steps"] == 5 and r["uncompressed"] == 2
+        assert all(torch.equal(a, b) for a, b in zip(r["straight"], r["resumed"]))
+        assert r["sent"] == r["resent"]  # the byte counters travel with the hook state
+
+
+def test_misuse_is_refused_with_one_clear_error():
+    model = _model()
+    state = ddp_qhooks.QuantizedHookState(codec="none", module=model)
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(ValueError, match="warmup_steps must be an integer >= 1"):
+            OneBitAdam(model.parameters(), warmup_steps=bad, hook=state)
+    with pytest.raises(TypeError, match="hook must be the ddp_qhooks.QuantizedHookState"):
+        OneBitAdam(model.parameters(), warmup_steps=2, hook=None)
+    with pytest.raises(ValueError, match="worker momentum"):
+        OneBitAdam(model.parameters(), warmup_steps=2,
+                   hook=ddp_qhooks.QuantizedHookState(codec="sign", worker_momentum=0.9, module=model))
+    opt = OneBitAdam(model.parameters(), warmup_steps=1, hook=state)
+    with pytest.raises(ValueError, match="already drives another OneBitAdam"):
+        OneBitAdam(model.parameters(), warmup_steps=1, hook=state)
+    with pytest.raises(ValueError, match="not a OneBitAdam state_dict"):
+        opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # the warm-up step: plain AdamW, no hook needed
+    with pytest.raises(RuntimeError, match="did not pass through the hook"):
+        opt.step()  # gradients set by hand after the warm-up: not the hook's momentum
+    assert math.isfinite(float(next(model.parameters()).detach().sum()))
