@@ -217,6 +217,17 @@ def _result(link="200mbit", launch="netsim", fast=True):
     return {"meta": meta, "rows": rows}
 
 
+def test_lm_rows_report_validation_loss_not_accuracy():
+    res = _result()
+    res["meta"]["task"] = "lm"
+    for r, v in zip(res["rows"], (2.0, 2.0, None, 2.02, 2.1)):
+        r["val_loss"] = v
+    text = " ".join(bench.verdict(res).split())
+    assert "validation loss 2.1000 vs 2.0000 with fp32 (+5.00%)" in text and "accuracy" not in text
+    table = bench.format_table(res, markdown=False, compact=True)
+    assert "val loss" in table and "test acc" not in table and "2.1000" in table
+
+
 def test_verdict_names_the_best_codec_its_speedups_bytes_and_loss_cost():
     text = " ".join(bench.verdict(_result()).split())
     assert text.startswith("Verdict (netsim 200mbit between 2 namespaced hosts): stochastic:2 is the fastest")

@@ -82,7 +82,7 @@ MODELS = ("mlp", "linear")
 _FAILED: list = []
 RESULT_KEYS = ("config", "kind", "status", "error", "step_s", "step_p10_s", "step_p90_s", "compute_s", "comm_s",
                "bytes_per_step", "bytes_source", "tc_bytes_per_step", "compression_ratio", "speedup_vs_fp32",
-               "ideal_speedup", "fraction_of_ideal", "tc_vs_accounted", "final_loss", "test_accuracy", "note",
+               "ideal_speedup", "fraction_of_ideal", "tc_vs_accounted", "final_loss", "test_accuracy", "val_loss", "note",
                "hook_s", "callback_s", "encode_hidden", "timeline", "fewer_bytes_than_fp32", "link")
 
 
@@ -436,7 +436,7 @@ def run_worker(args) -> list[dict] | None:
         task = FashionMnistTask(args.batch, rank, device, args.data)
     elif args.model == "linear":
         task = LinearTask(int(args.params), args.batch, rank, device)
-    elif args.task == "lm":  # tools/lm.py; test_accuracy holds the validation loss (lower is better)
+    elif args.task == "lm":  # tools/lm.py; reports val_loss (lower is better) instead of test_accuracy
         from .lm import LmTask
         task = LmTask(args.batch, rank, device)
     else:
@@ -519,7 +519,7 @@ def run_worker(args) -> list[dict] | None:
             if cfg["kind"] == "local":
                 state.sync()  # evaluate the synchronized model
             row["final_loss"] = _mean_over_ranks(statistics.fmean(losses[-5:]), device)
-            row["test_accuracy"] = task.evaluate(model)
+            row["val_loss" if args.task == "lm" else "test_accuracy"] = task.evaluate(model)
             ordered = sorted(times)
             row["step_s"] = statistics.fmean(times) if cfg["kind"] == "local" else statistics.median(times)
             row["step_p10_s"] = ordered[int(0.1 * (len(ordered) - 1))]
@@ -614,14 +614,14 @@ COLUMNS = [("config", "config", "{}"), ("status", "status", "{}"), ("step_s", "s
            ("speedup_vs_fp32", "speedup", "{:.2f}x"),
            ("ideal_speedup", "ideal", "{:.2f}x"), ("fraction_of_ideal", "of ideal", "{:.0%}"),
            ("hook_s", "hook ms", "ms"), ("callback_s", "cb ms", "ms"), ("encode_hidden", "enc hidden", "{:.0%}"),
-           ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}")]
+           ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}"), ("val_loss", "val loss", "{:.4f}")]
 
 
 # the default table: what a person reads first (the full table goes to bench.md / .csv / .json, or --wide)
 COMPACT = [("config", "config", "{}"), ("status", "status", "{}"), ("step_s", "step ms", "ms"),
            ("speedup_vs_fp32", "speedup", "{:.2f}x"), ("ideal_speedup", "ideal", "{:.2f}x"),
            ("fraction_of_ideal", "of ideal", "{:.0%}"), ("fewer_bytes_than_fp32", "bytes ÷", "{:.1f}x"),
-           ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}")]
+           ("final_loss", "loss", "{:.4g}"), ("test_accuracy", "test acc", "{:.2%}"), ("val_loss", "val loss", "{:.4f}")]
 LEGEND = ("speedup: fp32 step time / this step time.  ideal: the speedup if only the bytes shrank: "
           "T_fp32 / (T_compute + T_comm_fp32 x bytes / bytes_fp32).  of ideal: speedup / ideal (usually < 100 %: "
           "the overheads of encoding and of the exchange).  bytes ÷: fp32 allreduce's bytes per step / this row's.")
@@ -805,6 +805,9 @@ def _verdict_one(result: dict, link, rows: dict) -> str:
         diff = 100 * (best["test_accuracy"] - fp32["test_accuracy"])
         text.append(f"test accuracy {100 * best['test_accuracy']:.2f} % vs {100 * fp32['test_accuracy']:.2f} % "
                     f"with fp32 ({diff:+.2f} points).")
+    elif best.get("val_loss") is not None and fp32.get("val_loss"):
+        rel = best["val_loss"] / fp32["val_loss"] - 1
+        text.append(f"validation loss {best['val_loss']:.4f} vs {fp32['val_loss']:.4f} with fp32 ({rel:+.2%}).")
     elif best.get("final_loss") is not None and fp32.get("final_loss"):
         rel = best["final_loss"] / fp32["final_loss"] - 1
         text.append(f"training loss {best['final_loss']:.4g} vs {fp32['final_loss']:.4g} with fp32 ({rel:+.2%}) "
@@ -1278,8 +1281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configurations to run, in order ('all': " + " ".join(ALL_CONFIGS) + ")")
     p.add_argument("--task", choices=("synthetic", "fmnist", "lm"), default="synthetic",
                    help="synthetic: communication-bound regression (throughput); fmnist: SmallCNN on Fashion-MNIST "
-                        "(accuracy); lm: tools/lm.py's char-level transformer (its test_accuracy column is the "
-                        "validation loss)")
+                        "(accuracy); lm: tools/lm.py's char-level transformer (validation loss, val_loss)")
     p.add_argument("--model", choices=MODELS, default="mlp",
                    help="synthetic task's model: mlp (64-w-w-w-w-10, many DDP buckets) or linear (one nn.Linear(n, n): "
                         "one parameter, one bucket; 25e6 params: n=5000, a 100 MB weight)")
