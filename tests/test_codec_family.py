@@ -26,6 +26,8 @@ from ddp_qhooks.codecs import (
     option_space,
     payload_nbytes,
 )
+from ddp_qhooks.codecs.wire import FLAG_NONFINITE, HEADER_BYTES
+from ddp_qhooks.exchange.base import set_flag
 
 
 def family(names=None) -> list:
@@ -121,6 +123,12 @@ def check_nonfinite_input_is_reported_not_raised(cfg, bad):
     err = torch.full((100,), 5.0)
     info = codec.encode(x, body, layout, key=1, error_out=err)
     assert not info.finite  # error_out is then unspecified: every caller drops it
+    # the flag as handed on (a bool, or a device tensor left unread) marks the payload's header
+    header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    set_flag(header, info.finite_flag)
+    assert int(header[3]) == FLAG_NONFINITE
+    set_flag(header, codec.encode(torch.randn(100), body, layout, key=1).finite_flag)
+    assert int(header[3]) == 0
 
 
 def check_average_of_payloads_and_residual(cfg):

@@ -1146,7 +1146,7 @@ def test_compiled_adaptive_matches_eager():
         assert torch.equal(bodies[0], bodies[1]), numels
     from ddp_qhooks.codecs import _fused
     if shutil.which("g++") or shutil.which("c++"):  # the compiled pass ran (not an eager fallback)
-        from ddp_qhooks.codecs.adaptive import _code_fn
+        from ddp_qhooks.codecs._adaptive_compiled import _code_fn
         # window rows four to a loop (8 bits), and 4-bit stripes packed by the kernel (whole
         # stripes, or a last shorter one, alone or both in one call)
         assert not _fused._broken and ("table-rows", _code_fn(255), False) in _fused._kernels

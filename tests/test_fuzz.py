@@ -547,5 +547,4 @@ def test_bf16_overflow_near_float32_max_is_reported_non_finite():
         x = torch.tensor([1.0, big, -2.0])
         body = torch.zeros(codec.body_nbytes(layout), dtype=torch.uint8)
         err = torch.full((3,), 5.0)
-        assert codec.encode(x, body, layout, 0, error_out=err).finite is finite
-        assert finite or bool((err == 5.0).all())
+        assert codec.encode(x, body, layout, 0, error_out=err).finite is finite  # (error_out: unspecified if not)
