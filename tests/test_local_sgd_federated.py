@@ -80,13 +80,15 @@ def _grad(y, rank, step):
 
 def _simulate(world, steps, kw):
     """SCAFFOLD / FedProx / FedAvg as in the papers, W clients in one process, plain SGD inside,
-    outer averaging; a round's mean lands ``delay`` steps late with the local progress kept."""
+    outer averaging; a round's mean lands ``delay`` steps late with the local progress kept, and
+    the inner steps use the c and c_i of the same (last applied) round."""
     h, drift, delay = kw["local_steps"], kw.get("drift", "none"), kw.get("delay", 0)
     option, mu, frac = kw.get("scaffold_option", "II"), kw.get("mu", 0.01), kw.get("participation", 1.0)
     x = torch.nn.utils.parameters_to_vector(_model().parameters()).detach().double()
     y = [x.clone() for _ in range(world)]
     zero = torch.zeros_like(x)
     c, ci = zero.clone(), [zero.clone() for _ in range(world)]
+    used = [zero.clone() for _ in range(world)]  # the c_i of the round whose c was applied last
     gsum, first, k = [zero.clone() for _ in range(world)], [None] * world, [0] * world
     pending, rounds = [], 0
 
@@ -100,6 +102,7 @@ def _simulate(world, steps, kw):
                 y[i] = new + (y[i] - sent[i])
             x = new
             c = c + dc / world
+            used[:] = [t.clone() for t in ci]
 
     for step in range(1, steps + 1):
         for i in range(world):
@@ -108,7 +111,7 @@ def _simulate(world, steps, kw):
             first[i] = g if k[i] == 0 else first[i]
             k[i] += 1
             if drift == "scaffold":
-                g = g + c - ci[i]
+                g = g + c - used[i]
             elif drift == "fedprox":
                 g = g + mu * (y[i] - x)
             y[i] = y[i] - LR * g

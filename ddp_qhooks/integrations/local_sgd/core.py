@@ -307,7 +307,8 @@ class LocalSGD:
             for p, d in zip(frag, progress):
                 p.add_(d)
         if cv_mean is not None:
-            self.drift.apply(i, cv_mean)  # a sum over the participants / W: SCAFFOLD's c update
+            held = self.cv_hook.memory.residuals()  # committed: the exchange has completed
+            self.drift.apply(i, cv_mean, [held.get(self.cv_hook._key_of(p)) for p in frag])
         self.syncs += 1
 
     def _wire_bytes(self) -> int:

@@ -9,8 +9,12 @@ gradient, and what a rank's round changes.
   ``c_i - c + (x - y_i) / (K lr)``, since ``x - y_i = lr * sum(g_k + c - c_i)``; taking the mean of
   the gradients instead keeps it right under momentum, Adam and learning-rate schedules.  The
   change ``c_i+ - c_i`` is exchanged like a pseudo-gradient (codec, error feedback with residuals
-  of its own) and ``c`` grows by its mean over all ranks, so ``c`` stays the mean of the ``c_i``
-  up to the residuals still held.
+  of its own) and ``c`` grows by its mean over all ranks.  The inner steps subtract ``c_i - e_i``,
+  ``e_i`` the control variates' residual: by the error-feedback identity that is the sum of what
+  this rank's payloads delivered, so ``c`` is exactly the mean of the ``c_i - e_i`` in use
+  (all-gather) and the corrections still cancel over the ranks; with the exact ``c_i``, the mean
+  residual would be a bias added to every inner step.  ``c_i - e_i`` is renewed when the round's
+  ``c`` arrives, so the two always come from the same round.
 * ``"fedprox"`` (Li et al. 2020): ``g + mu * (x - x_start)``, ``x_start`` the round's start point.
 """
 from __future__ import annotations
@@ -36,8 +40,9 @@ class NoDrift:
         :meth:`restore` needs to undo it."""
         return None, None
 
-    def apply(self, i: int, mean) -> None:
-        """The mean over ranks of the sent deltas of fragment ``i`` arrived."""
+    def apply(self, i: int, mean, residuals=None) -> None:
+        """The mean over ranks of the sent deltas of fragment ``i`` arrived (``residuals``: this
+        rank's control-variate residual of each parameter, or None)."""
 
     def restore(self, i: int, undo) -> None:
         """A dropped round (non-finite): undo :meth:`round_end`."""
@@ -74,13 +79,14 @@ class Scaffold(NoDrift):
         zeros = lambda: [[torch.zeros_like(p, memory_format=torch.contiguous_format) for p in f]  # noqa: E731
                          for f in fragments]
         self.c, self.ci, self.acc = zeros(), zeros(), zeros()  # acc: option I's first gradient / II's sum
+        self.used = zeros()  # c_i - e_i, what the inner steps subtract
         self.k = [0] * len(fragments)  # inner steps of the current round, per fragment
 
     @torch.no_grad()
     def correct(self, starts) -> None:
         for i, frag in enumerate(self.fragments):
             seen = False
-            for p, c, ci, acc in zip(frag, self.c[i], self.ci[i], self.acc[i]):
+            for p, c, ci, acc in zip(frag, self.c[i], self.used[i], self.acc[i]):
                 if p.grad is None:
                     continue
                 seen = True
@@ -108,12 +114,16 @@ class Scaffold(NoDrift):
         return delta, undo
 
     @torch.no_grad()
-    def apply(self, i: int, mean) -> None:
+    def apply(self, i: int, mean, residuals=None) -> None:
         offset = 0
         for c in self.c[i]:
             n = c.numel()
             c.add_(mean[offset:offset + n].view_as(c).to(c.dtype))
             offset += n
+        for used, ci, e in zip(self.used[i], self.ci[i], residuals or [None] * len(self.ci[i])):
+            used.copy_(ci)
+            if e is not None:
+                used.sub_(e.view_as(used).to(used.dtype))
 
     @torch.no_grad()
     def restore(self, i: int, undo) -> None:
@@ -123,11 +133,12 @@ class Scaffold(NoDrift):
 
     def state_dict(self) -> dict:
         cpu = lambda ts: [[t.detach().cpu().clone() for t in f] for f in ts]  # noqa: E731
-        return {"c": cpu(self.c), "ci": cpu(self.ci), "acc": cpu(self.acc), "k": list(self.k)}
+        return {"c": cpu(self.c), "ci": cpu(self.ci), "acc": cpu(self.acc), "used": cpu(self.used),
+                "k": list(self.k)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        for name in ("c", "ci", "acc"):
+        for name in ("c", "ci", "acc", "used"):
             for mine, saved in zip(getattr(self, name), state[name]):
                 for t, s in zip(mine, saved):
                     t.copy_(s)
