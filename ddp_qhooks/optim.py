@@ -8,7 +8,7 @@ is frozen.  The one line the user changes is the optimizer's construction::
 
     state = ddp_qhooks.register(ddp, "sign")
     opt = ddp_qhooks.optim.OneBitAdam(groups, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                                      warmup_steps=4, hook=state)   # was torch.optim.AdamW(...)
+                                      warmup_steps=30, hook=state)   # was torch.optim.AdamW(...)
 
 Phases, decided by the optimizer's count of completed steps ``t`` (the hook asks it, so both agree
 on every rank):
