@@ -55,8 +55,10 @@ class OneBitAdam(torch.optim.AdamW):
         hook: the hook state whose exchanges this optimizer drives (keyword only).
         variance_refresh: step numbers (counted from 0, each >= ``warmup_steps``) at which the hook
             exchanges the gradient in full precision again and both moments take the mean
-            gradient (0/1 Adam's sparse variance updates, Lu et al. 2022); the variance's bias
-            correction counts its updates.  Each costs one fp32 exchange.  Default: none.
+            gradient (0/1 Adam's sparse variance updates, Lu et al. 2022).  Over a gap of ``d``
+            steps since the variance's last update it becomes ``beta2^d * v + (1 - beta2^d) * g^2``
+            (AdamW's ``v`` had the squared gradient stayed ``g^2`` in the gap), bias-corrected for
+            the step count.  Each costs one fp32 exchange.  Default: none.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -148,15 +150,18 @@ class OneBitAdam(torch.optim.AdamW):
                     raise RuntimeError("OneBitAdam: a parameter received its first gradient after the warm-up, so "
                                        "its second moment was never estimated; every parameter needs a gradient in "
                                        "the warm-up steps")
-                if "variance_steps" not in st:
+                if "variance_steps" not in st:  # the step count of the variance's last update
                     st["variance_steps"] = float(st["step"])
+                st["step"] += 1
                 if refresh:  # the mean gradient in full precision: both moments take it
                     st["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                    st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                    st["variance_steps"] += 1
+                    # as if the squared gradient had been this one since the last update: the
+                    # old estimate decays by beta2 per step of the gap, so a stale one is forgotten
+                    decay = beta2 ** (float(st["step"]) - st["variance_steps"])
+                    st["exp_avg_sq"].mul_(decay).addcmul_(p.grad, p.grad, value=1 - decay)
+                    st["variance_steps"] = float(st["step"])
                 else:  # the hook's mean of the compressed momenta
                     st["exp_avg"].copy_(p.grad)
-                st["step"] += 1
                 bias1 = 1 - beta1 ** float(st["step"])
                 bias2 = 1 - beta2 ** st["variance_steps"]
                 p.mul_(1 - lr * wd)

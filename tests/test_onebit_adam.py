@@ -94,7 +94,7 @@ def test_after_warmup_with_codec_none_is_frozen_variance_adam_on_the_momentum():
     warm = torch.optim.AdamW(_groups(model), lr=LR, betas=BETAS, eps=EPS)
     b1, b2 = BETAS
     m = v = None
-    k = 3  # updates of the variance: the warm-up's, then the refresh at step 6
+    k = 3  # the step count of the variance's last update: the warm-up's, then the refresh at step 6
     for step in range(10):
         grads = _mean_grads(model, 2, step)
         if step < 3:  # torch's AdamW is the reference of the warm-up
@@ -107,12 +107,12 @@ def test_after_warmup_with_codec_none_is_frozen_variance_adam_on_the_momentum():
                 v = [warm.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
             t = step + 1
             with torch.no_grad():
-                if step == 6:
-                    k += 1
+                if step == 6:  # the variance last moved at step count 3, now it is 7: a gap of 4
+                    k = 7
                 for i, (p, g) in enumerate(zip(model.parameters(), grads)):
                     m[i] = b1 * m[i] + (1 - b1) * g
                     if step == 6:
-                        v[i] = b2 * v[i] + (1 - b2) * g * g
+                        v[i] = b2 ** 4 * v[i] + (1 - b2 ** 4) * g * g
                     wd = WD if p.dim() >= 2 else 0.0
                     p.mul_(1 - LR * wd)
                     p.sub_(LR / (1 - b1 ** t) * m[i] / ((v[i] / (1 - b2 ** k)).sqrt() + EPS))
