@@ -8,7 +8,7 @@ is frozen.  The one line the user changes is the optimizer's construction::
 
     state = ddp_qhooks.register(ddp, "sign")
     opt = ddp_qhooks.optim.OneBitAdam(groups, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                                      warmup_steps=30, hook=state)   # was torch.optim.AdamW(...)
+                                      warmup_steps=60, hook=state)   # was torch.optim.AdamW(...)
 
 Phases, decided by the optimizer's count of completed steps ``t`` (the hook asks it, so both agree
 on every rank):
@@ -28,11 +28,11 @@ script (``clip_grad_norm_``) acts on the gradient during the warm-up and on the 
 afterwards (the hook runs before it).  Not for GradScaler's fp16 loss scaling (the hook would mix
 scaled gradients with an unscaled momentum).
 
-Measured (docs/results_defaults.md, section 7; the study's 300-step LM, sign): with a 30-step
-warm-up (the learning-rate warm-up's length) 1.03x fp32's validation loss on 2 seeds of 3 (the
-third stalls at 1.20x) at 7.6x fewer bytes; frozen after 4, 8 or 15 steps the variance fails even
-without compression, so ">= 20x fewer bytes than fp32" (at most ~1.5 % of the steps in fp32) needs
-a run long enough for the variance to settle within that share.
+Measured (docs/results_defaults.md, section 7; the study's 300-step LM, sign): with a 60-step
+warm-up fp32's validation loss on 3 seeds (0.999x) at 4.4x fewer bytes; frozen after 4, 8, 15 or
+(on some seeds) 30 steps the variance fails even without compression, so ">= 20x fewer bytes
+than fp32" (at most ~1.5 % of the steps in fp32) needs a run long enough for the variance to
+settle within that share.
 
 State (``exp_avg``, ``exp_avg_sq``, ``step``, the step count at which each variance froze, the
 phase counter) is in :meth:`state_dict`; with the hook state's ``state_dict`` (residuals) a resumed
