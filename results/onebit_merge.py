@@ -17,7 +17,7 @@ for line in study.check_lm_targets(rows):
     print("*", line)
 by = {}
 for r in runs:
-    if "error" not in r:
+    if "error" not in r and r["final_val_loss"] == r["final_val_loss"]:  # diverged (NaN) runs left out
         by.setdefault(r["config"], {})[r["seed"]] = r["final_val_loss"]
 print()
 for c, s in by.items():
