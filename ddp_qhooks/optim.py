@@ -8,7 +8,7 @@ is frozen.  The one line the user changes is the optimizer's construction::
 
     state = ddp_qhooks.register(ddp, "sign")
     opt = ddp_qhooks.optim.OneBitAdam(groups, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                                      warmup_steps=4, hook=state)   # was torch.optim.AdamW(...)
+                                      warmup_steps=60, hook=state)   # was torch.optim.AdamW(...)
 
 Phases, decided by the optimizer's count of completed steps ``t`` (the hook asks it, so both agree
 on every rank):
@@ -27,6 +27,12 @@ With codec ``"none"`` the compressed phase is that frozen-variance Adam exactly.
 script (``clip_grad_norm_``) acts on the gradient during the warm-up and on the exchanged momentum
 afterwards (the hook runs before it).  Not for GradScaler's fp16 loss scaling (the hook would mix
 scaled gradients with an unscaled momentum).
+
+Measured (docs/results_defaults.md, section 7; the study's 300-step LM, sign): with a 60-step
+warm-up fp32's validation loss on 3 seeds (0.999x) at 4.4x fewer bytes; frozen after 4, 8, 15 or
+(on some seeds) 30 steps the variance fails even without compression, so ">= 20x fewer bytes
+than fp32" (at most ~1.5 % of the steps in fp32) needs a run long enough for the variance to
+settle within that share.
 
 State (``exp_avg``, ``exp_avg_sq``, ``step``, the step count at which each variance froze, the
 phase counter) is in :meth:`state_dict`; with the hook state's ``state_dict`` (residuals) a resumed
@@ -53,15 +59,25 @@ class OneBitAdam(torch.optim.AdamW):
             warm-up step sends as much as fp32 training does; the bytes saved over a run of ``T``
             steps are about ``T / (warmup_steps + T / c)`` for a codec with ratio ``c``.
         hook: the hook state whose exchanges this optimizer drives (keyword only).
+        variance_refresh: step numbers (counted from 0, each >= ``warmup_steps``) at which the hook
+            exchanges the gradient in full precision again and both moments take the mean
+            gradient (0/1 Adam's sparse variance updates, Lu et al. 2022).  Over a gap of ``d``
+            steps since the variance's last update it becomes ``beta2^d * v + (1 - beta2^d) * g^2``
+            (AdamW's ``v`` had the squared gradient stayed ``g^2`` in the gap), bias-corrected for
+            the step count.  Each costs one fp32 exchange.  Default: none.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, warmup_steps: int, hook) -> None:
+                 *, warmup_steps: int, hook, variance_refresh=()) -> None:
         from .engine import QuantizedHookState
 
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"OneBitAdam: warmup_steps must be an integer >= 1 (the second moment is estimated in "
                              f"the warm-up, then frozen), got {warmup_steps!r}")
+        refresh = tuple(variance_refresh) if isinstance(variance_refresh, (list, tuple, range)) else None
+        if refresh is None or any(isinstance(t, bool) or not isinstance(t, int) or t < warmup_steps for t in refresh):
+            raise ValueError("OneBitAdam: variance_refresh must be a list of step numbers (counted from 0), each >= "
+                             f"warmup_steps={warmup_steps}, got {variance_refresh!r}")
         if not isinstance(hook, QuantizedHookState):
             raise TypeError("OneBitAdam: hook must be the ddp_qhooks.QuantizedHookState of the DDP model (what "
                             f"ddp_qhooks.register returns), got {type(hook).__name__}")
@@ -73,6 +89,7 @@ class OneBitAdam(torch.optim.AdamW):
             raise ValueError("OneBitAdam: this hook state already drives another OneBitAdam; one optimizer per hook")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.warmup_steps = warmup_steps
+        self.variance_refresh = frozenset(refresh)
         self.hook = hook
         self._steps = 0          # completed steps: the phase
         self._mixed_at = None    # the step at which the hook last mixed momentum into a bucket
@@ -81,8 +98,8 @@ class OneBitAdam(torch.optim.AdamW):
 
     # -- the hook's side ---------------------------------------------------------------------------
     def compressing(self) -> bool:
-        """Whether the current step's exchange is compressed (past the warm-up)."""
-        return self._steps >= self.warmup_steps
+        """Whether the current step's exchange is compressed (past the warm-up, not a refresh)."""
+        return self._steps >= self.warmup_steps and self._steps not in self.variance_refresh
 
     @torch.no_grad()
     def mix_momentum(self, params, x: torch.Tensor) -> None:
@@ -119,11 +136,12 @@ class OneBitAdam(torch.optim.AdamW):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("OneBitAdam.step does not take a closure (the gradient comes from the DDP hook)")
-        if not self.compressing():
+        if self._steps < self.warmup_steps:
             super().step()
             self._steps += 1
             return None
-        if self._mixed_at != self._steps:
+        refresh = not self.compressing()
+        if not refresh and self._mixed_at != self._steps:
             raise RuntimeError(f"OneBitAdam: step {self._steps} is past the warm-up ({self.warmup_steps} steps) but its "
                                "gradients did not pass through the hook given as hook=...: register that state on the "
                                "DDP model that computes the loss, and call step() only after a synchronized backward")
@@ -138,10 +156,18 @@ class OneBitAdam(torch.optim.AdamW):
                     raise RuntimeError("OneBitAdam: a parameter received its first gradient after the warm-up, so "
                                        "its second moment was never estimated; every parameter needs a gradient in "
                                        "the warm-up steps")
-                if "variance_steps" not in st:
+                if "variance_steps" not in st:  # the step count of the variance's last update
                     st["variance_steps"] = float(st["step"])
-                st["exp_avg"].copy_(p.grad)
                 st["step"] += 1
+                if refresh:  # the mean gradient in full precision: both moments take it
+                    st["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                    # as if the squared gradient had been this one since the last update: the
+                    # old estimate decays by beta2 per step of the gap, so a stale one is forgotten
+                    decay = beta2 ** (float(st["step"]) - st["variance_steps"])
+                    st["exp_avg_sq"].mul_(decay).addcmul_(p.grad, p.grad, value=1 - decay)
+                    st["variance_steps"] = float(st["step"])
+                else:  # the hook's mean of the compressed momenta
+                    st["exp_avg"].copy_(p.grad)
                 bias1 = 1 - beta1 ** float(st["step"])
                 bias2 = 1 - beta2 ** st["variance_steps"]
                 p.mul_(1 - lr * wd)
@@ -152,7 +178,8 @@ class OneBitAdam(torch.optim.AdamW):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["onebit"] = {"steps": self._steps, "warmup_steps": self.warmup_steps}
+        sd["onebit"] = {"steps": self._steps, "warmup_steps": self.warmup_steps,
+                        "variance_refresh": sorted(self.variance_refresh)}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -161,9 +188,10 @@ class OneBitAdam(torch.optim.AdamW):
         if onebit is None:
             raise ValueError("OneBitAdam.load_state_dict: this state has no 'onebit' entry (phase counter); it is "
                              "not a OneBitAdam state_dict")
-        if int(onebit["warmup_steps"]) != self.warmup_steps:
-            raise ValueError(f"OneBitAdam.load_state_dict: saved with warmup_steps={onebit['warmup_steps']}, this "
-                             f"optimizer has {self.warmup_steps}")
+        saved = (int(onebit["warmup_steps"]), sorted(int(t) for t in onebit.get("variance_refresh", ())))
+        if saved != (self.warmup_steps, sorted(self.variance_refresh)):
+            raise ValueError(f"OneBitAdam.load_state_dict: saved with warmup_steps={saved[0]}, variance_refresh="
+                             f"{saved[1]}; this optimizer has {self.warmup_steps}, {sorted(self.variance_refresh)}")
         super().load_state_dict(state_dict)
         self._steps = int(onebit["steps"])
         self._groups = None

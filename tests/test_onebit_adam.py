@@ -42,11 +42,12 @@ def _mean_grads(model, world, step):
     return [g / world for g in grads]
 
 
-def _train(rank, world, codec, warmup, steps, clip, bucket_mb=0.001):
+def _train(rank, world, codec, warmup, steps, clip, bucket_mb=0.001, refresh=()):
     model = _model()
     ddp = DDP(model, bucket_cap_mb=bucket_mb)  # several buckets, rebuilt after the first step
     state = ddp_qhooks.register(ddp, codec)
-    opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=warmup, hook=state)
+    opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=warmup, hook=state,
+                     variance_refresh=refresh)
     params = []
     for step in range(steps):
         x, y = _batch(rank, step)
@@ -84,7 +85,7 @@ def test_warmup_is_adamw_on_the_mean_gradient_and_sends_fp32():
 
 
 def _w_none(rank, world):
-    return _train(rank, world, "none", warmup=3, steps=9, clip=None)
+    return _train(rank, world, "none", warmup=3, steps=10, clip=None, refresh=(6,))
 
 
 def test_after_warmup_with_codec_none_is_frozen_variance_adam_on_the_momentum():
@@ -93,7 +94,8 @@ def test_after_warmup_with_codec_none_is_frozen_variance_adam_on_the_momentum():
     warm = torch.optim.AdamW(_groups(model), lr=LR, betas=BETAS, eps=EPS)
     b1, b2 = BETAS
     m = v = None
-    for step in range(9):
+    k = 3  # the step count of the variance's last update: the warm-up's, then the refresh at step 6
+    for step in range(10):
         grads = _mean_grads(model, 2, step)
         if step < 3:  # torch's AdamW is the reference of the warm-up
             for p, g in zip(model.parameters(), grads):
@@ -105,16 +107,20 @@ def test_after_warmup_with_codec_none_is_frozen_variance_adam_on_the_momentum():
                 v = [warm.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
             t = step + 1
             with torch.no_grad():
+                if step == 6:  # the variance last moved at step count 3, now it is 7: a gap of 4
+                    k = 7
                 for i, (p, g) in enumerate(zip(model.parameters(), grads)):
                     m[i] = b1 * m[i] + (1 - b1) * g
+                    if step == 6:
+                        v[i] = b2 ** 4 * v[i] + (1 - b2 ** 4) * g * g
                     wd = WD if p.dim() >= 2 else 0.0
                     p.mul_(1 - LR * wd)
-                    p.sub_(LR / (1 - b1 ** t) * m[i] / ((v[i] / (1 - b2 ** 3)).sqrt() + EPS))
+                    p.sub_(LR / (1 - b1 ** t) * m[i] / ((v[i] / (1 - b2 ** k)).sqrt() + EPS))
         for r in res:
             for a, b in zip(r["params"][step], model.parameters()):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     st = res[0]["stats"]
-    assert st["uncompressed_steps"] == 3 and st["steps"] == 9
+    assert st["uncompressed_steps"] == 4 and st["steps"] == 10  # the warm-up and the refresh
 
 
 def _w_resume(rank, world, tmp):
@@ -122,7 +128,8 @@ def _w_resume(rank, world, tmp):
         model = _model()
         ddp = DDP(model, bucket_cap_mb=0.001)
         state = ddp_qhooks.register(ddp, "sign")
-        opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=2, hook=state)
+        opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=2, hook=state,
+                         variance_refresh=(7,))
         return model, ddp, state, opt
 
     def run(model, ddp, opt, lo, hi):
@@ -157,7 +164,7 @@ def _w_resume(rank, world, tmp):
 def test_resume_is_bitwise(tmp_path):
     res = _dist.results(_w_resume, 2, str(tmp_path))
     for r in res:
-        assert r["steps"] == 5 and r["uncompressed"] == 2
+        assert r["steps"] == 5 and r["uncompressed"] == 3  # warm-up 2, refresh at step 7
         assert all(torch.equal(a, b) for a, b in zip(r["straight"], r["resumed"]))
         assert r["sent"] == r["resent"]  # the byte counters travel with the hook state
 
@@ -168,6 +175,9 @@ def test_misuse_is_refused_with_one_clear_error():
     for bad in (0, -1, 2.5, True, None):
         with pytest.raises(ValueError, match="warmup_steps must be an integer >= 1"):
             OneBitAdam(model.parameters(), warmup_steps=bad, hook=state)
+    for bad in ((1,), [5, "7"], 7, (True,)):
+        with pytest.raises(ValueError, match="variance_refresh must be a list of step numbers"):
+            OneBitAdam(model.parameters(), warmup_steps=2, hook=state, variance_refresh=bad)
     with pytest.raises(TypeError, match="hook must be the ddp_qhooks.QuantizedHookState"):
         OneBitAdam(model.parameters(), warmup_steps=2, hook=None)
     with pytest.raises(ValueError, match="worker momentum"):

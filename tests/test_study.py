@@ -18,7 +18,12 @@ def test_split_recipe():
 
 
 def test_split_recipe_onebit():
-    assert study.split_recipe_onebit("sign,onebit_adam=30,lr=0.001", 3e-3) == ("sign", 0.001, 0.9, 30)
+    assert study.split_recipe_onebit("sign,onebit_adam=30,lr=0.001", 3e-3) == \
+        ("sign", 0.001, 0.9, {"warmup_steps": 30, "variance_refresh": ()})
+    assert study.split_recipe_onebit("sign,onebit_adam=1,onebit_refresh=10/20", 3e-3)[3] == \
+        {"warmup_steps": 1, "variance_refresh": (10, 20)}
+    with pytest.raises(ValueError, match="onebit_refresh needs onebit_adam"):
+        study.split_recipe_onebit("sign,onebit_refresh=10", 3e-3)
     assert study.split_recipe_onebit("sign", 3e-3) == ("sign", 3e-3, 0.9, None)
     assert study.split_recipe("sign,onebit_adam=30", 3e-3) == ("sign", 3e-3, 0.9)  # the bench never sees it
     for bad in ("0", "-3", "2.5", "x"):

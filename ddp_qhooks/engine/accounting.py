@@ -48,8 +48,9 @@ class Accounting:
         last step's payload bytes and buckets), ``hook_calls`` (buckets exchanged so far),
         ``nonfinite_steps`` (steps with a non-finite input on some rank: NaN everywhere, residuals
         kept), ``uncompressed_steps`` (steps exchanged in full precision, an all-reduce of fp32,
-        because an attached ``ddp_qhooks.optim.OneBitAdam`` was in its warm-up; their bytes are in
-        ``wire_bytes_sent`` as a ring all-reduce sends them), ``world_size``, ``codec`` and ``bits`` (the configuration).  Time (seconds,
+        because an attached ``ddp_qhooks.optim.OneBitAdam`` was in its warm-up or refreshing its
+        variance; their bytes are in ``wire_bytes_sent`` as a ring all-reduce sends them),
+        ``world_size``, ``codec`` and ``bits`` (the configuration).  Time (seconds,
         since the state was built, not checkpointed): ``hook_seconds`` spent inside hook calls
         (adding residuals, encoding, launching: the autograd thread waits for it) and
         ``callback_seconds`` on the completion thread (decoding, later phases: overlapping later

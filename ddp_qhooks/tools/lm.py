@@ -127,20 +127,20 @@ class TinyGPT(nn.Module):
 
 
 def adamw_recipe(model: nn.Module, steps: int, lr: float = DEFAULT_LR, weight_decay: float = 0.1,
-                 warmup: float = 0.1, final: float = 0.1, betas=(0.9, 0.95), onebit_warmup: int | None = None,
+                 warmup: float = 0.1, final: float = 0.1, betas=(0.9, 0.95), onebit: dict | None = None,
                  hook=None):
     """``(optimizer, scheduler)``: AdamW with decay on >= 2-d weights only, linear warm-up over
     ``warmup`` of the steps, cosine decay to ``final`` x lr.  Call ``scheduler.step()`` per step.
-    With ``onebit_warmup=N`` the optimizer is ``ddp_qhooks.optim.OneBitAdam(..., warmup_steps=N,
-    hook=hook)`` with the same hyper-parameters (the one line a user changes)."""
+    With ``onebit={"warmup_steps": N, ...}`` the optimizer is ``ddp_qhooks.optim.OneBitAdam(...,
+    **onebit, hook=hook)`` with the same hyper-parameters (the one line a user changes)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if onebit_warmup is None:
+    if onebit is None:
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
     else:
         from ..optim import OneBitAdam
-        opt = OneBitAdam(groups, lr=lr, betas=betas, warmup_steps=onebit_warmup, hook=hook)
+        opt = OneBitAdam(groups, lr=lr, betas=betas, **onebit, hook=hook)
     warm = max(1, int(round(warmup * steps)))
 
     def factor(step):

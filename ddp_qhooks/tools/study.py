@@ -77,10 +77,11 @@ def split_recipe(spec: str, default_lr: float, default_momentum: float = 0.9) ->
 def split_recipe_onebit(spec: str, default_lr: float, default_momentum: float = 0.9):
     """:func:`split_recipe` plus the study's ``onebit_adam=N`` (LM task: the optimizer is
     ``ddp_qhooks.optim.OneBitAdam`` with ``warmup_steps=N``, the AdamW recipe's hyper-parameters
-    unchanged), returned last (None without it)."""
+    unchanged) and ``onebit_refresh=A/B/...`` (its ``variance_refresh`` steps), returned last as a
+    dict of OneBitAdam's arguments (None without ``onebit_adam``)."""
     parts = spec.split(",")
     values = {"lr": default_lr, "momentum": default_momentum}
-    onebit = None
+    onebit, refresh = None, ()
     kept = [parts[0]]
     for p in parts[1:]:
         key, eq, value = p.partition("=")
@@ -90,6 +91,11 @@ def split_recipe_onebit(spec: str, default_lr: float, default_momentum: float = 
                 raise ValueError(f"configuration {spec!r}: onebit_adam must be the warm-up steps, an integer >= 1, "
                                  f"got {value!r}")
             onebit = int(value)
+        elif key == "onebit_refresh" and eq:
+            if not all(v.strip().isdigit() for v in value.split("/")):
+                raise ValueError(f"configuration {spec!r}: onebit_refresh must be step numbers joined by '/', "
+                                 f"got {value!r}")
+            refresh = tuple(int(v) for v in value.split("/"))
         elif key in values and eq:
             try:
                 values[key] = float(value)
@@ -101,6 +107,10 @@ def split_recipe_onebit(spec: str, default_lr: float, default_momentum: float = 
                 raise ValueError(f"configuration {spec!r}: momentum must be in [0, 1), got {value!r}")
         else:
             kept.append(p)
+    if refresh and onebit is None:
+        raise ValueError(f"configuration {spec!r}: onebit_refresh needs onebit_adam=N")
+    if onebit is not None:
+        onebit = {"warmup_steps": onebit, "variance_refresh": refresh}
     return ",".join(kept), values["lr"], values["momentum"], onebit
 
 
@@ -148,7 +158,7 @@ def _train(rank: int, world: int, spec: str, lr: float, seed: int, args) -> dict
         state = _register(ddp, cfg, 0)
     sched = None
     if lm_task:  # the AdamW recipe (warm-up, cosine, weight decay, clipping); momentum= is unused
-        opt, sched = adamw_recipe(model, args.steps, lr=lr, onebit_warmup=onebit, hook=state)
+        opt, sched = adamw_recipe(model, args.steps, lr=lr, onebit=onebit, hook=state)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     if sync is not None:
