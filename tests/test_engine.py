@@ -11,7 +11,9 @@ CUDA properties are proved here on the CPU:
   step's non-finite flag, at its end, on the completion thread), and each codec's own reads are
   pinned to a per-codec budget.
 """
+import collections
 import threading
+import traceback
 
 import pytest
 import torch
@@ -96,21 +98,28 @@ def test_interleaved_encode_and_decode_equal_the_sequential_order(exchange, worl
                     assert torch.equal(x, y), name
 
 
+def _where() -> str:
+    """The innermost ddp_qhooks frames of the current stack (for tests/_where_reads.py)."""
+    stack = [f for f in traceback.extract_stack()[:-1] if "ddp_qhooks/" in f.filename and "/tests/" not in f.filename]
+    return " <- ".join(f"{f.filename.split('ddp_qhooks/')[-1]}:{f.lineno} {f.name}" for f in reversed(stack[-4:]))
+
+
 class _HostReads(TorchDispatchMode):
-    def __init__(self, log, lock):
+    def __init__(self, log, lock, where=False):
         super().__init__()
-        self.log, self.lock = log, lock
+        self.log, self.lock, self.where = log, lock, where
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name()
         if name in HOST_READS:
             with self.lock:
-                self.log.append((threading.current_thread().name, name))
+                self.log.append((threading.current_thread().name, name, _where() if self.where else None))
         return func(*args, **(kwargs or {}))
 
 
-def _w_reads(rank, world, codecs, options, steps=3, warmup=3):
-    """Host reads per steady-state step, per codec: (on the caller's thread, on the completion thread)."""
+def _w_reads(rank, world, codecs, options, steps=3, warmup=3, where=False):
+    """Host reads per steady-state step, per codec: (on the caller's thread, on the completion thread,
+    the ops read; with ``where`` also the reads per step by (thread T/C, op, innermost frames))."""
     out = {}
     real_advance = completion_mod.Completion._advance
     for name in codecs:
@@ -120,7 +129,7 @@ def _w_reads(rank, world, codecs, options, steps=3, warmup=3):
         def advance(self, *a):
             if not counting["on"]:
                 return real_advance(self, *a)
-            with _HostReads(log, lock):
+            with _HostReads(log, lock, where):
                 return real_advance(self, *a)
         completion_mod.Completion._advance = advance
         real_tolist = torch.Tensor.tolist
@@ -128,7 +137,7 @@ def _w_reads(rank, world, codecs, options, steps=3, warmup=3):
         def tolist(self):
             if counting["on"]:
                 with lock:
-                    log.append((threading.current_thread().name, "Tensor.tolist"))
+                    log.append((threading.current_thread().name, "Tensor.tolist", _where() if where else None))
             return real_tolist(self)
         torch.Tensor.tolist = tolist
         try:
@@ -137,15 +146,18 @@ def _w_reads(rank, world, codecs, options, steps=3, warmup=3):
             state = _state(name, measure_error=False, **options)
             _run_steps(state, params, sizes, rank, warmup, False)
             counting["on"] = True
-            with _HostReads(log, lock):
+            with _HostReads(log, lock, where):
                 _run_steps(state, params, sizes, rank, steps, False)
             counting["on"] = False
         finally:
             completion_mod.Completion._advance = real_advance
             torch.Tensor.tolist = real_tolist
-        caller = sum(1 for t, _ in log if not t.startswith("ddp_qhooks"))
-        completion = sum(1 for t, _ in log if t.startswith("ddp_qhooks"))
-        out[name] = (caller / steps, completion / steps, sorted({n for _, n in log}))
+        caller = sum(1 for t, _, _ in log if not t.startswith("ddp_qhooks"))
+        completion = sum(1 for t, _, _ in log if t.startswith("ddp_qhooks"))
+        out[name] = (caller / steps, completion / steps, sorted({n for _, n, _ in log}))
+        if where:
+            at = collections.Counter(("C" if t.startswith("ddp_qhooks") else "T", n, f) for t, n, f in log)
+            out[name] += ({k: v / steps for k, v in at.items()},)
     return out
 
 
