@@ -20,7 +20,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddp_qhooks
-from ddp_qhooks.codecs import CODECS, examples
+from ddp_qhooks.codecs import CODECS, Layout, examples, make_codec
+from ddp_qhooks.codecs.base import read_free
+from ddp_qhooks.codecs.blocks import blocks_for
 from ddp_qhooks.engine import QuantizedHookState, Unit, submit
 from ddp_qhooks.engine.chunks import chunk_bounds
 from ddp_qhooks.engine import completion as completion_mod
@@ -117,10 +119,13 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _w_reads(rank, world, codecs, options, steps=3, warmup=3, where=False):
+def _w_reads(rank, world, codecs, options, steps=3, warmup=3, where=False, accelerator_path=False):
     """Host reads per steady-state step, per codec: (on the caller's thread, on the completion thread,
     the ops read; with ``where`` also the reads per step by (thread T/C, op, innermost frames))."""
     out = {}
+    if accelerator_path:  # codecs as on an accelerator: their read-free path, on this CPU
+        with read_free():
+            return _w_reads(rank, world, codecs, options, steps, warmup, where)
     real_advance = completion_mod.Completion._advance
     for name in codecs:
         log, lock = [], threading.Lock()
@@ -171,13 +176,52 @@ def test_host_reads_per_step():
         assert caller + completion <= HOST_READ_BUDGET[name], (name, report)
 
 
+def test_the_default_codec_reads_nothing_on_an_accelerator():
+    """On an accelerator (here: the same read-free path forced on the CPU) the default codec and its
+    one-range variant leave everything on the device: the step's one read is the engine's."""
+    got = _dist.results(_w_reads, 2, ["stochastic", "uniform"], {"exchange": "allgather"}, 3, 3, False, True,
+                        timeout_s=180)[0]
+    for name, (caller, completion, ops) in got.items():
+        assert (caller, completion) == (0, 1), (name, caller, completion, ops)
+
+
+@pytest.mark.parametrize("name,options", [("stochastic", {}), ("uniform", {}), ("stochastic", {"block_size": None}),
+                                          ("uniform", {"block_size": "layer"})])
+def test_the_read_free_path_is_a_valid_quantization(name, options):
+    """The read-free grid (float64 arithmetic) gives codes within one step of the value (half a step
+    when rounding to nearest), the residual x - deq exactly, and flags a non-finite input."""
+    codec = make_codec(name, 4, **options)
+    layout = Layout([3000, 700, 5])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(layout.numel, generator=g) * torch.logspace(-3, 3, layout.numel)
+    body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
+    err = torch.empty(layout.numel)
+    with read_free():
+        info = codec.encode(x, body, layout, key=7, error_out=err)
+        out = codec.decode([body], layout, torch.empty(layout.numel))
+    assert info.finite
+    step = torch.empty(layout.numel, dtype=torch.float64)
+    for start, nb, blen, _ in blocks_for(layout, codec.block_size).runs:
+        v = x[start:start + nb * blen].view(nb, blen).double()
+        step[start:start + nb * blen] = ((v.amax(1) - v.amin(1)) / codec.levels).repeat_interleave(blen)
+    bound = step * (1.0 if codec.stochastic else 0.5) * (1 + 1e-5) + 1e-30
+    assert ((x.double() - out.double()).abs() <= bound).all()
+    assert torch.allclose(err.double(), x.double() - out.double(), rtol=0, atol=float(step.max()) * 1e-5)
+    bad = x.clone()
+    bad[1234] = float("nan")
+    with read_free():
+        info = codec.encode(bad, body, layout, key=7, error_out=err)
+    assert isinstance(info.finite_flag, torch.Tensor) and not info.finite
+
+
 # host reads per steady-state step (2 buckets, 2 ranks, all-gather, measure_error=False, error
 # feedback on, each codec's first registry example), as counted by test_host_reads_per_step:
 # 1 is the engine's (the step's non-finite flag, at its end); encoders hand finiteness on as a
 # device flag (EncodeInfo.finite_flag), copied into the header unread.  What remains per call, on
 # 2 encodes (training thread) and 2 decodes (completion thread) a step:
 # * uniform / stochastic (per-block grids), decode and encode: 1 each, whether the grids fit
-#   float32 or need the float64 fallback (the encoder reads finiteness with it);
+#   float32 or need the float64 fallback (the encoder reads finiteness with it); none on an
+#   accelerator, where every grid is float64 (test_the_default_codec_reads_nothing_on_an_accelerator);
 # * qsgd (one block per bucket): 1 per encode (lo / hi as numbers for the one-block fast path) and
 #   per decode (the grids' float32 test);
 # * log, mulaw, sign, ternary: 1 per decode (float32, or float64 where the summed block scales

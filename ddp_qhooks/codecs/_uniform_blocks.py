@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _random
-from .base import EncodeInfo, Layout, _stats_off, sum_sq as _sq
+from .base import EncodeInfo, Layout, _stats_off, reads_on_host, sum_sq as _sq
 from .blocks import blocks_for
 from .packing import STRIPE, pack_codes, packed_nbytes, unpack_codes
 
@@ -99,14 +99,14 @@ class BlockPath:
         These are the whole-bucket ops of :meth:`_encode_blocks_generic`, element by element, so
         codes and residuals are bitwise the same."""
         runs = blocks_for(layout, block_size).runs
-        if x.device.type != "cpu":
+        if not reads_on_host(x.device):
             return self._encode_blocks_generic(x, meta, codes, layout, block_size, key, error_out, meta_done)
         if not meta_done:
             self._block_ranges(x, meta, runs)
         grid = self._block_grid(meta, check_finite=not meta_done)
         if grid is None:
             return EncodeInfo(finite=False)
-        work, lo_w, inv, scale = grid
+        work, lo_w, inv, scale, _ = grid
         n, bits = layout.numel, self.bits
         s = self._scratch_for(x.device, n)
         chunk = s.chunk
@@ -165,11 +165,17 @@ class BlockPath:
         return self._error_info(err, x, meta)
 
     def _block_grid(self, meta, check_finite: bool = True):
-        """(working dtype, lo, levels/span, span/levels) per block: float32 where the grid fits it,
-        else float64 (``_grid_ok_fp32``); None when ``check_finite`` and a block is not finite.
-        Finiteness and the float32 test come to the host together: the encoder's one read."""
+        """(working dtype, lo, levels/span, span/levels, finite) per block: float32 where the grid
+        fits it, else float64 (``_grid_ok_fp32``); None when ``check_finite`` and a block is not
+        finite.  Finiteness and the float32 test come to the host together: the encoder's one read.
+        Where codecs do not read (:func:`reads_on_host`): float64 for every grid, which needs no
+        test, and ``finite`` a device flag (None: not checked, or known finite)."""
         lo = meta[:, 0].double()
         span = meta[:, 1].double() - lo
+        if not reads_on_host(meta.device):
+            inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span))
+            flag = torch.isfinite(meta).all() if check_finite else None
+            return torch.float64, lo, inv, span / self.levels, flag
         ok = self._grid_ok_fp32(lo, span)
         if check_finite:
             finite, ok = torch.stack([torch.isfinite(meta).all(), ok]).tolist()
@@ -177,7 +183,7 @@ class BlockPath:
                 return None
         work = torch.float32 if bool(ok) else torch.float64
         inv = torch.where(span > 0, self.levels / span, torch.zeros_like(span)).to(work)
-        return work, lo.to(work), inv, (span / self.levels).to(work)
+        return work, lo.to(work), inv, (span / self.levels).to(work), None
 
     def _block_ranges(self, x, meta, runs) -> None:
         """Write every block's (lo, hi) into ``meta``."""
@@ -193,7 +199,7 @@ class BlockPath:
         grid = self._block_grid(meta, check_finite=not meta_done)
         if grid is None:
             return EncodeInfo(finite=False)
-        work, lo_w, inv, scale = grid
+        work, lo_w, inv, scale, flag = grid
         xw = x.to(work)
         dither = _random.param_dither(layout, key, x.device) if self.stochastic else None
         ci = torch.empty(layout.numel, dtype=torch.uint8, device=x.device)
@@ -207,15 +213,18 @@ class BlockPath:
                 v += dither[sl].view(nb, blen).to(work)
             else:
                 v += 0.5
-            v.floor_().clamp_(0, self.levels)  # clamp: fp round-off at the range ends only
+            # clamp: fp round-off at the range ends only (and a NaN of a non-finite block to 0: its
+            # codes are never decoded, the flag drops the step)
+            v.floor_().clamp_(0, self.levels).nan_to_num_(0.0)
             ci[sl].copy_(v.view(-1))
             if err is not None:
                 torch.sub(xv, lo_c, out=err[sl].view(nb, blen)).sub_(v.mul_(scale_c))
         pack_codes(ci, self.bits, out=codes)
         if err is None:
-            return EncodeInfo()
+            return EncodeInfo() if flag is None else EncodeInfo(finite=flag)
         error_out.copy_(err)
-        return self._error_info(err, x, meta)
+        info = self._error_info(err, x, meta)
+        return info if flag is None else EncodeInfo(flag, info.error_sq, info.input_sq)
 
     @staticmethod
     def _error_info(err, x, meta) -> EncodeInfo:
@@ -231,7 +240,7 @@ class BlockPath:
         buffers, with the ops of :meth:`_decode_blocks_generic` element by element (bitwise the
         same): per payload ``codes * scale`` with per-row scales, summed in payload order, then
         ``+ lo_sum``.  ``negative``: whether some span is negative (None: found here)."""
-        if out.device.type != "cpu":
+        if not reads_on_host(out.device):
             return self._decode_blocks_generic(parts, layout, out, divisor, work)
         n, bits = layout.numel, self.bits
         s = self._scratch_for(out.device, n)

@@ -217,6 +217,31 @@ def _stats_off() -> bool:
     return getattr(_stats, "off", False)
 
 
+_READ_FREE = {"everywhere": False}
+
+
+def reads_on_host(device: torch.device) -> bool:
+    """Whether a codec may read a small value on the host to choose its arithmetic (float32 or a
+    float64 fallback) or to learn finiteness early.  On the CPU a read is free and picks the fast
+    path; on an accelerator it would wait for the device (a host sync per call), so codecs that
+    implement a read-free path take it there: float64 arithmetic for every grid, finiteness left
+    on the device.  :func:`read_free` makes the CPU take that path too, which is how CPU tests
+    prove the accelerator path's properties."""
+    return device.type == "cpu" and not _READ_FREE["everywhere"]
+
+
+@contextlib.contextmanager
+def read_free(enabled: bool = True):
+    """Within this context (process-wide: the engine encodes on the caller's thread and decodes on
+    its completion thread), codecs take their read-free path on the CPU as on accelerators."""
+    previous = _READ_FREE["everywhere"]
+    _READ_FREE["everywhere"] = enabled
+    try:
+        yield
+    finally:
+        _READ_FREE["everywhere"] = previous
+
+
 SQ_LIMIT = 2.0 ** 120  # magnitude**2 * count at or above this: a float32 sum of squares may overflow (max 2**128)
 SQ_TINY = 1e-18  # non-zero magnitudes below this: float32 squares underflow
 SQ_PIECE = 1 << 17

@@ -32,7 +32,7 @@ import torch
 
 from . import _fused, _random
 from ._uniform_blocks import _FP32_MAX, _MIN_NORMAL_STEP, CHUNK, BlockPath, _Scratch
-from .base import Codec, EncodeInfo, Layout, sum_sq as _sq
+from .base import Codec, EncodeInfo, Layout, reads_on_host, sum_sq as _sq
 from .blocks import DEFAULT_BLOCK_SIZE, check_block_size
 from .options import check_bits
 from .packing import (
@@ -141,8 +141,13 @@ class UniformCodec(BlockPath, Codec):
         meta, codes = self._split(body, layout)
         if x.numel() == 0:
             return EncodeInfo(True, 0.0, 0.0) if error_out is not None else EncodeInfo()
-        if self.block_size is None:
+        if self.block_size is None and reads_on_host(x.device):
             return self._encode_one_block(x, meta, codes, _random.splitmix64(key, layout.param_keys[0]), error_out)
+        if self.block_size is None:  # the one-block path reads its range on the host: take the per-block one
+            x = x if x.dtype == torch.float32 else x.float()
+            flat = Layout.flat(x.numel())
+            return self._encode_blocks(x, meta, codes, flat, None, _random.splitmix64(key, layout.param_keys[0]),
+                                       error_out)
         return self._encode_blocks(x, meta, codes, layout, self.block_size, key, error_out)
 
     def _encode_one_block(self, x, meta, codes, key, error_out):
@@ -300,6 +305,8 @@ class UniformCodec(BlockPath, Codec):
         if layout.numel == 0 or not bodies:
             return out.zero_()
         parts = [self._split(b, layout) for b in bodies]
+        if not reads_on_host(out.device):  # float64 for every grid: no test to read
+            return self._decode_blocks(parts, layout, out, divisor, torch.float64, False)
         if self.block_size is None:  # scalars in plain Python: no tensor ops on the hot path
             lohi = torch.stack([m[0] for m, _ in parts]).tolist()
             spans = [hi - lo for lo, hi in lohi]
