@@ -211,6 +211,8 @@ def test_steady_state_syncs_within_the_cpu_budget(codec, tmp_path):
         # decode per bucket), scaled to this model's bucket count
         buckets = state.stats()["buckets_last_step"]
         budget = 1 + (HOST_READ_BUDGET[codec] - 1) * buckets / 2
+        if codec in ("none", "stochastic"):  # the default codec's read-free path: the engine's one read only
+            budget = 1
         assert syncs <= budget * steps, (codec, syncs, buckets, [str(w.message)[:120] for w in caught][:5])
     finally:
         dist.destroy_process_group()
