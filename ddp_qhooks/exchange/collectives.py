@@ -6,8 +6,11 @@ thread.
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import datetime
 import json
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,28 +31,57 @@ def rank(group=None) -> int:
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+# The last Works launched, kept referenced from Python.  A Gloo Work carries the launching thread's
+# ThreadLocalState, which holds a Python object; the backend thread that ran the Work drops its own
+# reference only after marking it complete, so if Python dropped its reference first (right after
+# ``wait()``), the Work is destroyed on the backend thread, which must take the GIL for that.  When
+# the interpreter is finalizing, taking the GIL ends the thread from inside a noexcept destructor:
+# "terminate called without an active exception" at exit (seen in a core dump: ~AsyncAllgatherWork
+# -> ~ThreadLocalState -> SafePyObject decref -> take_gil -> pthread_exit -> std::terminate).
+# Keeping the recent Works here makes Python's reference the last one (released when this module is
+# torn down, on the main thread); the handler below lets the backend threads finish with them before
+# finalization begins.
+_RECENT_WORKS: collections.deque = collections.deque(maxlen=32)
+_EXIT_SETTLE_S = 0.05
+
+
+def _launched(work):
+    if not _RECENT_WORKS:
+        atexit.register(_settle_recent_works)
+    _RECENT_WORKS.append(work)
+    return work
+
+
+def _settle_recent_works() -> None:
+    """At exit, while Python is whole: give the backend threads time to drop their references to
+    the recent Works (ours stay until the module is torn down, on a Python thread)."""
+    if any(not w.is_completed() for w in list(_RECENT_WORKS)):
+        return  # a Work never waited for: its owner's problem, and waiting here could hang the exit
+    time.sleep(_EXIT_SETTLE_S)
+
 
 def allgather(payload: torch.Tensor, out: torch.Tensor, group=None):
     """Start the all-gather of ``payload`` into ``out`` (W * payload bytes); returns the Work.
 
     Read ``out`` afterwards: the value of the Work's future differs between backends."""
     try:
-        return _all_gather_single(out, payload, group=group, async_op=True)
+        return _launched(_all_gather_single(out, payload, group=group, async_op=True))
     except RuntimeError as exc:  # older Gloo builds lack the flat variant
         if "not supported" not in str(exc).lower() and "not implemented" not in str(exc).lower():
             raise
-        return dist.all_gather(list(out.view(-1, payload.numel()).unbind(0)), payload, group=group, async_op=True)
+        return _launched(dist.all_gather(list(out.view(-1, payload.numel()).unbind(0)), payload, group=group,
+                                         async_op=True))
 
 
 def allreduce(tensor: torch.Tensor, group):
     """Start the in-place full-precision sum of ``tensor`` over ``group``; returns the Work."""
-    return dist.all_reduce(tensor, group=group, async_op=True)
+    return _launched(dist.all_reduce(tensor, group=group, async_op=True))
 
 
 def alltoall(send: torch.Tensor, recv: torch.Tensor, group=None):
     """Start an all-to-all of W equal slots (slot s of ``send`` goes to rank s, slot r of ``recv``
     comes from rank r); returns the Work."""
-    return dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return _launched(dist.all_to_all_single(recv, send, group=group, async_op=True))
 
 
 def shard_bounds(numel: int, world: int) -> list[tuple[int, int]]:
