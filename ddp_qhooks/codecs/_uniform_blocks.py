@@ -213,9 +213,9 @@ class BlockPath:
                 v += dither[sl].view(nb, blen).to(work)
             else:
                 v += 0.5
-            # clamp: fp round-off at the range ends only (and a NaN of a non-finite block to 0: its
-            # codes are never decoded, the flag drops the step)
-            v.floor_().clamp_(0, self.levels).nan_to_num_(0.0)
+            # clamp: fp round-off at the range ends only (a non-finite block's codes are never
+            # decoded: its flag drops the step)
+            v.floor_().clamp_(0, self.levels)
             ci[sl].copy_(v.view(-1))
             if err is not None:
                 torch.sub(xv, lo_c, out=err[sl].view(nb, blen)).sub_(v.mul_(scale_c))
