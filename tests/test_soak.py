@@ -111,6 +111,17 @@ def test_judge_ignores_a_one_off_drop_in_object_counts():
     assert soak_mod._judge_rank(run, _run(), 200, LIMITS)["why"] == []
 
 
+def test_judge_tolerates_a_transient_object_but_not_a_slow_leak():
+    run = _run()
+    run["samples"][-1]["py_objects"] += soak_mod.COUNT_SLACK  # a backend thread's object alive at the last sample
+    assert soak_mod._judge_rank(run, _run(), 200, LIMITS)["why"] == []
+    leaking = _run()
+    for i, s in enumerate(leaking["samples"]):
+        s["py_objects"] += i  # one object per sample interval
+    why = soak_mod._judge_rank(leaking, _run(), 200, LIMITS)["why"]
+    assert any("py_objects grew" in w for w in why), why
+
+
 def test_cli_defaults_are_the_full_soak():
     args = soak_mod.build_parser().parse_args([])
     assert args.steps == 2000 and args.world == 2 and args.warmup == 200 and not args.reuse_processes
