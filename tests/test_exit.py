@@ -5,9 +5,12 @@ successful run) comes from a C++ backend thread that still holds a Python object
 interpreter finalizes: it needs the GIL and is unwound inside a noexcept destructor.  The engine
 therefore never hands Python code or objects to a backend thread: launched collectives are waited
 for, and their results decoded, on the engine's own completion thread, which Python joins before
-it finalizes.  The first test proves that property for every exchange; the second runs the
-quickstart many times under CPU load and fails on a single abnormal exit.
+it finalizes.  And a backend thread must never hold the last reference to a launched Work (its
+destructor would need the GIL): the recent Works stay referenced from Python.  The first tests
+prove those properties for every exchange and every launcher; the last runs the quickstart many
+times under CPU load and fails on a single abnormal exit.
 """
+import ast
 import os
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_qhooks
+from ddp_qhooks.exchange import collectives
 
 from _dist import free_port, results
 
@@ -63,6 +67,53 @@ def test_no_python_runs_on_a_backend_thread(exchange, world, chunk_size):
         assert {name for op, _, name in seen if op == "decode"} and \
             all(name.startswith("ddp_qhooks") for op, _, name in seen if op == "decode")
         assert any(kind == "_MainThread" for op, kind, _ in seen if op == "encode") == (exchange != "hierarchical")
+
+
+def _works_left_to_backend_threads(rank, world, exchange):
+    if exchange == "hierarchical":
+        os.environ["LOCAL_WORLD_SIZE"] = "2"
+    launched = []
+    for name in ("allgather", "allreduce", "alltoall"):
+        real = getattr(collectives, name)
+
+        def spy(*a, _real=real, **kw):
+            work = _real(*a, **kw)
+            launched.append(work)
+            return work
+        setattr(collectives, name, spy)
+    torch.manual_seed(0)
+    ddp = DDP(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4)), bucket_cap_mb=0.02)
+    ddp_qhooks.register(ddp, "stochastic", bits=4, exchange=exchange)
+    for step in range(2):
+        ddp(torch.randn(8, 64, generator=torch.Generator().manual_seed(rank * 10 + step))).square().mean().backward()
+    kept = {id(w) for w in collectives._RECENT_WORKS}
+    last = launched[-collectives._RECENT_WORKS.maxlen:]
+    return len(launched), sum(id(w) not in kept for w in last), all(w.is_completed() for w in last)
+
+
+@pytest.mark.parametrize("exchange,world", [("allgather", 2), ("alltoall", 3), ("hierarchical", 4)])
+def test_the_last_works_stay_referenced_from_python(exchange, world):
+    for n, not_kept, completed in results(_works_left_to_backend_threads, world, exchange):
+        assert n > 0 and not_kept == 0 and completed, (n, not_kept, completed)
+
+
+def test_every_collective_is_launched_through_the_keeper():
+    """Every ``async_op=True`` call in the package is the argument of ``collectives._launched``, so
+    a new launcher cannot bring the abort back."""
+    bare = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "ddp_qhooks")):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            tree = ast.parse(open(path).read())
+            wrapped = {id(c.args[0]) for c in ast.walk(tree) if isinstance(c, ast.Call) and c.args
+                       and getattr(c.func, "id", getattr(c.func, "attr", None)) == "_launched"}
+            for c in ast.walk(tree):
+                if isinstance(c, ast.Call) and any(k.arg == "async_op" and getattr(k.value, "value", None) is True
+                                                   for k in c.keywords) and id(c) not in wrapped:
+                    bare.append(f"{os.path.relpath(path, ROOT)}:{c.lineno}")
+    assert not bare, bare
 
 
 @pytest.mark.slow
