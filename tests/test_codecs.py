@@ -1160,3 +1160,17 @@ def test_compiled_adaptive_matches_eager():
     assert make_codec("adaptive", compile=True).config() == make_codec("adaptive").config()
     with pytest.raises(ValueError, match="compile must be True or False"):
         make_codec("adaptive", compile=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_flag_matches_isfinite(dtype):
+    from ddp_qhooks.codecs.base import finite_flag
+    g = torch.Generator().manual_seed(5)
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        x = (torch.randn(1001, generator=g) * 100).to(dtype)
+        if bad is not None:
+            x[int(torch.randint(0, 1001, (1,), generator=g))] = bad
+        flag = finite_flag(x)
+        assert flag.dtype == torch.bool and flag.dim() == 0
+        assert bool(flag) == bool(torch.isfinite(x).all()) == (bad is None)
+    assert bool(finite_flag(torch.empty(0, dtype=dtype)))

@@ -105,6 +105,15 @@ class EncodeInfo:
         return f"EncodeInfo(finite={self._finite!r}, error_sq={self.error_sq!r}, input_sq={self.input_sq!r})"
 
 
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on ``t``'s device: whether every value of ``t`` is finite.  One pass and no
+    temporary of ``t``'s size (``isfinite(t).all()`` makes a bool copy first): NaN propagates
+    through the min and max, an infinity shows in one of them."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    return torch.isfinite(torch.stack(torch.aminmax(t))).all()
+
+
 def all_finite(infos) -> "bool | torch.Tensor":
     """Whether every one of these EncodeInfos is finite, without reading device flags: a bool, or
     a 0-dim bool tensor when some flag is one (and no bool flag is False)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..codecs.base import finite_flag
 from . import collectives
 from .base import PieceResult, Strategy
 
@@ -30,5 +31,4 @@ class FullPrecision(Strategy):
         else:
             piece.out.div_(self.world)
         # the flag GradScaler's skip relies on: any rank's non-finite value is in the sum
-        return PieceResult(None, ~torch.isfinite(x).all() if x.numel() else torch.zeros((), dtype=torch.bool,
-                                                                                           device=x.device))
+        return PieceResult(None, ~finite_flag(x))

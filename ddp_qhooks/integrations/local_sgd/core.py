@@ -47,6 +47,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ...codecs.base import finite_flag
 from ...engine import QuantizedHookState, Unit, submit
 from ...exchange import check_agreement, collectives
 from .drift import DRIFTS, SCAFFOLD_OPTIONS, make_drift
@@ -169,6 +170,7 @@ class LocalSGD:
         self.nonfinite_syncs = 0
         self._rounds = [0] * len(self.fragments)
         self._pending: list[Pending] = []
+        self._deltas = [None] * len(self.fragments)
         self._optimizer_hook = None
         self._counts = {"participated_syncs": 0, "contributed_wire_bytes": 0, "wire_bytes_last_sync": 0}
         self._participants_last = []
@@ -250,10 +252,14 @@ class LocalSGD:
         self._rounds[i] += 1
         mine = me in who
         before = self._wire_bytes()
+        delta = self._delta_buffer(i)
         if mine:
-            delta = torch.cat([(s - p.detach()).reshape(-1).float() for s, p in zip(start, frag)])
+            offset = 0
+            for s, p in zip(start, frag):
+                torch.sub(s.reshape(-1), p.detach().reshape(-1), out=delta[offset:offset + p.numel()])
+                offset += p.numel()
         else:
-            delta = torch.zeros(sum(p.numel() for p in frag), dtype=torch.float32, device=frag[0].device)
+            delta.zero_()
         future = submit(self.hook, Unit(i, delta, frag, is_last=True, contribute=mine))
         cv_future, undo = None, None
         if self.cv_hook is not None:
@@ -276,7 +282,8 @@ class LocalSGD:
         mean = pend.future.wait()
         cv_mean = None if pend.cv_future is None else pend.cv_future.wait()
         self._participants_last = list(pend.participants)
-        finite = bool(torch.isfinite(mean).all()) and (cv_mean is None or bool(torch.isfinite(cv_mean).all()))
+        flags = [finite_flag(mean)] + ([] if cv_mean is None else [finite_flag(cv_mean)])
+        finite = bool(torch.stack(flags).all())
         if not finite:
             # some rank's local steps went non-finite: the hook made the mean NaN on every rank and
             # kept the residuals; every rank drops the round and restarts from the last start point
@@ -310,6 +317,14 @@ class LocalSGD:
             held = self.cv_hook.memory.residuals()  # committed: the exchange has completed
             self.drift.apply(i, cv_mean, [held.get(self.cv_hook._key_of(p)) for p in frag])
         self.syncs += 1
+
+    def _delta_buffer(self, i: int) -> torch.Tensor:
+        """Fragment ``i``'s flat pseudo-gradient, allocated once: its previous round has been applied
+        before it is launched again (``delay`` < H, and ``sync()`` applies first)."""
+        frag = self.fragments[i]
+        if self._deltas[i] is None:
+            self._deltas[i] = torch.empty(sum(p.numel() for p in frag), dtype=torch.float32, device=frag[0].device)
+        return self._deltas[i]
 
     def _wire_bytes(self) -> int:
         return self.hook._totals["wire_bytes_sent"] + (0 if self.cv_hook is None else
