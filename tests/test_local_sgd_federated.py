@@ -251,6 +251,33 @@ def test_every_exchange_fragments_and_overlap_finishes(world):
         assert all(torch.equal(other[cfg][1], c) for other in runs[1:]), cfg  # c agrees everywhere
 
 
+def _w_collective_meanwhile(rank, world):
+    """Rank 1 issues its own collective on the default group before it launches the second round,
+    rank 0 after: the two ranks' default-group queues disagree unless the round runs in a group of
+    its own.  (The first round is left alone: its launch checks the configuration, a blocking
+    collective, once.)"""
+    import torch.distributed as dist
+    model = _model()
+    sync = LocalSGD(model, local_steps=2, codec="stochastic", bits=4, overlap=True)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = _batch(rank, 1)
+    t = torch.ones(1) * (rank + 1)
+    for step in range(1, 7):
+        if step == 4 and rank == 1:
+            dist.all_reduce(t)      # the training loop's own collective (a metric)
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        sync.step()                 # launches a round after steps 2, 4, 6
+        if step == 4 and rank == 0:
+            dist.all_reduce(t)
+    return float(t), sync.stats()["syncs"]
+
+
+def test_the_loop_s_own_collectives_do_not_queue_behind_a_round_in_flight():
+    for total, syncs in _dist.results(_w_collective_meanwhile, 2, timeout_s=30):
+        assert total == 3 and syncs == 2
+
+
 def test_bad_options_name_the_valid_choices():
     model = _model()
     for kw, msg in (({"drift": "fedavg"}, r"drift must be one of \('none', 'scaffold', 'fedprox'\)"),

@@ -108,7 +108,9 @@ class LocalSGD:
             H; default 0 without overlap: synchronous).  The local progress made meanwhile is kept
             on top of the new outer point (``x = x_outer + (x_now - x_sent)``); with outer
             averaging this is the eager update that uses the rank's own pseudo-gradient as a stand-in
-            for the mean until the mean arrives.
+            for the mean until the mean arrives.  The exchanges then run on a process group
+            of their own (created here, once), so collectives the training loop issues on
+            ``process_group`` meanwhile do not wait behind a round in flight.
     """
 
     def __init__(self, module: torch.nn.Module, local_steps: int = 16, codec: str = "stochastic", bits: int = 8, *,
@@ -186,6 +188,16 @@ class LocalSGD:
                              "outer_momentum": self.outer_momentum, "fragments": fragments,
                              "params": [p.numel() for p in params], **self._round_config()},
                             params[0].device, process_group)
+            if delay > 0:
+                # a group of its own for the exchanges in flight: Gloo runs a group's collectives in
+                # order, so the training loop's own (DDP's buffer broadcast, a metrics all-reduce,
+                # a barrier) would otherwise wait for the round.  Created only once every rank has
+                # agreed on the configuration above, so a misconfigured rank cannot leave the
+                # others waiting in it.
+                group = collectives.new_group(process_group)
+                for hook in (self.hook, self.cv_hook):
+                    if hook is not None:
+                        hook.process_group = group
 
     def _round_config(self) -> dict:
         return {"drift": self.drift_name, "mu": self.mu, "scaffold_option": self.scaffold_option,
