@@ -84,9 +84,9 @@ import torch
 from . import _random
 from ._adaptive_compiled import CompiledPath
 from ._blockscaled import CHUNK, PerThreadScratch, pieces
+from ._running import BlockState, RunningStateMixin, read_meta, sample_index, write_meta
 from .base import Codec, EncodeInfo, Layout, reads_on_host
 from .blocks import _row_minmax, blocks_for, check_block_size
-from ._running import BlockState, RunningStateMixin, read_meta, sample_index, write_meta
 from .options import check_bits, check_choice, check_int, check_real
 from .packing import STRIPE, pack_codes, packed_nbytes, unpack_codes
 
