@@ -103,34 +103,39 @@ class BlockState:
     def read_on_device(self, layout: Layout, device) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """:meth:`read` with nothing built on the host: ``have`` and ``updates`` per block and
         ``prior`` per slot (0-dim int64, 0 = start afresh) are tensors on ``device``, made by
-        device ops only (a host tensor copied to an accelerator would wait for it too)."""
+        device ops only (a host tensor copied to an accelerator would wait for it too), in a few
+        kernels per bucket rather than a few per parameter."""
         slots = self.slots(layout)
-        nblocks = sum(s[2] for s in slots)
-        rows = torch.zeros(nblocks, self.width, dtype=self.dtype, device=device)
-        prior = []
+        parts, prior = [], []
         for key, first, nb, numel in slots:
             e = self._entry(key, nb, numel)
             if e is None:
+                parts.append(torch.zeros(nb, self.width, dtype=self.dtype, device=device))
                 prior.append(torch.zeros((), dtype=torch.int64, device=device))
                 continue
-            rows[first:first + nb] = e[0]
+            parts.append(e[0].to(device))
             n = e[1]
             prior.append(n.to(device) if isinstance(n, torch.Tensor) else torch.full((), n, dtype=torch.int64, device=device))
         if not slots:
-            counts = torch.zeros(0, dtype=torch.int64, device=device)
-        elif nblocks == len(slots):
-            counts = torch.stack(prior)
-        else:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return slots, torch.zeros(0, self.width, dtype=self.dtype, device=device), empty > 0, empty, prior
+        rows = torch.cat(parts)
+        counts = torch.stack(prior)
+        if len(rows) != len(slots):   # per block
             counts = torch.cat([p.view(1).expand(s[2]) for p, s in zip(prior, slots)])
         return slots, rows, counts > 0, counts, prior
 
     def write_where(self, slots: list, rows: torch.Tensor, old: torch.Tensor, prior: list,
                     finite: torch.Tensor) -> None:
         """After :meth:`read_on_device`: the new ``rows`` and one more update where ``finite`` (a
-        0-dim bool tensor, unread), else the ``old`` rows and counts."""
+        0-dim bool tensor, unread), else the ``old`` rows and counts.  Entries are views of two
+        fresh tensors (no copy per parameter): nothing writes to them later."""
+        if not slots:
+            return
         kept = torch.where(finite, rows, old)
-        for (key, first, nb, numel), p in zip(slots, prior):
-            self.entries[key] = (kept[first:first + nb].clone(), p + finite, numel)
+        counts = torch.stack(prior) + finite
+        for i, (key, first, nb, numel) in enumerate(slots):
+            self.entries[key] = (kept[first:first + nb], counts[i], numel)
 
     def to_list(self, field: str) -> list[dict]:
         out = []
