@@ -295,6 +295,11 @@ def test_the_read_free_path_agrees_with_the_cpu_path(name, bits, options):
             info = encode(free, bad, 9, True)[2]
             assert isinstance(info.finite_flag, torch.Tensor) and not info.finite, name
             assert _state_of(free) == before, name
+    if hasattr(free, "state_dict"):   # a checkpoint of the device-path state resumes it exactly
+        restored = make_codec(name, bits, **options)
+        restored.load_state_dict(free.state_dict())
+        assert torch.equal(encode(restored, x, 4, True)[0], encode(free, x, 4, True)[0]), name
+        assert _state_of(restored) == _state_of(free), name
     fresh, new = make_codec(name, bits, **options), make_codec(name, bits, **options)
     assert not encode(fresh, bad, 9, True)[2].finite
     assert _state_of(fresh) == _state_of(new), name   # a first NaN input leaves no state behind
