@@ -26,6 +26,7 @@ from ddp_qhooks.codecs import (
     option_space,
     payload_nbytes,
 )
+from ddp_qhooks.codecs.base import read_free
 from ddp_qhooks.codecs.wire import FLAG_NONFINITE, HEADER_BYTES
 from ddp_qhooks.exchange.base import set_flag
 
@@ -224,6 +225,15 @@ def test_average_of_payloads_and_residual(cfg):
 @pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
 def test_same_key_same_payload_and_pickle(cfg):
     check_same_key_same_payload_and_pickle(cfg)
+
+
+@pytest.mark.parametrize("cfg", FAMILY, ids=IDS)
+def test_the_contract_holds_on_the_read_free_path(cfg):
+    """The accelerators' read-free path (float64 grids, finiteness left on the device), forced on
+    the CPU: the same contract, extreme and subnormal inputs and averages included."""
+    with read_free():
+        for check in CONTRACT:
+            check(cfg)
 
 
 @pytest.mark.parametrize("name", list(CODECS))

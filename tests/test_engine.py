@@ -176,17 +176,29 @@ def test_host_reads_per_step():
         assert caller + completion <= HOST_READ_BUDGET[name], (name, report)
 
 
-def test_the_default_codec_reads_nothing_on_an_accelerator():
-    """On an accelerator (here: the same read-free path forced on the CPU) the default codec and its
-    one-range variant leave everything on the device: the step's one read is the engine's."""
-    got = _dist.results(_w_reads, 2, ["stochastic", "uniform"], {"exchange": "allgather"}, 3, 3, False, True,
+def test_every_codec_reads_nothing_on_an_accelerator():
+    """On an accelerator (here: the codecs' read-free path forced on the CPU) every codec leaves
+    everything on the device: the step's one read is the engine's, on the completion thread."""
+    got = _dist.results(_w_reads, 2, list(CODECS), {"exchange": "allgather"}, 3, 3, False, True,
                         timeout_s=180)[0]
     for name, (caller, completion, ops) in got.items():
         assert (caller, completion) == (0, 1), (name, caller, completion, ops)
 
 
+def _grid(name, codec, v):
+    """Independent (lo, hi) of the grid a block ``v`` (rows of float64 values) is quantized on:
+    its min and max (uniform, stochastic, and adaptive's first encode with stat="minmax"), or
+    -+ its L2 norm (qsgd)."""
+    if name == "qsgd":
+        norm = torch.linalg.vector_norm(v, dim=1)
+        return -norm, norm
+    return v.amin(1), v.amax(1)
+
+
 @pytest.mark.parametrize("name,options", [("stochastic", {}), ("uniform", {}), ("stochastic", {"block_size": None}),
-                                          ("uniform", {"block_size": "layer"})])
+                                          ("uniform", {"block_size": "layer"}), ("qsgd", {}),
+                                          ("qsgd", {"block_size": 16}), ("adaptive", {}),
+                                          ("adaptive", {"grid": "uniform", "block_size": 16})])
 def test_the_read_free_path_is_a_valid_quantization(name, options):
     """The read-free grid (float64 arithmetic) gives codes within one step of the value (half a step
     when rounding to nearest), the residual x - deq exactly, and flags a non-finite input."""
@@ -203,7 +215,8 @@ def test_the_read_free_path_is_a_valid_quantization(name, options):
     step = torch.empty(layout.numel, dtype=torch.float64)
     for start, nb, blen, _ in blocks_for(layout, codec.block_size).runs:
         v = x[start:start + nb * blen].view(nb, blen).double()
-        step[start:start + nb * blen] = ((v.amax(1) - v.amin(1)) / codec.levels).repeat_interleave(blen)
+        lo, hi = _grid(name, codec, v)
+        step[start:start + nb * blen] = ((hi - lo) / codec.levels).repeat_interleave(blen)
     bound = step * (1.0 if codec.stochastic else 0.5) * (1 + 1e-5) + 1e-30
     assert ((x.double() - out.double()).abs() <= bound).all()
     assert torch.allclose(err.double(), x.double() - out.double(), rtol=0, atol=float(step.max()) * 1e-5)
@@ -214,21 +227,118 @@ def test_the_read_free_path_is_a_valid_quantization(name, options):
     assert isinstance(info.finite_flag, torch.Tensor) and not info.finite
 
 
-# host reads per steady-state step (2 buckets, 2 ranks, all-gather, measure_error=False, error
-# feedback on, each codec's first registry example), as counted by test_host_reads_per_step:
+# encoders whose arithmetic differs off the CPU (every grid in float64): a value on a rounding
+# boundary may get the neighbouring code there; the others encode bitwise as on the CPU
+_GRID64 = {"stochastic", "uniform", "qsgd", "adaptive"}
+
+
+def _state_of(codec):
+    """The codec's running state as plain values (None: it keeps none)."""
+    if not hasattr(codec, "state_dict"):
+        return None
+    return [{k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in e.items()}
+            for e in codec.state_dict()["entries"]]
+
+
+@pytest.mark.parametrize("name,bits,options", [(n, b, o) for n in CODECS for b, o in examples(n)],
+                         ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={o}" for k, o in v.items()))
+def test_the_read_free_path_agrees_with_the_cpu_path(name, bits, options):
+    """Every codec's read-free path (forced on the CPU) against its CPU path over steps that reuse
+    running state: the same payloads (bitwise, or within a code of them where the grid is float64),
+    the same running state, a residual of x - deq, an average of several payloads equal to the
+    float64 mean of their single decodes, and a NaN input flagged on the device with the running
+    state left as it was (a first NaN input leaves none)."""
+    layout = Layout([3000, 700, 5, 64])
+    n = layout.numel
+    g = torch.Generator().manual_seed(5)
+    cpu, free, other = (make_codec(name, bits, **options) for _ in range(3))
+
+    def encode(codec, x, key, rf):
+        body, err = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8), torch.empty(n)
+        with read_free(rf):
+            return body, err, codec.encode(x, body, layout, key=key, error_out=err)
+
+    def decode(codec, bodies, rf, divisor=1):
+        with read_free(rf):
+            return codec.decode(bodies, layout, torch.empty(n), divisor).double()
+
+    for step in range(4):
+        x = torch.randn(n, generator=g) * (1 + step)
+        x[3000:3700] = 0.25 if step == 0 else x[3000:3700]   # a constant block: its first codebook collapses
+        tol = 1e-6 * float(torch.linalg.vector_norm(x) if name == "qsgd" else x.abs().max())   # qsgd's grid: +-||x||
+        bc, _, ic = encode(cpu, x, step, False)
+        bf, ef, i_f = encode(free, x, step, True)
+        assert ic.finite and isinstance(i_f.finite_flag, torch.Tensor) and i_f.finite, (name, step)
+        dc, df = decode(cpu, [bc], False), decode(free, [bf], True)
+        assert torch.allclose(ef.double(), x.double() - df, rtol=0, atol=tol), (name, step)
+        if name in _GRID64:
+            # the same (lo, hi) per block; codes at most one apart (a value on a rounding boundary,
+            # or, rounding stochastically with one range per bucket, another stretch of the dither)
+            nb = len(layout.block_lengths(free.block_size))
+            mc, mf = (b[:8 * nb].clone().view(torch.float32).view(nb, 2).double() for b in (bc, bf))
+            assert torch.allclose(mf, mc, rtol=1e-6, atol=0), (name, step)
+            step_of = torch.cat([((mc[bi:bi + nb_, 1] - mc[bi:bi + nb_, 0]) / free.levels).repeat_interleave(blen)
+                                 for _, nb_, blen, bi in blocks_for(layout, free.block_size).runs])
+            assert ((dc - df).abs() <= step_of * (1 + 1e-5) + tol).all(), (name, step)
+        else:
+            assert torch.equal(bc, bf) and ((dc - df).abs() <= tol).all(), (name, step)
+        assert _state_of(free) == _state_of(cpu), (name, step)
+        # an average of payloads of several ranks: the float64 mean of each one decoded on the CPU path
+        y = torch.randn(n, generator=g) * 3
+        by = encode(other, y, 100 + step, True)[0]
+        mean = (decode(cpu, [bf], False) + decode(cpu, [by], False)) / 2
+        assert torch.allclose(decode(free, [bf, by], True, 2), mean, rtol=0, atol=4 * tol), (name, step)
+        if step == 0:   # a NaN where the collapsed codebook would be refitted: nothing of it is kept
+            bad = torch.randn(n, generator=g)
+            bad[3001] = float("nan")
+            before = _state_of(free)
+            info = encode(free, bad, 9, True)[2]
+            assert isinstance(info.finite_flag, torch.Tensor) and not info.finite, name
+            assert _state_of(free) == before, name
+    if hasattr(free, "state_dict"):   # a checkpoint of the device-path state resumes it exactly
+        restored = make_codec(name, bits, **options)
+        restored.load_state_dict(free.state_dict())
+        assert torch.equal(encode(restored, x, 4, True)[0], encode(free, x, 4, True)[0]), name
+        assert _state_of(restored) == _state_of(free), name
+    fresh, new = make_codec(name, bits, **options), make_codec(name, bits, **options)
+    assert not encode(fresh, bad, 9, True)[2].finite
+    assert _state_of(fresh) == _state_of(new), name   # a first NaN input leaves no state behind
+    assert torch.equal(encode(fresh, x, 3, True)[0], encode(new, x, 3, True)[0]), name
+
+
+@pytest.mark.parametrize("name", [n for n in CODECS if n != "fp16"])   # fp16 cannot hold 3e38
+def test_the_read_free_decoders_average_near_the_float32_limit(name):
+    """Without the float32 test the decoders work in float64: the mean of two copies of a payload
+    whose values reach 3e38 (their float32 sum would not be finite) is the payload's own value."""
+    layout = Layout([300, 64])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(layout.numel, generator=g).sign() * 3e38 * (0.5 + torch.rand(layout.numel, generator=g) / 2)
+    bits, options = examples(name)[0]
+    codec = make_codec(name, bits, **options)
+    body = torch.empty(codec.body_nbytes(layout), dtype=torch.uint8)
+    with read_free():
+        assert codec.encode(x, body, layout, key=1).finite
+        one = codec.decode([body], layout, torch.empty(layout.numel))
+        two = codec.decode([body, body], layout, torch.empty(layout.numel), 2)
+    assert torch.isfinite(one).all() and torch.allclose(two.double(), one.double(), rtol=1e-6, atol=0)
+
+
+# host reads per steady-state step on the CPU (2 buckets, 2 ranks, all-gather, measure_error=False,
+# error feedback on, each codec's first registry example), as counted by test_host_reads_per_step:
 # 1 is the engine's (the step's non-finite flag, at its end); encoders hand finiteness on as a
 # device flag (EncodeInfo.finite_flag), copied into the header unread.  What remains per call, on
-# 2 encodes (training thread) and 2 decodes (completion thread) a step:
+# 2 encodes (training thread) and 2 decodes (completion thread) a step, are reads that pick the
+# faster arithmetic, free on the CPU; on an accelerator no codec reads (every grid in float64,
+# finiteness and running state decided on the device: test_every_codec_reads_nothing_on_an_accelerator):
 # * uniform / stochastic (per-block grids), decode and encode: 1 each, whether the grids fit
-#   float32 or need the float64 fallback (the encoder reads finiteness with it); none on an
-#   accelerator, where every grid is float64 (test_the_default_codec_reads_nothing_on_an_accelerator);
+#   float32 or need the float64 fallback (the encoder reads finiteness with it);
 # * qsgd (one block per bucket): 1 per encode (lo / hi as numbers for the one-block fast path) and
 #   per decode (the grids' float32 test);
 # * log, mulaw, sign, ternary: 1 per decode (float32, or float64 where the summed block scales
 #   could overflow float32 or a share is subnormal); their encoders read nothing;
-# * adaptive: 1 per encode (finiteness, which must keep the running state, with the float32 test)
-#   and per decode (the float32 test); kmeans: 2 per encode (finiteness and which codebooks to
-#   refit, then the bin-table width of the nearest-level search), none per decode;
+# * adaptive: 1 per encode (finiteness, which must keep the running state, with the float32 test
+#   and the bounds as numbers) and per decode (the float32 test); kmeans: 2 per encode (finiteness
+#   and which codebooks to refit, then the bin-table width of the nearest-level search), none per decode;
 # * topk and the casts: none.
 HOST_READ_BUDGET = {"stochastic": 5, "uniform": 5, "qsgd": 5, "log": 3, "mulaw": 3, "kmeans": 5, "ternary": 3,
                     "sign": 3, "adaptive": 5, "topk": 1, "fp16": 1, "bf16": 1, "none": 1}

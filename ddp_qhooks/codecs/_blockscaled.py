@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import _fused, _random
-from .base import Codec, EncodeInfo, Layout, sum_sq_checked
+from .base import Codec, EncodeInfo, Layout, reads_on_host, sum_sq_checked
 from .blocks import DEFAULT_BLOCK_SIZE, blocks_for, check_block_size
 from .options import as_int
 from .packing import STRIPE
@@ -349,10 +349,14 @@ class BlockScaledCodec(PerThreadScratch, Codec):
             metas.append(raw.view(torch.float32))
         # each share divided before summing (a sum of huge shares would overflow), in float64
         shares = torch.stack(metas).double().div_(divisor)  # (W, nblocks)
-        mags = shares.abs()
-        peak, smallest = torch.stack([mags.sum(0).max(), torch.where(mags > 0, mags, math.inf).min()]).tolist()
-        # float32 unless the sum could overflow or a share is subnormal (it would lose precision)
-        work = torch.float32 if peak < _FP32_MAX / 2 and smallest >= _FP32_MIN_NORMAL else torch.float64
+        # float32 unless the sum could overflow or a share is subnormal (it would lose precision);
+        # where that read would wait for the device, float64 without the test
+        work = torch.float64
+        if reads_on_host(out.device):
+            mags = shares.abs()
+            peak, smallest = torch.stack([mags.sum(0).max(), torch.where(mags > 0, mags, math.inf).min()]).tolist()
+            if peak < _FP32_MAX / 2 and smallest >= _FP32_MIN_NORMAL:
+                work = torch.float32
         shares = shares.to(work)
         s = self._scratch_for(out.device)
         direct = out.dtype == work and out.is_contiguous()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import _fused, _random
-from .base import Codec, EncodeInfo, Layout, _stats_off, sum_sq as _sq
+from .base import Codec, EncodeInfo, Layout, _stats_off, reads_on_host, sum_sq as _sq
 from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_choice
 from .packing import PLANAR_BITS, pack_codes, packed_nbytes, unpack_codes
@@ -217,9 +217,12 @@ class _ScaledTableCodec(Codec):
             meta, packed = self._split(body, layout)
             parts.append((meta.clone().view(torch.float32), packed))  # clone: an aligned float32 view
         # |partial sums| <= the summed block maxima: float32 unless that could overflow (one body
-        # undivided cannot: |value| <= its block max, no read needed)
+        # undivided cannot: |value| <= its block max, no read needed); where reads wait for the
+        # device, float64 without the test
         if len(parts) == 1 and divisor == 1:
             work = torch.float32
+        elif not reads_on_host(out.device):
+            work = torch.float64
         else:
             bound = float(torch.stack([m.abs().max() for m, _ in parts]).double().sum())
             work = torch.float32 if bound < _FP32_MAX / 2 else torch.float64

@@ -60,12 +60,15 @@ Running state
     by the whole layout for ``block_size=None`` (a rebuilt bucket starts afresh).  A parameter
     whose size no longer matches its state starts afresh.  :meth:`AdaptiveCodec.state_dict` /
     :meth:`load_state_dict` checkpoint it (tensors and plain Python values); the codec pickles
-    with its state.  A non-finite input returns ``EncodeInfo(finite=False)`` before any update.
+    with its state.  A non-finite input returns ``EncodeInfo(finite=False)`` before any update; on
+    accelerators the flag stays on the device and the state is written as ``where(finite, new,
+    old)`` (see _running.py): the same state, no host read.
 
 Edge cases
     * all-zero or constant block whose range collapsed to that value: ``lo == hi``, exact.
     * huge values (up to float32 max): a range or step beyond float32 comfort (any bound above
-      float32 max / 4) switches the per-element arithmetic to float64, in encode and decode; the
+      float32 max / 4) switches the per-element arithmetic to float64, in encode and decode (on
+      accelerators every grid is float64: the test would be a host read); the
       decoder divides each body's range by ``divisor`` before summing, so averages cannot overflow.
     * tiny values: steps below 2**-100 (float32 products would lose bits near the subnormal range)
       are handled in float64 as well; the float32 range itself is exact down to subnormals.
@@ -81,15 +84,9 @@ import torch
 from . import _random
 from ._adaptive_compiled import CompiledPath
 from ._blockscaled import CHUNK, PerThreadScratch, pieces
-from .base import Codec, EncodeInfo, Layout
+from ._running import BlockState, RunningStateMixin, read_meta, sample_index, write_meta
+from .base import Codec, EncodeInfo, Layout, reads_on_host
 from .blocks import _row_minmax, blocks_for, check_block_size
-from .kmeans import (
-    BlockState,
-    RunningStateMixin,
-    read_meta,
-    sample_index,
-    write_meta,
-)
 from .options import check_bits, check_choice, check_int, check_real
 from .packing import STRIPE, pack_codes, packed_nbytes, unpack_codes
 
@@ -197,25 +194,33 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
         xf = x if x.dtype == torch.float32 else x.float()
         blocks = blocks_for(layout, self.block_size)
         obs, finite = self._observe(xf, blocks)
-        slots, prev, have, _, prior = self._state.read(layout, x.device)
-        running = self._update(prev, have.to(x.device), obs.double())
+        # reads: the host may read (the CPU), and takes the bounds as numbers; elsewhere the counts stay
+        # on the device and finiteness a device flag (the state is kept where it is False)
+        reads = reads_on_host(x.device)
+        if reads:
+            slots, prev, have, _, prior = self._state.read(layout, x.device)
+            have = have.to(x.device)
+        else:
+            slots, prev, have, _, prior = self._state.read_on_device(layout, x.device)
+        running = self._update(prev, have, obs.double())
         lohi = running if self.stat == "minmax" else torch.cat([-running, running], 1)
         meta = lohi.to(torch.float32)
         span = meta[:, 1].double() - meta[:, 0].double()   # float64: cannot overflow
         inv64 = torch.where(span > 0, self.levels / span, torch.zeros_like(span))
-        on_cpu = x.device.type == "cpu"
-        # the encoder's one read: finiteness (the state must stay as it was for a non-finite input),
-        # the float32 test, and on the CPU the bounds as numbers for the eager pieces
-        head = torch.stack([finite, _fits_fp32(meta, span / self.levels)]).double()
-        step64 = span / self.levels
-        got = torch.cat([head, meta.double().t().reshape(-1), inv64, step64] if on_cpu else [head]).tolist()
-        if not got[0]:
-            return EncodeInfo(finite=False)
-        work = torch.float32 if got[1] else torch.float64
+        work = torch.float64   # without the read: every grid in float64, which needs no test
+        if reads:
+            # the encoder's one read: finiteness (the state must stay as it was for a non-finite
+            # input), the float32 test, and the bounds as numbers for the eager pieces
+            head = torch.stack([finite, _fits_fp32(meta, span / self.levels)]).double()
+            got = torch.cat([head, meta.double().t().reshape(-1), inv64, span / self.levels]).tolist()
+            if not got[0]:
+                return EncodeInfo(finite=False)
+            finite = True
+            work = torch.float32 if got[1] else torch.float64
         inv = inv64.to(work)
         lo_w, hi_w = meta[:, 0].to(work), meta[:, 1].to(work)
         host = None
-        if on_cpu:
+        if reads:
             nb = meta.shape[0]
             host = (got[2:2 + nb], got[2 + nb:2 + 2 * nb], _as_work(got[2 + 2 * nb:2 + 3 * nb], work))
         dither = _random.ParamPeriodDither(layout, key, x.device) if self.stochastic else None
@@ -238,7 +243,10 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
                     stop = min(first * STRIPE, n)
                     pack_codes(codes[done:stop], self.bits, out=packed[done * self.bits // 8:packed_nbytes(stop, self.bits)])
                 done = end * STRIPE if end is not None else n
-        self._state.write(slots, running, prior)
+        if reads:
+            self._state.write(slots, running, prior)
+        else:
+            self._state.write_where(slots, running, prev, prior, finite)
         if error_out is not None:
             if bounds is not None and error_out.dtype == torch.float32 and error_out.is_contiguous():
                 # the residual from the codes again, compiled
@@ -246,10 +254,11 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
                 if sums is not None:
                     return EncodeInfo(True, *sums)
             # x - decode(body), the decoder told what this read found (no second read)
-            known = (work, [_as_work(got[2 + 3 * meta.shape[0]:], work)] if on_cpu else None)
+            known = (work, [_as_work(got[2 + 3 * meta.shape[0]:], work)] if reads else None)
             self._decode([body], layout, error_out, 1, known)
-            return self._error_via_decode(x, body, layout, error_out, decoded=True)
-        return EncodeInfo()
+            info = self._error_via_decode(x, body, layout, error_out, decoded=True)
+            return EncodeInfo(finite, info.error_sq, info.input_sq)
+        return EncodeInfo(finite)
 
     def _encode_eager(self, xf, layout, lo_w, hi_w, inv, dither, codes, s, host=None) -> None:
         work = lo_w.dtype
@@ -257,12 +266,13 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
         size = max(r * c for _, r, c, _ in parts)
         v_all, d_all = s.get("v", size, work), s.get("dither", size, torch.float32)
         on_cpu = xf.device.type == "cpu"
-        if on_cpu:  # a piece of one block takes its bounds as numbers: 6x faster than broadcasting
+        numbers = on_cpu and reads_on_host(xf.device)
+        if numbers:  # a piece of one block takes its bounds as numbers: 6x faster than broadcasting
             lo_n, hi_n, inv_n = host if host is not None else (lo_w.tolist(), hi_w.tolist(), inv.tolist())
         # piece by piece (whole blocks or parts of one): the temporaries stay in cache
         for start, rows, cols, b in parts:
             m = rows * cols
-            if on_cpu and rows == 1:
+            if numbers and rows == 1:
                 lo_c, hi_c, inv_c = lo_n[b], hi_n[b], inv_n[b]
             else:
                 lo_c, hi_c, inv_c = lo_w[b:b + rows, None], hi_w[b:b + rows, None], inv[b:b + rows, None]
@@ -275,7 +285,8 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
                 v.view(-1, d.numel()).add_(d)
             v.floor_().clamp_(0, self.levels)  # clamp: round-off at hi
             if on_cpu:  # numpy's float -> uint8 cast is vectorised (torch's is not); exact on 0..L
-                np.copyto(codes[start:start + m].numpy(), v.view(-1).numpy(), casting="unsafe")
+                with np.errstate(invalid="ignore"):   # NaN (read-free path): flagged, not warned about
+                    np.copyto(codes[start:start + m].numpy(), v.view(-1).numpy(), casting="unsafe")
             else:
                 codes[start:start + m].copy_(v.view(-1))
 
@@ -294,14 +305,16 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
         meta_bytes = 8 * blocks.count
         metas = [read_meta(b, meta_bytes, (blocks.count, 2)) for b in bodies]
         steps = [(m[:, 1].double() - m[:, 0].double()) / self.levels for m in metas]
-        on_cpu = out.device.type == "cpu"
+        reads = reads_on_host(out.device)   # and takes the steps as numbers
         nb = blocks.count
+        if known is None and not reads:   # no read: float64 for every grid, which needs no test
+            known = (torch.float64, None)
         if known is None:
             # the decoder's one read: the float32 test over every body, on the CPU the steps as numbers
             fits = _fits_fp32(torch.stack(metas), torch.stack(steps)).double().view(1)
-            got = torch.cat([fits] + ([st / divisor for st in steps] if on_cpu else [])).tolist()
+            got = torch.cat([fits] + ([st / divisor for st in steps] if reads else [])).tolist()
             work = torch.float32 if got[0] else torch.float64
-            steps_n = [_as_work(got[1 + i * nb:1 + (i + 1) * nb], work) for i in range(len(bodies))] if on_cpu else None
+            steps_n = [_as_work(got[1 + i * nb:1 + (i + 1) * nb], work) for i in range(len(bodies))] if reads else None
         else:
             work, steps_n = known
         direct = out.dtype == work and out.is_contiguous()
@@ -315,7 +328,7 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
             # each share divided before summing: W shares near float32 max cannot overflow
             lo = (meta[:, 0].double() / divisor).to(work)
             step = (step / divisor).to(work)
-            step_n = steps_n[i] if on_cpu else None
+            step_n = steps_n[i] if reads else None
             unpack_codes(body[meta_bytes:meta_bytes + packed_nbytes(n, self.bits)], self.bits, n, out=codes)
             for start, rows, cols, b in parts:
                 m = rows * cols
@@ -323,7 +336,7 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
                 c.copy_(codes[start:start + m].view(rows, cols))
                 dst = acc[start:start + m].view(rows, cols)
                 v = dst if i == 0 else v_all[:m].view(rows, cols)   # the first share straight into the output
-                if on_cpu and rows == 1:
+                if reads and rows == 1:
                     # lo + c * step with one rounding, as addcmul (both fuse the multiply-add; tested
                     # bitwise equal), 4x faster than addcmul's broadcast operands
                     torch.add(lo[b], c, alpha=step_n[b], out=v)

@@ -99,7 +99,14 @@ class Blocks:
         return out
 
     def lengths_tensor(self, device, dtype=torch.float32) -> torch.Tensor:
-        return torch.tensor(self.lengths, dtype=dtype, device=device)
+        """The block lengths on ``device`` (not to be written to): made once per device, since copying
+        host values to an accelerator waits for it like a read."""
+        cache = self.__dict__.setdefault("_lengths", {})
+        key = (torch.device(device), dtype)
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = torch.tensor(self.lengths, dtype=dtype, device=device)
+        return t
 
 
 @functools.lru_cache(maxsize=512)

@@ -19,7 +19,8 @@ Algorithm
     encode of it (1 = every encode).  In between, the stored normalised codebook is reused,
     scaled by the block's current ``max|x|``; a stored codebook that collapsed to a single level
     (the block was constant or zero) is refitted at once instead, since scaling it cannot
-    represent anything else.
+    represent anything else.  On accelerators that decision is made on the device, without a host
+    read: every block is fitted and the fit kept where it is due (see ``_encode_on_device``).
 
     Encoding picks the nearest level: the level index is the number of midpoints between
     neighbouring (normalised) levels below ``x / max|x|``, exactly ``torch.searchsorted`` (a
@@ -66,7 +67,8 @@ Edge cases
       codebook by ``divisor`` before summing, so averaging W bodies cannot overflow either.
     * tiny values: normalisation keeps their relative precision; only levels that fall in the
       float32 subnormal range (|level| < 1.2e-38) lose bits when scaled back.
-    * non-finite input: ``encode`` returns ``EncodeInfo(finite=False)`` and keeps the state.
+    * non-finite input: ``encode`` returns ``EncodeInfo(finite=False)`` and keeps the state (on
+      accelerators a device flag, and the state written as ``where(finite, new, old)``).
 """
 from __future__ import annotations
 
@@ -76,116 +78,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import Codec, EncodeInfo, Layout
-from .blocks import LAYER, blocks_for, check_block_size
+from ._running import BlockState, RunningStateMixin, read_meta, sample_index, write_meta
+from .base import Codec, EncodeInfo, Layout, reads_on_host
+from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_int
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
-STATE_FORMAT = 1
-
 __all__ = ["BlockState", "KMeansCodec"]
-
-
-# -- option checks shared with adaptive.py -------------------------------------------------------
-
-
-# -- body helpers shared with adaptive.py --------------------------------------------------------
-def read_meta(body: torch.Tensor, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Float32 metadata at the start of a body; copied first because bodies may sit at any byte
-    offset of a received buffer, and a float32 view needs 4-byte alignment."""
-    return body[:nbytes].clone().view(torch.float32).view(shape)
-
-
-def write_meta(body: torch.Tensor, meta: torch.Tensor) -> None:
-    flat = meta.to(torch.float32).contiguous().view(-1)
-    body[: 4 * flat.numel()].copy_(flat.view(torch.uint8))
-
-
-def sample_index(length: int, sample: int, device) -> torch.Tensor | None:
-    """Evenly strided subsample ``floor(j * length / S)``, S = min(sample, length); None = all."""
-    if length <= sample:
-        return None
-    return torch.arange(sample, dtype=torch.int64, device=device) * length // sample
-
-
-class BlockState:
-    """Per-rank running state: one row of ``width`` values per block, plus an update counter.
-
-    Rows are stored per parameter key (``block_size`` "layer" or an integer: row i is the
-    parameter's block i) so that they survive DDP regrouping parameters into new buckets, or per
-    layout (``block_size=None``: the block is the bucket itself).
-    """
-
-    def __init__(self, block_size, width: int, dtype: torch.dtype):
-        self.block_size = block_size
-        self.width = width
-        self.dtype = dtype
-        self.entries: dict[tuple, tuple[torch.Tensor, int, int]] = {}   # key -> (rows, updates, numel)
-
-    def slots(self, layout: Layout) -> list[tuple[tuple, int, int, int]]:
-        """``(key, first block, blocks, numel)`` of every state entry the layout uses, in block order."""
-        if self.block_size is None:
-            return [(("bucket", layout.param_numels, layout.param_keys), 0, 1, layout.numel)] if layout.numel else []
-        out, first = [], 0
-        for n, k in zip(layout.param_numels, layout.param_keys):
-            if n:
-                nb = 1 if self.block_size == LAYER else -(-n // self.block_size)
-                out.append((("param", k), first, nb, n))
-                first += nb
-        return out
-
-    def read(self, layout: Layout, device) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """``(slots, rows, have, updates, prior)``: rows (zeros where absent) on ``device``; per block
-        CPU tensors ``have`` (bool) and ``updates`` (int64); ``prior`` per slot (None = start afresh)."""
-        slots = self.slots(layout)
-        nblocks = sum(s[2] for s in slots)
-        rows = torch.zeros(nblocks, self.width, dtype=self.dtype, device=device)
-        prior, have, counts, nbs = [], [], [], []
-        for key, first, nb, numel in slots:
-            e = self.entries.get(key)
-            ok = e is not None and e[2] == numel and tuple(e[0].shape) == (nb, self.width)
-            if ok:
-                rows[first:first + nb] = e[0]
-            prior.append(e[1] if ok else None)
-            have.append(ok)
-            counts.append(e[1] if ok else 0)
-            nbs.append(nb)
-        have_t, counts_t = torch.tensor(have, dtype=torch.bool), torch.tensor(counts, dtype=torch.int64)
-        if nblocks != len(slots):   # per block (repeat_interleave costs ~80 us a call: not for one block per slot)
-            reps = torch.tensor(nbs, dtype=torch.int64)
-            have_t, counts_t = have_t.repeat_interleave(reps), counts_t.repeat_interleave(reps)
-        return slots, rows, have_t, counts_t, prior
-
-    def write(self, slots: list, rows: torch.Tensor, prior: list) -> None:
-        for (key, first, nb, numel), p in zip(slots, prior):
-            self.entries[key] = (rows[first:first + nb].clone(), (p or 0) + 1, numel)
-
-    def to_list(self, field: str) -> list[dict]:
-        out = []
-        for key, (rows, updates, numel) in self.entries.items():
-            d = {"scope": key[0]}
-            if key[0] == "bucket":
-                d.update(param_numels=list(key[1]), param_keys=list(key[2]))
-            else:
-                d["param_key"] = key[1]
-            d.update({"numel": numel, "updates": updates, field: rows.detach().cpu().clone()})
-            out.append(d)
-        return out
-
-    def from_list(self, entries: list, field: str, codec: str) -> None:
-        loaded = {}
-        for d in entries:
-            if d["scope"] == "bucket":
-                key = ("bucket", tuple(int(v) for v in d["param_numels"]), tuple(int(v) for v in d["param_keys"]))
-            elif d["scope"] == "param":
-                key = ("param", int(d["param_key"]))
-            else:
-                raise ValueError(f"{codec}: unknown state entry scope {d['scope']!r}")
-            rows = d[field]
-            if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != self.width:
-                raise ValueError(f"{codec}: state entry {key} holds {field} of the wrong shape")
-            loaded[key] = (rows.to(self.dtype).clone(), int(d["updates"]), int(d["numel"]))
-        self.entries = loaded
 
 
 _LUT_MAX_BINS = 4096
@@ -227,27 +126,6 @@ def _nearest_codes(u: torch.Tensor, mids: torch.Tensor, out: torch.Tensor) -> No
             out.copy_(code.view(rows, length))
             return
     out.copy_(torch.searchsorted(mids, u, out_int32=True))
-
-
-class RunningStateMixin:
-    """``state_dict`` / ``load_state_dict`` for codecs that keep per-block running state in a
-    :class:`BlockState` (``self._state``): plain lists of tensors, so the hook can checkpoint them.
-    A state is refused if the settings that give it its shape or meaning differ (``_state_keys``)."""
-
-    _state_field: str = ""
-    _state_keys: tuple = ()
-
-    def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "codec": self.config(), "entries": self._state.to_list(self._state_field)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("format") != STATE_FORMAT:
-            raise ValueError(f"{self.name}: unsupported state format {state_dict.get('format')!r} (expected {STATE_FORMAT})")
-        saved = dict(state_dict["codec"])
-        for key in self._state_keys:
-            if saved.get(key) != self.config()[key]:
-                raise ValueError(f"{self.name}: state saved with {key}={saved.get(key)!r}, this codec has {self.config()[key]!r}")
-        self._state.from_list(state_dict["entries"], self._state_field, self.name)
 
 
 class KMeansCodec(RunningStateMixin, Codec):
@@ -296,6 +174,8 @@ class KMeansCodec(RunningStateMixin, Codec):
         for view, sl in blocks.views(xf):
             lo, hi = torch.aminmax(view, dim=1)   # one pass, no |x| temporary; NaN propagates
             torch.maximum(hi, lo.neg_(), out=amax[sl])
+        if not reads_on_host(x.device):
+            return self._encode_on_device(x, xf, body, layout, blocks, amax, error_out)
         slots, cb, have, updates, prior = self._state.read(layout, x.device)
         # the encoder's one read of device data: finiteness (the state must stay as it was for a
         # non-finite input) and which codebooks can be rescaled (a single-level one cannot); which
@@ -330,6 +210,41 @@ class KMeansCodec(RunningStateMixin, Codec):
         if error_out is not None:
             return self._error_via_decode(x, body, layout, error_out)
         return EncodeInfo()
+
+    def _encode_on_device(self, x, xf, body, layout, blocks, amax, error_out) -> EncodeInfo:
+        """:meth:`encode` without a host read, where one would wait for the device: finiteness
+        stays a device flag, and which codebooks to refit is decided there.  Every block is fitted
+        and the fit kept where the CPU path would refit (``torch.where``), so codebooks, codes and
+        state are the CPU path's; the state is written as it was where the input is not finite.
+        The cost: a fit of every block (one sort of its subsample, ``iterations`` searches of K
+        levels) on every encode instead of every ``refresh_every``-th."""
+        n = layout.numel
+        slots, cb, have, updates, prior = self._state.read_on_device(layout, x.device)
+        finite = torch.isfinite(amax).all()
+        usable = (cb[:, -1] > cb[:, 0]) & have   # a single-level codebook cannot be rescaled
+        refit = ~usable | (updates % self.refresh_every == 0)
+        scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+        codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+        new = torch.empty_like(cb)
+        for start, nb, blen, bi in blocks.runs:
+            view = xf[start:start + nb * blen].view(nb, blen)
+            sl = slice(bi, bi + nb)
+            fitted = self._fit(view, scale[sl], cb[sl], usable[sl])
+            c = new[sl]
+            torch.where(refit[sl, None], fitted, cb[sl], out=c)
+            mids = ((c[:, :-1] + c[:, 1:]) * 0.5).contiguous()
+            # searchsorted itself: the bin table of _nearest_codes needs its width read on the host
+            codes[start:start + nb * blen].view(nb, blen).copy_(
+                torch.searchsorted(mids, (view / scale[sl, None]).contiguous(), out_int32=True))
+        levels = (new.double() * amax.double()[:, None]).to(torch.float32)
+        write_meta(body, levels)
+        meta_bytes = 4 * levels.numel()
+        pack_codes(codes, self.bits, out=body[meta_bytes:meta_bytes + packed_nbytes(n, self.bits)])
+        self._state.write_where(slots, new, cb, prior, finite)
+        if error_out is not None:
+            info = self._error_via_decode(x, body, layout, error_out)
+            return EncodeInfo(finite, info.error_sq, info.input_sq)
+        return EncodeInfo(finite)
 
     def _fit(self, values: torch.Tensor, scale: torch.Tensor, init: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
         """Normalised codebooks (rows, K) for the blocks ``values`` (rows, length)."""

@@ -41,7 +41,8 @@ Edge cases:
   every value equal to ``m * 2**-j`` for ``j < M`` (and every value of a 1-element block);
 * huge values: only ``|x| / m <= 1`` is formed while encoding, never ``m`` times anything, so values
   up to float32 max encode without overflow; the decoder switches to float64 accumulation when
-  the summed block maxima of several bodies could overflow float32;
+  the summed block maxima of several bodies could overflow float32 (on accelerators it averages
+  several bodies in float64 without that test, which would be a host read);
 * tiny / subnormal values: ``|x| / m`` of subnormals is a correctly rounded float32 division
   (no reciprocal, which would overflow); a level ``m * 2**(k-M)`` below the float32 range
   decodes to the nearest float32 (possibly 0), as any float32 result would;

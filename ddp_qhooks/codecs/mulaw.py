@@ -40,7 +40,8 @@ Edge cases:
 * values of magnitude ``m`` (so constant blocks, and 1-element blocks) decode exactly;
 * huge values: encoding forms ``|x| / m <= 1`` and ``mu * that``, never ``m`` times anything, so
   values up to float32 max do not overflow; the decoder accumulates in float64 when summed block
-  maxima of several bodies could overflow float32;
+  maxima of several bodies could overflow float32 (on accelerators always for several bodies:
+  the test would be a host read);
 * tiny / subnormal values: ``|x| / m`` is a correctly rounded float32 division (no reciprocal of a
   subnormal max); decoded levels below the float32 range round to the nearest float32;
 * ``mu`` must lie in [1e-30, 1e30], so that the float32 constants ``mu`` and ``K / ln(1 + mu)`` of

@@ -36,7 +36,7 @@ Edge cases:
   ``a`` above ``FP32_MAX / 2`` (3.4e38 / 2) a float32 residual of a sign flip overflows to inf.
   That is inherent to an unbiased two-level code of such values; use ``scaled`` mode or scale the
   loss if gradients can get that large.  A decoder averaging several huge payloads switches to
-  float64 accumulation;
+  float64 accumulation (on accelerators every decoder does, without the test: a host read);
 * tiny and subnormal values: ``mean|x|`` in float64 keeps them; ``x / a`` is a correctly rounded
   quotient even for a subnormal ``a`` (no reciprocal, which would overflow); a decoder dividing
   subnormal scales accumulates in float64 and rounds once;

@@ -38,7 +38,8 @@ Edge cases:
 * values near the float32 maximum: the scale is a max (stochastic) or a float64 mean rounded to
   float32 (threshold), so it never overflows; ``|x| / a <= 1``; the residual ``x - q`` is at most
   ``max(|x|, a)`` because ``q`` is 0 or has the sign of ``x``, so it cannot overflow either; a
-  decoder that averages several huge payloads switches to float64 accumulation;
+  decoder that averages several huge payloads switches to float64 accumulation (on accelerators
+  every decoder does, without the test: a host read);
 * tiny and subnormal values: ``|x| / a`` is a correctly rounded quotient even for subnormal ``a``
   (no reciprocal, which would overflow), so the keep probability stays exact to float32 precision;
   a decoder that divides subnormal scales accumulates in float64 and rounds once;
