@@ -185,6 +185,17 @@ def test_every_codec_reads_nothing_on_an_accelerator():
         assert (caller, completion) == (0, 1), (name, caller, completion, ops)
 
 
+@pytest.mark.parametrize("exchange,world", [("alltoall", 3), ("hierarchical", 4)])
+def test_two_phase_and_hierarchical_exchanges_read_nothing_on_an_accelerator(exchange, world):
+    """The server re-encode (two-phase) and the node's full-precision sum (hierarchical) keep the
+    step's one read too."""
+    options = {"exchange": exchange, **({"ranks_per_node": 2} if exchange == "hierarchical" else {})}
+    got = _dist.results(_w_reads, world, ["stochastic", "sign", "kmeans"], options, 3, 3, False, True,
+                        timeout_s=180)[0]
+    for name, (caller, completion, ops) in got.items():
+        assert (caller, completion) == (0, 1), (exchange, name, caller, completion, ops)
+
+
 def _grid(name, codec, v):
     """Independent (lo, hi) of the grid a block ``v`` (rows of float64 values) is quantized on:
     its min and max (uniform, stochastic, and adaptive's first encode with stat="minmax"), or
