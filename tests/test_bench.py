@@ -135,6 +135,8 @@ def _cli_error(argv, capsys):
     (["--task", "fmnist", "--model", "linear"], ["--model applies to --task synthetic"]),
     (["--model", "huge"], ["invalid choice: 'huge'", "'mlp', 'linear'"]),
     (["--netsim", "200mbit", "--loopback"], ["not allowed with argument"]),
+    (["--idle-ms", "-5"], ["--idle-ms must be >= 0"]),
+    (["--fsdp", "--idle-ms", "100"], ["--idle-ms is not supported with --fsdp"]),
 ])
 def test_cli_errors_are_one_line_usage_errors_naming_the_choices(argv, expected, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
@@ -147,6 +149,17 @@ def test_explicit_netsim_without_root_is_a_usage_error(capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "--netsim needs root" in _cli_error(["--netsim", "200mbit"], capsys)
+
+
+def test_idle_time_is_in_every_step_and_the_compute_time(tmp_path):
+    """--idle-ms: each timed step waits that long after its backward pass (the compute-only time
+    included), so an overlapped LocalSGD round has idle CPU to run in."""
+    result, stdout, _ = _run(["--loopback", "--params", "2e5", "--steps", "4", "--warmup", "2", "--idle-ms", "80",
+                              "--configs", "fp32", "stochastic:4,local_steps=2,overlap=True"], tmp_path)
+    assert result["meta"]["idle_ms"] == 80 and "of which 80 ms idle" in stdout
+    assert result["meta"]["compute_s"] >= 0.08
+    for r in result["rows"]:
+        assert r["status"] == "ok" and r["step_p10_s"] >= 0.08, r
 
 
 def test_help_shows_defaults_and_examples(capsys):

@@ -335,9 +335,10 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t[0]) / dist.get_world_size()
 
 
-def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None, device=torch.device("cpu")):
+def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None, device=torch.device("cpu"), idle_s=0.0):
     """Per-step seconds of the slowest rank, ranks aligned by a barrier before each step;
-    ``after_step()`` (local SGD's outer synchronization) runs inside the timed step."""
+    ``after_step()`` (local SGD's outer synchronization) runs inside the timed step; ``idle_s``:
+    a wait after the backward pass with the host CPU idle (``--idle-ms``)."""
     times, loss = [], None
     for step in range(start, start + count):
         x, y = task.batch_for(step)
@@ -354,6 +355,8 @@ def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None, devic
                 loss = task.loss(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+        if idle_s:
+            time.sleep(idle_s)
         opt.step()
         if after_step is not None:
             after_step()
@@ -447,6 +450,7 @@ def run_worker(args) -> list[dict] | None:
     if args.fsdp:
         from .bench_fsdp import run_fsdp_worker
         return run_fsdp_worker(args, task, configs, device, ifname)
+    idle_s = args.idle_ms / 1000
 
     if args.compute_s is not None:  # measured by an earlier group of this invocation
         compute_s = args.compute_s
@@ -454,8 +458,9 @@ def run_worker(args) -> list[dict] | None:
         model = task.model()
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_INIT_SYNC)
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        _time_steps(ddp, task, opt, 0, 1, sync=False, device=device)
-        compute_times, _ = _time_steps(ddp, task, opt, 1, max(3, min(args.steps, 10)), sync=False, device=device)
+        _time_steps(ddp, task, opt, 0, 1, sync=False, device=device, idle_s=idle_s)
+        compute_times, _ = _time_steps(ddp, task, opt, 1, max(3, min(args.steps, 10)), sync=False, device=device,
+                                         idle_s=idle_s)
         compute_s = statistics.median(compute_times)
         del ddp, model, opt
 
@@ -496,7 +501,7 @@ def run_worker(args) -> list[dict] | None:
                 state.attach(opt)  # drift corrections act on the inner gradients
             for s in range(args.warmup):
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: warm-up {s + 1}/{args.warmup}")
-                _time_steps(ddp, task, opt, s, 1, sync=True, device=device)
+                _time_steps(ddp, task, opt, s, 1, sync=True, device=device, idle_s=idle_s)
             if cfg["kind"] == "local":
                 state.sync()  # start the timed window at a round boundary (all fragments just synced)
                 state.inner_steps = 0
@@ -505,7 +510,8 @@ def run_worker(args) -> list[dict] | None:
             times, losses = [], []
             for s in range(timed):
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: step {s + 1}/{timed}")
-                t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after, device=device)
+                t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after, device=device,
+                                     idle_s=idle_s)
                 times += t
                 losses.append(float(loss.detach()))
             tc1 = tc_bytes_sent_here(ifname) if ifname else None
@@ -732,7 +738,9 @@ def describe(result: dict) -> str:
     model += " under FSDP2 (fully_shard)" if m.get("fsdp") else ""
     return (f"task={m['task']} model={model} params={m['params']:,} world={m['world']} backend={m['backend']} "
             f"({link}); {m['steps']} timed steps after {m['warmup']} warm-up; "
-            f"compute {1000 * m['compute_s']:.1f} ms/step; torch {m['torch']}")
+            f"compute {1000 * m['compute_s']:.1f} ms/step"
+            + (f" (of which {m['idle_ms']:g} ms idle, --idle-ms)" if m.get("idle_ms") else "")
+            + f"; torch {m['torch']}")
 
 
 def verdict(result: dict, width: int = 100) -> str:
@@ -982,7 +990,7 @@ def _meta(args, rows) -> dict:
             "launch": os.environ.get("DDP_QHOOKS_BENCH_LAUNCH", "torchrun"), "steps": args.steps,
             "warmup": args.warmup, "train_steps": args.train_steps, "batch": args.batch,
             "compute_s": rows[0]["compute_s"] if rows else None, "torch": torch.__version__,
-            "configs": args.configs, "fsdp": bool(args.fsdp),
+            "configs": args.configs, "fsdp": bool(args.fsdp), "idle_ms": args.idle_ms,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -1048,7 +1056,7 @@ def _worker_argv(args, configs, result_file: str, compute_s, rate=None) -> list[
     argv = [sys.executable, "-m", "ddp_qhooks.tools.bench", "--_worker", "--result-file", result_file,
             "--netsim", rate or "none"]
     for key in ("task", "model", "params", "batch", "steps", "warmup", "train_steps", "lr", "threads", "timeout", "data",
-                "nodes", "procs_per_node"):
+                "nodes", "procs_per_node", "idle_ms"):
         value = getattr(args, key)
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -1307,6 +1315,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FSDP2 rows: fully_shard the model; fp32 = FSDP's own reduce-scatter, ours = "
                         "ddp_qhooks.fsdp.register (see ddp_qhooks/tools/bench_fsdp.py)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--idle-ms", type=float, default=0.0,
+                   help="per step, after the backward pass, also wait this long with the host CPU idle, as while "
+                        "an accelerator computes: work running in the background (LocalSGD's overlapped rounds) "
+                        "can use it; in every row and in the compute-only time")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds without progress (one step) before a configuration is reported as hung")
     p.add_argument("--data", default=None, help="Fashion-MNIST directory (default: Debian package path)")
@@ -1339,6 +1351,10 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name):g}")
     if args.warmup < 0 or args.train_steps < 0:
         p.error("--warmup and --train-steps must be >= 0")
+    if args.idle_ms < 0:
+        p.error(f"--idle-ms must be >= 0, got {args.idle_ms:g}")
+    if args.idle_ms and args.fsdp:
+        p.error("--idle-ms is not supported with --fsdp")
     if args.task == "fmnist" and args.model != "mlp":
         p.error("--model applies to --task synthetic (fmnist trains its SmallCNN)")
     if args.fsdp and args.configs == DEFAULT_CONFIGS:
