@@ -24,7 +24,8 @@ Every configuration runs from the same initial weights and the same data, one af
   ``topk:8,ratio=0.01``, ``stochastic:2,block_size=256,ef=0`` (``ef=0``: no error feedback).
 
 Measured per configuration: step time (median and 10-90 % spread of the slowest rank per step,
-ranks aligned by a barrier before each step), compute time (the same steps under ``no_sync()``:
+ranks aligned by a barrier before each step; local SGD rows: the mean over whole rounds, one
+barrier before them, as a training loop runs them), compute time (the same steps under ``no_sync()``:
 no communication), communication = step - compute, bytes sent per rank per step (our hooks: the
 package's ``wire_bytes_sent``; fp32 / fp16 / bf16: the ring-allreduce volume 2(W-1)/W x size;
 PowerSGD: computed from its matrix shapes; with ``--netsim``: also tc's counter of bytes that left
@@ -335,14 +336,18 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t[0]) / dist.get_world_size()
 
 
-def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None, device=torch.device("cpu"), idle_s=0.0):
-    """Per-step seconds of the slowest rank, ranks aligned by a barrier before each step;
-    ``after_step()`` (local SGD's outer synchronization) runs inside the timed step; ``idle_s``:
-    a wait after the backward pass with the host CPU idle (``--idle-ms``)."""
+def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None, device=torch.device("cpu"), idle_s=0.0,
+                align: bool = True, losses=None):
+    """Per-step seconds of the slowest rank, ranks aligned by a barrier before each step (with
+    ``align=False`` before the first only: local SGD's steps between rounds need no collective, and
+    one per step would wait behind a round in flight on the link); ``after_step()`` (local SGD's
+    outer synchronization) runs inside the timed step; ``idle_s``: a wait after the backward pass
+    with the host CPU idle (``--idle-ms``); ``losses``: a list to append every step's loss to."""
     times, loss = [], None
     for step in range(start, start + count):
         x, y = task.batch_for(step)
-        dist.barrier()
+        if align or step == start:
+            dist.barrier()
         t0 = time.perf_counter()
         if sync:
             out = ddp(x)
@@ -363,6 +368,8 @@ def _time_steps(ddp, task, opt, start, count, sync: bool, after_step=None, devic
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step is done when the GPU is, not when it is queued
         times.append(time.perf_counter() - t0)
+        if losses is not None:
+            losses.append(float(loss.detach()))
     return _max_over_ranks(times, device), loss
 
 
@@ -508,7 +515,11 @@ def run_worker(args) -> list[dict] | None:
             before = state.stats() if state is not None else None
             tc0 = tc_bytes_sent_here(ifname) if ifname else None
             times, losses = [], []
-            for s in range(timed):
+            if cfg["kind"] == "local":  # whole rounds, no collective between steps: as a training loop runs them
+                _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: {timed} steps")
+                times, _ = _time_steps(ddp, task, opt, args.warmup, timed, sync=True, after_step=after, device=device,
+                                       idle_s=idle_s, align=False, losses=losses)
+            for s in range(timed if cfg["kind"] != "local" else 0):
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: step {s + 1}/{timed}")
                 t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after, device=device,
                                      idle_s=idle_s)
@@ -527,6 +538,7 @@ def run_worker(args) -> list[dict] | None:
             row["final_loss"] = _mean_over_ranks(statistics.fmean(losses[-5:]), device)
             row["val_loss" if args.task == "lm" else "test_accuracy"] = task.evaluate(model)
             ordered = sorted(times)
+            row["step_times_s"] = list(times)  # per timed step, the slowest rank's (bench.json)
             row["step_s"] = statistics.fmean(times) if cfg["kind"] == "local" else statistics.median(times)
             row["step_p10_s"] = ordered[int(0.1 * (len(ordered) - 1))]
             row["step_p90_s"] = ordered[int(math.ceil(0.9 * (len(ordered) - 1)))]
