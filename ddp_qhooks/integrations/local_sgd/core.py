@@ -310,7 +310,9 @@ class LocalSGD:
         world = collectives.world_size(self.process_group) if dist.is_initialized() else 1
         if len(pend.participants) != world:
             mean = mean * (world / len(pend.participants))  # the others sent zeros
-        progress = None if pend.sent is None else [p - s for p, s in zip(frag, pend.sent)]
+        progress = None
+        if pend.sent is not None:  # x_now - x_sent, in the buffers that held x_sent (not needed after)
+            progress = [torch.sub(p, s, out=s) for p, s in zip(frag, pend.sent)]
         saved = [p.grad for p in frag]
         offset = 0
         for s, p in zip(start, frag):
