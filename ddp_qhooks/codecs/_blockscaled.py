@@ -1,12 +1,11 @@
 """Shared machinery of the codecs that send one float32 scale per block and a small integer
 code per value meaning {-1, 0, +1} x scale (``ternary``, ``sign``): option checks, cache-sized
-pieces, per-thread scratch buffers, vectorised comparisons (numpy on CPU), chunked encode/decode,
+pieces, vectorised comparisons (numpy on CPU), chunked encode/decode,
 and the optional fused kernels (``compile=True``, one scale per bucket, CPU)."""
 from __future__ import annotations
 
 import functools
 import math
-import threading
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, reads_on_host, sum_sq_checked
 from .blocks import DEFAULT_BLOCK_SIZE, blocks_for, check_block_size
 from .options import as_int
+from ._scratch import PerThreadScratch
 from .packing import STRIPE
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -106,41 +106,6 @@ def _mask(t: torch.Tensor, keep: torch.Tensor) -> None:
         np.multiply(t.numpy(), keep.numpy(), out=t.numpy())
     else:
         t.mul_(keep)
-
-
-class _Scratch:
-    """Per (device, thread) buffers reused across calls: fresh bucket-sized allocations cost page
-    faults on every call (more than the arithmetic).  One set per thread because DDP encodes on
-    the autograd thread while the communication thread decodes."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._bufs.get((name, dtype))
-        if buf is None or buf.numel() < size:
-            buf = self._bufs[(name, dtype)] = torch.empty(size, dtype=dtype, device=self.device)
-        return buf[:size]
-
-
-class PerThreadScratch:
-    """Mixin: a :class:`_Scratch` per (device, thread), left out of pickles (rebuilt on use)."""
-
-    def _scratch_for(self, device) -> _Scratch:
-        scratch = self.__dict__.setdefault("_scratch", {})
-        key = (torch.device(device), threading.get_ident())
-        s = scratch.get(key)
-        if s is None:
-            s = scratch[key] = _Scratch(torch.device(device))
-        return s
-
-    def __getstate__(self):  # buffers are rebuilt on use; keep pickles small
-        return {k: v for k, v in self.__dict__.items() if k != "_scratch"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._scratch = {}
 
 
 # -- shared machinery ----------------------------------------------------------------------------

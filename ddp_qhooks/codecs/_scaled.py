@@ -4,7 +4,6 @@ chunked encoding, packing, table-lookup decoding with float64 fallback against o
 from __future__ import annotations
 
 import math
-import threading
 from typing import Sequence
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from . import _fused, _random
 from .base import Codec, EncodeInfo, Layout, _stats_off, reads_on_host, sum_sq as _sq
+from ._scratch import PerThreadScratch, Scratch
 from .blocks import blocks_for, check_block_size
 from .options import check_bits, check_choice
 from .packing import PLANAR_BITS, pack_codes, packed_nbytes, unpack_codes
@@ -21,23 +21,7 @@ _ROUNDINGS = ("nearest", "stochastic")
 CHUNK = 1 << 18   # values per elementwise pass on the CPU: temporaries stay in cache, per-op overhead amortised
 
 
-class _Scratch:
-    """Buffers reused across calls: fresh bucket-sized tensors cost page faults on every call,
-    more than the arithmetic.  One set per (device, thread), since DDP encodes one bucket on the
-    autograd thread while the communication thread decodes another."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
-        return buf[:numel]
-
-
-class _ScaledTableCodec(Codec):
+class _ScaledTableCodec(PerThreadScratch, Codec):
     """One float32 scale ``m = max|x|`` per block, then b-bit codes that decode to ``table[code] * m``.
 
     Subclasses provide ``_table64()`` (float64, ``2**bits`` relative values in [-1, 1]) and
@@ -71,7 +55,7 @@ class _ScaledTableCodec(Codec):
         self.rounding = rounding
         self.stochastic = rounding == "stochastic"
         self._tables: dict[tuple, torch.Tensor] = {}
-        self._scratch: dict[tuple, _Scratch] = {}
+        self._scratch: dict[tuple, Scratch] = {}
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size, "rounding": self.rounding}
@@ -89,13 +73,6 @@ class _ScaledTableCodec(Codec):
         if t is None:
             t = self._tables[key] = self._table64().to(dtype).to(device)
         return t
-
-    def _scratch_for(self, device) -> _Scratch:
-        key = (torch.device(device), threading.get_ident())
-        s = self._scratch.get(key)
-        if s is None:
-            s = self._scratch[key] = _Scratch(torch.device(device))
-        return s
 
     @staticmethod
     def _chunk(device: torch.device, numel: int) -> int:
@@ -197,7 +174,7 @@ class _ScaledTableCodec(Codec):
             return EncodeInfo(finite, math.nan, math.nan)
         return EncodeInfo(finite, _sq(error_out, mag), _sq(xf, mag))
 
-    def _codes(self, rel: torch.Tensor, rnd, out: torch.Tensor, s: _Scratch) -> None:
+    def _codes(self, rel: torch.Tensor, rnd, out: torch.Tensor, s: Scratch) -> None:
         """Write the uint8 codes of ``rel = x / m`` (float32 in [-1, 1]; may be overwritten) into
         ``out``; ``rnd`` is 0.5 (nearest) or the chunk's dither; ``s`` lends chunk temporaries."""
         raise NotImplementedError

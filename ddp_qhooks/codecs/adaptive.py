@@ -83,7 +83,8 @@ import torch
 
 from . import _random
 from ._adaptive_compiled import CompiledPath
-from ._blockscaled import CHUNK, PerThreadScratch, pieces
+from ._blockscaled import CHUNK, pieces
+from ._scratch import PerThreadScratch
 from ._running import BlockState, RunningStateMixin, read_meta, sample_index, write_meta
 from .base import Codec, EncodeInfo, Layout, reads_on_host
 from .blocks import _row_minmax, blocks_for, check_block_size

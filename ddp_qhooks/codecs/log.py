@@ -58,7 +58,8 @@ import functools
 
 import torch
 
-from ._scaled import _ScaledTableCodec, _Scratch
+from ._scaled import _ScaledTableCodec
+from ._scratch import Scratch
 from .blocks import DEFAULT_BLOCK_SIZE
 
 __all__ = ["LogCodec"]
@@ -98,7 +99,7 @@ class LogCodec(_ScaledTableCodec):
                           torch.zeros(1 << b, dtype=torch.float64))
         return torch.where((code >> (b - 1) == 1) & (mag > 0), -val, val)  # no -0.0
 
-    def _codes(self, rel: torch.Tensor, rnd, out: torch.Tensor, s: _Scratch) -> None:
+    def _codes(self, rel: torch.Tensor, rnd, out: torch.Tensor, s: Scratch) -> None:
         M, c, i32 = self.magnitudes, rel.numel(), torch.int32
         # on the float32 bit pattern: the integer ops are exact and cost a fraction of frexp/abs/where
         rb = rel.view(i32)

@@ -54,7 +54,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._blockscaled import PerThreadScratch
+from ._scratch import PerThreadScratch
 from .base import Codec, EncodeInfo, Layout, all_finite, sum_sq64
 from .blocks import blocks_for, check_block_size
 from .options import check_int
