@@ -267,7 +267,7 @@ class AdaptiveCodec(CompiledPath, PerThreadScratch, RunningStateMixin, Codec):
         size = max(r * c for _, r, c, _ in parts)
         v_all, d_all = s.get("v", size, work), s.get("dither", size, torch.float32)
         on_cpu = xf.device.type == "cpu"
-        numbers = on_cpu and reads_on_host(xf.device)
+        numbers = reads_on_host(xf.device)   # the CPU, outside read_free()
         if numbers:  # a piece of one block takes its bounds as numbers: 6x faster than broadcasting
             lo_n, hi_n, inv_n = host if host is not None else (lo_w.tolist(), hi_w.tolist(), inv.tolist())
         # piece by piece (whole blocks or parts of one): the temporaries stay in cache

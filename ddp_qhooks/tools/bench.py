@@ -519,20 +519,19 @@ def run_worker(args) -> list[dict] | None:
                 _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: {timed} steps")
                 times, _ = _time_steps(ddp, task, opt, args.warmup, timed, sync=True, after_step=after, device=device,
                                        idle_s=idle_s, align=False, losses=losses)
-            for s in range(timed if cfg["kind"] != "local" else 0):
-                _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: step {s + 1}/{timed}")
-                t, loss = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after, device=device,
-                                     idle_s=idle_s)
-                times += t
-                losses.append(float(loss.detach()))
+            else:
+                for s in range(timed):
+                    _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: step {s + 1}/{timed}")
+                    t, _ = _time_steps(ddp, task, opt, args.warmup + s, 1, sync=True, after_step=after, device=device,
+                                       idle_s=idle_s, losses=losses)
+                    times += t
             tc1 = tc_bytes_sent_here(ifname) if ifname else None
             stats_after = state.stats() if state is not None else None  # the timed steps only
             for s in range(args.train_steps):
                 if s % 20 == 0:
                     _progress(rank, f"[{i + 1}/{len(configs)}] {cfg['spec']}: training {s + 1}/{args.train_steps}")
-                _, loss = _time_steps(ddp, task, opt, args.warmup + timed + s, 1, sync=True, after_step=after,
-                                      device=device)
-                losses.append(float(loss.detach()))
+                _time_steps(ddp, task, opt, args.warmup + timed + s, 1, sync=True, after_step=after, device=device,
+                            losses=losses)
             if cfg["kind"] == "local":
                 state.sync()  # evaluate the synchronized model
             row["final_loss"] = _mean_over_ranks(statistics.fmean(losses[-5:]), device)
