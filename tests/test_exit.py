@@ -27,7 +27,7 @@ from ddp_qhooks.exchange import collectives
 from _dist import free_port, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART_RUNS = int(os.environ.get("DDP_QHOOKS_EXIT_RUNS", "16"))
+QUICKSTART_RUNS = int(os.environ.get("DDP_QHOOKS_EXIT_RUNS", "6"))
 
 
 def _threads_running_codec_code(rank, world, exchange, chunk_size):
