@@ -259,9 +259,85 @@ def _hierarchical(rank):
     return out
 
 
+def _pipelined(rank, world):
+    """FSDP's parameter all-gather cut into pieces (chunk_size at its minimum, so that a 700 x 700
+    layer takes 2-4 pieces per rank, uneven at W=3) against FSDP's own all-gather: the same
+    forward outputs and parameters bitwise over training steps; the collectives themselves against
+    all_gather_single / all_to_all_single for odd sizes; the quantized reduce-scatter with its
+    payloads in pieces gives the gradients it gives in one all-to-all, bitwise."""
+    from ddp_qhooks.exchange import collectives
+    from ddp_qhooks.integrations.fsdp.all_gather import PipelinedAllGather
+
+    def build():
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Linear(700, 700), nn.Tanh(), nn.Linear(700, 3))
+        fully_shard(m[0], mesh=_CTX["mesh"])
+        fully_shard(m, mesh=_CTX["mesh"])
+        return m
+
+    registered = build()
+    st = ddp_qhooks.fsdp.register(registered, "none", chunk_size=1 << 16)
+    off = ddp_qhooks.fsdp.register(build(), "none", chunk_size=None)
+    installed = [type(mod._get_fsdp_state()._fsdp_param_groups[0]._all_gather_comm).__name__
+                 for mod in _fsdp_modules(registered)]
+    # FSDP's own reduce-scatter in both (the "none" codec sums in another order at W > 2)
+    A, B = build(), build()
+    for mod in _fsdp_modules(B):
+        mod.set_custom_all_gather(PipelinedAllGather(1 << 16))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (A, B)]
+    same = True
+    for step in range(3):
+        g = torch.Generator().manual_seed(50 + 7 * step + rank)
+        x = torch.randn(4, 700, generator=g)
+        ys = []
+        for m, opt in zip((A, B), opts):
+            opt.zero_grad()
+            y = m(x)
+            y.pow(2).sum().backward()
+            opt.step()
+            ys.append(y.detach())
+        same = same and torch.equal(ys[0], ys[1])
+    same = same and all(torch.equal(pa.to_local(), pb.to_local()) for pa, pb in zip(A.parameters(), B.parameters()))
+    group = _CTX["group"]
+    direct = True
+    for n, dtype in ((200_003, torch.float32), (70_001, torch.uint8)):
+        gen = torch.Generator().manual_seed(rank)
+        inp = (torch.randn(n, generator=gen) * 50).to(dtype)
+        ref = torch.empty(world * n, dtype=dtype)
+        dist.all_gather_into_tensor(ref, inp, group=group)
+        got = torch.full((world * n,), 7, dtype=dtype)
+        works = collectives.allgather_pieces(inp, got, group, 1 << 16)
+        PipelinedAllGather(1 << 16)(got, inp, group)
+        direct = direct and len(works) == -(-n // (1 << 16)) and torch.equal(ref, got)
+    for slot in (200_003, 1000):  # bytes per destination: several pieces, and one
+        gen = torch.Generator().manual_seed(rank)
+        send = torch.randint(0, 256, (world * slot,), dtype=torch.uint8, generator=gen)
+        ref = torch.empty_like(send)
+        dist.all_to_all_single(ref, send, group=group)
+        got = torch.zeros_like(send)
+        started = collectives.alltoall_pieces(send, got, group, 1 << 16)
+        for work, finish in started:
+            work.wait()
+            finish()
+        direct = direct and len(started) == -(-slot // (1 << 16)) and torch.equal(ref, got)
+    # the quantized reduce-scatter with its payloads cut into pieces: the same gradients bitwise
+    grads = []
+    for chunk_size in (1 << 16, None):
+        m = build()
+        ddp_qhooks.fsdp.register(m, "stochastic", bits=4, chunk_size=chunk_size)
+        for step in range(2):
+            m.zero_grad()
+            m(torch.randn(4, 700, generator=torch.Generator().manual_seed(9 + step + rank))).pow(2).sum().backward()
+        grads.append([p.grad.to_local().clone() for p in m.parameters()])
+    quantized_same = all(torch.equal(a, b) for a, b in zip(*grads))
+    return {"same": same, "direct": direct, "quantized_same": quantized_same, "installed": installed,
+            "count": st.stats()["pipelined_all_gathers"], "count_off": off.stats()["pipelined_all_gathers"]}
+
+
 def _w_many(rank, world, full):
     out = {}
     _guard(out, "exact", lambda: _exact(rank, world))
+    _guard(out, "pipelined", lambda: _pipelined(rank, world))
     _guard(out, "identity", lambda: _identity(rank, world))
     if world == 4:  # a model without fully_shard: the check runs on the default group, every rank
         _guard(out, "not_fsdp", lambda: _misconfig(rank, world, {}, plain=True))
@@ -412,6 +488,13 @@ def test_none_equals_fsdp_reduce_scatter(runs, world):
                 assert v["bitwise"], (r, mode, v)
             assert v["modules"] == 3 and v["calls"] == 6 and v["steps"] == 2, (r, mode, v)
             assert v["fallback"] == [] and v["nmse"] == 0.0
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_pipelined_parameter_all_gather_equals_fsdp_s_own(runs, world):
+    for r, res in enumerate(_sub(runs, world, "pipelined")):
+        assert res["same"] and res["direct"] and res["quantized_same"], (r, res)
+        assert res["installed"] == ["PipelinedAllGather"] * 2 and res["count"] == 2 and res["count_off"] == 0, res
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -73,6 +73,17 @@ def allgather(payload: torch.Tensor, out: torch.Tensor, group=None):
                                          async_op=True))
 
 
+def allgather_pieces(inp: torch.Tensor, out: torch.Tensor, group, piece: int) -> list:
+    """Start the all-gather of ``inp`` into ``out`` (W x ``inp.numel()`` values, rank-major, as
+    ``all_gather_single``) as several all-gathers of at most ``piece`` values per rank, all in
+    flight at once; returns their Works.  Each piece gathers straight into row slices of ``out``."""
+    n, w = inp.numel(), world_size(group)
+    flat, rows = inp.view(-1), out.view(w, n)
+    pieces = shard_bounds(n, max(1, -(-n // piece)))
+    return [_launched(dist.all_gather([rows[r, lo:hi] for r in range(w)], flat[lo:hi], group=group, async_op=True))
+            for lo, hi in pieces if hi > lo]
+
+
 def allreduce(tensor: torch.Tensor, group):
     """Start the in-place full-precision sum of ``tensor`` over ``group``; returns the Work."""
     return _launched(dist.all_reduce(tensor, group=group, async_op=True))
@@ -82,6 +93,23 @@ def alltoall(send: torch.Tensor, recv: torch.Tensor, group=None):
     """Start an all-to-all of W equal slots (slot s of ``send`` goes to rank s, slot r of ``recv``
     comes from rank r); returns the Work."""
     return _launched(dist.all_to_all_single(recv, send, group=group, async_op=True))
+
+
+def alltoall_pieces(send: torch.Tensor, recv: torch.Tensor, group, piece: int) -> list:
+    """Start the all-to-all of W equal slots (as :func:`alltoall`) as several all-to-alls of at
+    most ``piece`` bytes of every slot, all in flight at once; returns ``(work, finish)`` pairs:
+    after ``work.wait()``, ``finish()`` copies that piece into ``recv``."""
+    w = world_size(group)
+    slot = send.numel() // w
+    if slot <= piece:
+        return [(alltoall(send, recv, group), lambda: None)]
+    sends, recvs = send.view(w, slot), recv.view(w, slot)
+    started = []
+    for lo, hi in shard_bounds(slot, -(-slot // piece)):
+        out = torch.empty(w, hi - lo, dtype=recv.dtype, device=recv.device)
+        work = alltoall(sends[:, lo:hi].contiguous(), out, group)
+        started.append((work, lambda out=out, lo=lo, hi=hi: recvs[:, lo:hi].copy_(out)))
+    return started
 
 
 def shard_bounds(numel: int, world: int) -> list[tuple[int, int]]:

@@ -14,7 +14,8 @@ output.  Per call each rank
 1. adds its residual (error feedback) to the ``W x S`` input,
 2. encodes the ``W`` rows, each a payload with the wire header (``codecs/wire.py``); a rank whose
    input is not finite flags all ``W`` payloads, so every rank sees it,
-3. exchanges them with ONE ``all_to_all_single`` of equal slots,
+3. exchanges them with ``all_to_all_single`` of equal slots (on the CPU in pieces all in flight,
+   ``chunk_size``; FSDP's parameter all-gather is pipelined the same way: ``all_gather.py``),
 4. decodes and sums the ``W`` payloads of its own shard into ``output_tensor`` and applies ``op``
    (``AVG``: / W, as Gloo's and NCCL's reduce-scatter do; ``SUM``; ``PREMUL_SUM(f)``: x f, which
    FSDP uses for ``set_gradient_divide_factor``; the pre/post divide factors FSDP applies around
@@ -32,7 +33,7 @@ compressed residual (``"bf16"`` / ``"fp16"``: 2 bytes per value, ``"int8"`` ... 
 blockwise min-max codes, ``residual_block_size`` values per block with 8 bytes of range each).
 
 The package follows the engine's layers: ``residuals`` (the residual stores),
-``reduce_scatter`` (the custom comm), ``state`` and ``checkpoint`` (what ``register`` returns),
+``reduce_scatter`` (the custom comm), ``all_gather`` (the pipelined parameter all-gather), ``state`` and ``checkpoint`` (what ``register`` returns),
 ``register``, ``between_nodes`` (hierarchical sharded training).
 """
 from .between_nodes import node_mesh, register_between_nodes

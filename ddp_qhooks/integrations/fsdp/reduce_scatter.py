@@ -1,5 +1,6 @@
 """The custom ``ReduceScatter`` FSDP calls once per module and backward: residual, encode the W
-destination rows, one ``all_to_all_single`` of payloads, decode and sum the own shard."""
+destination rows, ``all_to_all_single`` of the payloads (in pieces on the CPU), decode and sum the
+own shard."""
 from __future__ import annotations
 
 import time
@@ -143,7 +144,12 @@ class QuantizedReduceScatter(ReduceScatter):
             send.view(w, plan.slot)[:, 3].bitwise_or_(finite.logical_not().to(torch.uint8))
         elif not finite:
             send.view(w, plan.slot)[:, 3] = FLAG_NONFINITE
-        collectives.alltoall(send, recv, group).wait()
+        # several all-to-alls in flight keep a slow Gloo link busy (one large one leaves it idle):
+        # pieces of chunk_size / 8 bytes of every slot, the payload of chunk_size / 2 values at 4 bits
+        piece = st.chunk_size // 8 if st.chunk_size is not None and device.type == "cpu" else plan.slot
+        for work, finish in collectives.alltoall_pieces(send, recv, group, piece):
+            work.wait()
+            finish()
         rows = recv.view(w, plan.slot)
         if plan.uses < VALIDATE_USES:
             check_headers(rows, st.codec, st._print, S)

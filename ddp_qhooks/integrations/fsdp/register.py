@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ...exchange import check_agreement
+from .all_gather import PipelinedAllGather
 from .reduce_scatter import FSDPModule, QuantizedReduceScatter
 from .state import STATE_OPTIONS, FSDPQuantState
 
@@ -36,7 +37,10 @@ def register(model, codec: str = "stochastic", bits: int = 8, *, error_feedback:
     the end of the backward only if every input of every module was finite, which holds one more
     residual-sized buffer; False updates each module's residual right after its exchange unless
     that module's input was non-finite on some rank: half the residual memory, but after a step
-    GradScaler skips, the finite modules' residuals have moved on).
+    GradScaler skips, the finite modules' residuals have moved on), ``chunk_size`` (default
+    2**21; on Gloo with a CPU model FSDP's parameter all-gather is cut into collectives of at most
+    this many values per rank, all in flight: the same parameters, a slow link kept busy; None
+    keeps FSDP's own all-gather).
     ``residual_dtype``: ``None``/``"fp32"``, ``"bf16"``, ``"fp16"``, or ``"int8"`` ... ``"int2"``.
     Invalid options raise :class:`~ddp_qhooks.InvalidOptionsError` on every rank, ranks configured
     differently (codec, bits, residual, model structure) :class:`~ddp_qhooks.ConfigMismatchError`.
@@ -82,7 +86,17 @@ def register(model, codec: str = "stochastic", bits: int = 8, *, error_feedback:
         comm = QuantizedReduceScatter(state, i, fqn or "<root>", pg)
         state.comms.append(comm)
         mod.set_custom_reduce_scatter(comm)
+        if state.chunk_size is not None and device.type == "cpu" and _is_gloo(pg._all_gather_process_group):
+            mod.set_custom_all_gather(PipelinedAllGather(state.chunk_size))
+            state.pipelined_all_gathers += 1
     return state
+
+
+def _is_gloo(group) -> bool:
+    try:
+        return dist.get_backend(group) == "gloo"
+    except (RuntimeError, ValueError):  # not a process group torch.distributed knows
+        return False
 
 
 def _config_before(state: FSDPQuantState, units: list) -> dict:
@@ -93,5 +107,5 @@ def _config_before(state: FSDPQuantState, units: list) -> dict:
         modules.append([fqn or "<root>", sum(state._geometry[k][1] for k in keys if k in state._geometry)])
     return {**state.codec.config(), "error_feedback": state.error_feedback, "residual": state.residual_kind,
             "residual_block_size": state.residual_block_size, "stage_residuals": state.stage_residuals,
-            "modules": modules}
+            "chunk_size": state.chunk_size, "modules": modules}
 

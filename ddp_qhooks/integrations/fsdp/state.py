@@ -8,10 +8,11 @@ import torch
 
 from ...codecs import Layout, make_codec
 from ...codecs.wire import fingerprint
+from ...engine.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size
 from .checkpoint import Checkpointing
 from .residuals import CodedResiduals, DenseResiduals, residual_kind
 
-STATE_OPTIONS = ("seed", "measure_error", "residual_block_size", "stage_residuals")
+STATE_OPTIONS = ("seed", "measure_error", "residual_block_size", "stage_residuals", "chunk_size")
 
 
 class FSDPQuantState(Checkpointing):
@@ -20,7 +21,7 @@ class FSDPQuantState(Checkpointing):
 
     def __init__(self, codec: str = "stochastic", bits: int = 8, error_feedback: bool = True, residual_dtype=None,
                  seed: int = 0, measure_error: bool = True, residual_block_size: int = 256,
-                 stage_residuals: bool = True, **codec_options):
+                 stage_residuals: bool = True, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, **codec_options):
         self.codec = make_codec(codec, bits, **codec_options)
         if not isinstance(error_feedback, bool):
             raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
@@ -41,11 +42,13 @@ class FSDPQuantState(Checkpointing):
         if not isinstance(stage_residuals, bool):
             raise ValueError(f"stage_residuals must be True or False, got {stage_residuals!r}")
         self.stage_residuals = stage_residuals
+        self.chunk_size = check_chunk_size(chunk_size)
         self.store = (DenseResiduals(dtype, not stage_residuals) if rbits is None
                       else CodedResiduals(rbits, residual_block_size, not stage_residuals))
         self.error_feedback, self.seed, self.measure_error = error_feedback, seed, measure_error
         self._print = fingerprint(self.codec.config())
         self.comms: list = []  # QuantizedReduceScatter of every FSDP module
+        self.pipelined_all_gathers = 0  # FSDP modules whose parameter all-gather is pipelined (chunk_size)
         self.process_group = None
         self.step = 0
         self._module_fallback: set = set()
@@ -154,13 +157,15 @@ class FSDPQuantState(Checkpointing):
         the same in FSDP's reduce dtype; ``nmse``: last step's sum of squared quantization errors
         / sum of squared inputs; ``residual_bytes`` / ``residual_staging_bytes`` (see
         :meth:`residual_nbytes`) next to FSDP's own ``sharded_param_bytes`` / ``sharded_grad_bytes``
-        of this rank."""
+        of this rank; ``pipelined_all_gathers``: FSDP modules whose parameter all-gather is cut into
+        pieces in flight (``chunk_size``, Gloo)."""
         t = self._totals
         res = self.residual_nbytes()
         return {
             "steps": self.step,
             "calls": t["calls"],
             "modules": len(self.comms),
+            "pipelined_all_gathers": self.pipelined_all_gathers,
             "payload_bytes": t["payload_bytes"],
             "wire_bytes_sent": t["wire_bytes_sent"],
             "fp32_reduce_scatter_wire_bytes": t["fp32_reduce_scatter_wire_bytes"],
