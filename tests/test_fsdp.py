@@ -590,3 +590,12 @@ def test_hierarchical_backward_is_one_step(runs):
     end of the pass): 2 backward passes, 2 steps, whatever the number of FSDP modules."""
     for r, res in enumerate(_sub(runs, 4, "hierarchical")):
         assert res["none"]["steps"] == 2 and res["stochastic"]["steps"] == 2, (r, res)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 1.5, True, "big"])
+def test_invalid_chunk_size_names_the_valid_choices(chunk_size):
+    from ddp_qhooks.integrations.fsdp import FSDPQuantState
+    with pytest.raises(ValueError, match=r"chunk_size must be None .* or an integer >= 65536"):
+        FSDPQuantState("stochastic", 4, chunk_size=chunk_size)
+    assert FSDPQuantState("stochastic", 4, chunk_size=None).chunk_size is None
+    assert FSDPQuantState("stochastic", 4).chunk_size == 1 << 21
