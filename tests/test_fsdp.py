@@ -265,6 +265,7 @@ def _pipelined(rank, world):
     forward outputs and parameters bitwise over training steps; the collectives themselves against
     all_gather_single / all_to_all_single for odd sizes; the quantized reduce-scatter with its
     payloads in pieces gives the gradients it gives in one all-to-all, bitwise."""
+    from ddp_qhooks.engine.chunks import chunk_bounds
     from ddp_qhooks.exchange import collectives
     from ddp_qhooks.integrations.fsdp.all_gather import PipelinedAllGather
 
@@ -306,7 +307,7 @@ def _pipelined(rank, world):
         ref = torch.empty(world * n, dtype=dtype)
         dist.all_gather_into_tensor(ref, inp, group=group)
         got = torch.full((world * n,), 7, dtype=dtype)
-        works = collectives.allgather_pieces(inp, got, group, 1 << 16)
+        works = collectives.allgather_pieces(inp, got, group, chunk_bounds(n, 1 << 16))
         PipelinedAllGather(1 << 16)(got, inp, group)
         direct = direct and len(works) == -(-n // (1 << 16)) and torch.equal(ref, got)
     for slot in (200_003, 1000):  # bytes per destination: several pieces, and one
@@ -315,7 +316,7 @@ def _pipelined(rank, world):
         ref = torch.empty_like(send)
         dist.all_to_all_single(ref, send, group=group)
         got = torch.zeros_like(send)
-        started = collectives.alltoall_pieces(send, got, group, 1 << 16)
+        started = collectives.alltoall_pieces(send, got, group, chunk_bounds(slot, 1 << 16))
         for work, finish in started:
             work.wait()
             finish()

@@ -55,17 +55,18 @@ class _ScaledTableCodec(PerThreadScratch, Codec):
         self.rounding = rounding
         self.stochastic = rounding == "stochastic"
         self._tables: dict[tuple, torch.Tensor] = {}
-        self._scratch: dict[tuple, Scratch] = {}
 
     def config(self) -> dict:
         return {"codec": self.name, "bits": self.bits, "block_size": self.block_size, "rounding": self.rounding}
 
-    def __getstate__(self):  # tables and buffers may live on a device: rebuild them on use
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_scratch")}
+    def __getstate__(self):  # tables may live on a device: rebuild them on use (scratch: the mixin)
+        state = super().__getstate__()
+        state.pop("_tables", None)
+        return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._tables, self._scratch = {}, {}
+        super().__setstate__(state)
+        self._tables = {}
 
     def _table(self, device, dtype) -> torch.Tensor:
         key = (torch.device(device), dtype)

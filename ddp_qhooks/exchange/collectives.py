@@ -73,15 +73,14 @@ def allgather(payload: torch.Tensor, out: torch.Tensor, group=None):
                                          async_op=True))
 
 
-def allgather_pieces(inp: torch.Tensor, out: torch.Tensor, group, piece: int) -> list:
+def allgather_pieces(inp: torch.Tensor, out: torch.Tensor, group, bounds) -> list:
     """Start the all-gather of ``inp`` into ``out`` (W x ``inp.numel()`` values, rank-major, as
-    ``all_gather_single``) as several all-gathers of at most ``piece`` values per rank, all in
-    flight at once; returns their Works.  Each piece gathers straight into row slices of ``out``."""
-    n, w = inp.numel(), world_size(group)
-    flat, rows = inp.view(-1), out.view(w, n)
-    pieces = shard_bounds(n, max(1, -(-n // piece)))
-    return [_launched(dist.all_gather([rows[r, lo:hi] for r in range(w)], flat[lo:hi], group=group, async_op=True))
-            for lo, hi in pieces if hi > lo]
+    ``all_gather_single``) as one all-gather per ``(lo, hi)`` of ``bounds`` (pieces of ``inp``),
+    all in flight at once; returns their Works.  Each piece gathers straight into row slices of
+    ``out``."""
+    flat, rows = inp.view(-1), out.view(world_size(group), inp.numel())
+    return [_launched(dist.all_gather(list(rows[:, lo:hi].unbind(0)), flat[lo:hi], group=group, async_op=True))
+            for lo, hi in bounds if hi > lo]
 
 
 def allreduce(tensor: torch.Tensor, group):
@@ -95,17 +94,16 @@ def alltoall(send: torch.Tensor, recv: torch.Tensor, group=None):
     return _launched(dist.all_to_all_single(recv, send, group=group, async_op=True))
 
 
-def alltoall_pieces(send: torch.Tensor, recv: torch.Tensor, group, piece: int) -> list:
-    """Start the all-to-all of W equal slots (as :func:`alltoall`) as several all-to-alls of at
-    most ``piece`` bytes of every slot, all in flight at once; returns ``(work, finish)`` pairs:
-    after ``work.wait()``, ``finish()`` copies that piece into ``recv``."""
-    w = world_size(group)
-    slot = send.numel() // w
-    if slot <= piece:
+def alltoall_pieces(send: torch.Tensor, recv: torch.Tensor, group, bounds) -> list:
+    """Start the all-to-all of W equal slots (as :func:`alltoall`) as one all-to-all per ``(lo,
+    hi)`` of ``bounds`` (byte ranges of a slot), all in flight at once; returns ``(work, finish)``
+    pairs: after ``work.wait()``, ``finish()`` copies that piece into ``recv``."""
+    if len(bounds) == 1:
         return [(alltoall(send, recv, group), lambda: None)]
-    sends, recvs = send.view(w, slot), recv.view(w, slot)
+    w = world_size(group)
+    sends, recvs = send.view(w, -1), recv.view(w, -1)
     started = []
-    for lo, hi in shard_bounds(slot, -(-slot // piece)):
+    for lo, hi in bounds:
         out = torch.empty(w, hi - lo, dtype=recv.dtype, device=recv.device)
         work = alltoall(sends[:, lo:hi].contiguous(), out, group)
         started.append((work, lambda out=out, lo=lo, hi=hi: recvs[:, lo:hi].copy_(out)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ...engine.chunks import chunk_bounds
 from ...exchange import collectives
 
 try:  # torch >= 2.6
@@ -31,6 +32,7 @@ class PipelinedAllGather(AllGather):
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
-        for work in collectives.allgather_pieces(input_tensor, output_tensor, group, self.chunk_size):
+        bounds = chunk_bounds(input_tensor.numel(), self.chunk_size)
+        for work in collectives.allgather_pieces(input_tensor, output_tensor, group, bounds):
             work.wait()
         return None

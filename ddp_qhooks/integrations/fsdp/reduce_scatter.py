@@ -13,6 +13,7 @@ from ...codecs import Layout
 from ...codecs._random import splitmix64
 from ...codecs.base import all_finite
 from ...codecs.wire import FLAG_NONFINITE, HEADER_BYTES, payload_nbytes
+from ...engine.chunks import chunk_bounds
 from ...exchange import collectives
 from ...exchange.base import body_of, check_headers, nonfinite_flag, set_flag, write_header
 from .residuals import MODULE_KEY_BASE, ROW_STRIDE
@@ -146,8 +147,8 @@ class QuantizedReduceScatter(ReduceScatter):
             send.view(w, plan.slot)[:, 3] = FLAG_NONFINITE
         # several all-to-alls in flight keep a slow Gloo link busy (one large one leaves it idle):
         # pieces of chunk_size / 8 bytes of every slot, the payload of chunk_size / 2 values at 4 bits
-        piece = st.chunk_size // 8 if st.chunk_size is not None and device.type == "cpu" else plan.slot
-        for work, finish in collectives.alltoall_pieces(send, recv, group, piece):
+        piece = st.chunk_size // 8 if st.chunk_size is not None and device.type == "cpu" else None
+        for work, finish in collectives.alltoall_pieces(send, recv, group, chunk_bounds(plan.slot, piece)):
             work.wait()
             finish()
         rows = recv.view(w, plan.slot)
