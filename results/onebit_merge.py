@@ -1,10 +1,8 @@
 """Merge the per-seed LM study runs of the 1-bit Adam measurement into one table (the study's own summarize)."""
 import glob
 import json
-import sys
 
-sys.path.insert(0, "/work/wt-onebit")
-from ddp_qhooks.tools import study  # noqa: E402
+from ddp_qhooks.tools import study
 
 runs = []
 for path in sorted(glob.glob("results/onebit_lm_*/study.json")):

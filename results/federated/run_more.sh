@@ -1,7 +1,6 @@
 #!/bin/sh
 # SMALL federated study, continued: seeds 1 and 2 of the main rows, the lr 0.02 recipe, a Dirichlet(0.1) split
-cd /work/wt-federated
-run() { out=$1; shift; PYTHONPATH=/work/wt-federated nice python -m ddp_qhooks.tools.study --steps 400 --eval-every 80 \
+run() { out=$1; shift; nice python -m ddp_qhooks.tools.study --steps 400 --eval-every 80 \
           --output results/federated/$out "$@" > results/federated/$out.log 2>&1; }
 for seed in 1 2; do
   run noniid_seed$seed --noniid 0.9 --seeds $seed --configs fp32 "stochastic:4,local_steps=16" \
