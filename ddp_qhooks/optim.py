@@ -1,5 +1,5 @@
-"""1-bit Adam for a comm hook: exact AdamW during a warm-up, then a frozen second moment and a
-compressed momentum (Tang et al. 2021, "1-bit Adam", arXiv 2102.02888).
+"""1-bit Adam for a comm hook: AdamW during a warm-up, then a frozen second moment and a compressed
+momentum (Tang et al. 2021, "1-bit Adam", arXiv 2102.02888), with a compressed warm-up.
 
 Compressing raw gradients before Adam fails for 1-bit codecs: Adam divides every coordinate by its
 own running RMS, so the error-feedback residual's delayed mass comes back as full-size steps.  1-bit
@@ -13,8 +13,9 @@ is frozen.  The one line the user changes is the optimizer's construction::
 Phases, decided by the optimizer's count of completed steps ``t`` (the hook asks it, so both agree
 on every rank):
 
-* ``t < warmup_steps``: the hook sends full-precision gradients (an fp32 all-reduce, counted in the
-  hook's ``stats()``) and :meth:`step` is ``torch.optim.AdamW.step`` itself.
+* ``t < warmup_steps``: the hook sends each rank's gradient through the warm-up codec (default
+  stochastic rounding to 2 bits, unbiased, without error feedback; ``warmup_codec=None``: an fp32
+  all-reduce, the paper's warm-up) and :meth:`step` is ``torch.optim.AdamW.step`` on the mean.
 * afterwards: the hook forms each worker's momentum ``m_i = beta1 * m + (1 - beta1) * g_i`` from the
   shared momentum ``m`` of the previous step (this optimizer's ``exp_avg``), compresses it with
   error feedback and returns the mean ``m'``; :meth:`step` takes ``m'`` (what the gradient
@@ -23,24 +24,31 @@ on every rank):
   decay ``p *= 1 - lr * weight_decay``; ``v`` (``exp_avg_sq``) stays as it was after the ``N``
   warm-up steps.
 
+Why the warm-up is compressed: the variance may freeze only once the learning-rate warm-up is over
+(frozen earlier it stalls or diverges even without compression), and a learning-rate warm-up is a
+share of the run (10 % in the study's recipe), so an fp32 warm-up alone caps the saving at a few
+times (``1 / (share + (1 - share) / c)`` for a codec ``c`` times smaller than fp32: 4.4x measured,
+under 8x for any run length at a 10 % share).  Adam's second moment only needs an unbiased
+estimate of the mean gradient, which 2 bits per value give.
+
 With codec ``"none"`` the compressed phase is that frozen-variance Adam exactly.  Clipping in the
 script (``clip_grad_norm_``) acts on the gradient during the warm-up and on the exchanged momentum
 afterwards (the hook runs before it).  Not for GradScaler's fp16 loss scaling (the hook would mix
 scaled gradients with an unscaled momentum).
 
-Measured (docs/results_defaults.md, section 7; the study's 300-step LM, sign): with a 60-step
-warm-up fp32's validation loss on 3 seeds (0.999x) at 4.4x fewer bytes; frozen after 4, 8, 15 or
-(on some seeds) 30 steps the variance fails even without compression, so ">= 20x fewer bytes
-than fp32" (at most ~1.5 % of the steps in fp32) needs a run long enough for the variance to
-settle within that share.
+Measured (docs/results_defaults.md, section 7; the study's 300-step LM, sign, 3 seeds): with a
+60-step 2-bit warm-up 1.008x fp32's validation loss at 23.7x fewer bytes over the run; with a
+60-step fp32 warm-up 0.999x at 4.4x; frozen after 4, 8, 15 or (on some seeds) 30 steps the
+variance fails even without compression.
 
 State (``exp_avg``, ``exp_avg_sq``, ``step``, the step count at which each variance froze, the
-phase counter) is in :meth:`state_dict`; with the hook state's ``state_dict`` (residuals) a resumed
-run repeats the uninterrupted one bitwise.
+phase counter, the warm-up codec) is in :meth:`state_dict`; with the hook state's ``state_dict``
+(residuals) a resumed run repeats the uninterrupted one bitwise.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -54,10 +62,12 @@ class OneBitAdam(torch.optim.AdamW):
 
     Args:
         params, lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
-        warmup_steps: steps of exact AdamW on full-precision averaged gradients before the variance
-            freezes and the momentum is compressed (>= 1: the variance must be estimated).  Every
-            warm-up step sends as much as fp32 training does; the bytes saved over a run of ``T``
-            steps are about ``T / (warmup_steps + T / c)`` for a codec with ratio ``c``.
+        warmup_steps: steps of AdamW on the averaged gradients (exchanged through ``warmup_codec``)
+            before the variance freezes and the momentum is compressed (>= 1: the variance must be
+            estimated).  Freeze after the learning-rate warm-up (the study's recipe needed twice its
+            length); the bytes saved over a run of ``T`` steps are about
+            ``T / (warmup_steps / w + (T - warmup_steps) / c)`` for warm-up and hook codecs ``w`` and
+            ``c`` times smaller than fp32.
         hook: the hook state whose exchanges this optimizer drives (keyword only).
         variance_refresh: step numbers (counted from 0, each >= ``warmup_steps``) at which the hook
             exchanges the gradient in full precision again and both moments take the mean
@@ -65,10 +75,17 @@ class OneBitAdam(torch.optim.AdamW):
             steps since the variance's last update it becomes ``beta2^d * v + (1 - beta2^d) * g^2``
             (AdamW's ``v`` had the squared gradient stayed ``g^2`` in the gap), bias-corrected for
             the step count.  Each costs one fp32 exchange.  Default: none.
+        warmup_codec, warmup_bits, warmup_options: the codec (a name of
+            ``ddp_qhooks.codecs.available()``), its bits and keyword options for the warm-up's
+            gradient exchange, which keeps no error feedback (so not a codec that needs it, such as
+            adaptive).  Default: ``"stochastic"`` at 2 bits, unbiased.  ``None``: an fp32
+            all-reduce.  The hook's exchange choice (all-gather, two-phase, ...) applies to it too.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, warmup_steps: int, hook, variance_refresh=()) -> None:
+                 *, warmup_steps: int, hook, variance_refresh=(), warmup_codec: Optional[str] = "stochastic",
+                 warmup_bits: int = 2, warmup_options: Optional[dict] = None) -> None:
+        from .codecs import make_codec
         from .engine import QuantizedHookState
 
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
@@ -87,6 +104,20 @@ class OneBitAdam(torch.optim.AdamW):
                              "register the hook without worker_momentum")
         if hook._optimizer is not None:
             raise ValueError("OneBitAdam: this hook state already drives another OneBitAdam; one optimizer per hook")
+        self.warmup_codec = None
+        if warmup_codec is not None:
+            if not isinstance(warmup_codec, str):
+                raise ValueError("OneBitAdam: warmup_codec must be a codec name (one of ddp_qhooks.codecs.available()) "
+                                 f"or None (full-precision warm-up), got {warmup_codec!r}")
+            try:
+                self.warmup_codec = make_codec(warmup_codec, warmup_bits, **(warmup_options or {}))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"OneBitAdam: warmup_codec={warmup_codec!r}, warmup_bits={warmup_bits!r}, "
+                                 f"warmup_options={warmup_options!r}: {e}") from None
+            if getattr(self.warmup_codec, "needs_error_feedback", False):
+                raise ValueError(f"OneBitAdam: warmup_codec={warmup_codec!r} clips values to its range and relies on "
+                                 "error feedback, which the warm-up exchange does not keep; use an unbiased codec "
+                                 "such as 'stochastic' (the default) or None (full precision)")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.warmup_steps = warmup_steps
         self.variance_refresh = frozenset(refresh)
@@ -95,11 +126,22 @@ class OneBitAdam(torch.optim.AdamW):
         self._mixed_at = None    # the step at which the hook last mixed momentum into a bucket
         self._groups = None
         hook._optimizer = self
+        hook._agreed = False     # the phases must agree across ranks too: checked at the next exchange
 
     # -- the hook's side ---------------------------------------------------------------------------
     def compressing(self) -> bool:
-        """Whether the current step's exchange is compressed (past the warm-up, not a refresh)."""
+        """Whether the current step's exchange compresses the momentum (past the warm-up, not a refresh)."""
         return self._steps >= self.warmup_steps and self._steps not in self.variance_refresh
+
+    def warmup_exchange_codec(self):
+        """The codec of the current step's gradient exchange when :meth:`compressing` is False: the
+        warm-up codec during the warm-up, None (full precision) for a variance refresh."""
+        return self.warmup_codec if self._steps < self.warmup_steps else None
+
+    def agreed_config(self) -> dict:
+        """What every rank's optimizer must have alike (the hook checks it with its own)."""
+        return {"warmup_steps": self.warmup_steps, "variance_refresh": sorted(self.variance_refresh),
+                "warmup_codec": None if self.warmup_codec is None else self.warmup_codec.config()}
 
     @torch.no_grad()
     def mix_momentum(self, params, x: torch.Tensor) -> None:
@@ -180,6 +222,8 @@ class OneBitAdam(torch.optim.AdamW):
         sd = super().state_dict()
         sd["onebit"] = {"steps": self._steps, "warmup_steps": self.warmup_steps,
                         "variance_refresh": sorted(self.variance_refresh)}
+        if self.warmup_codec is not None:
+            sd["onebit"]["warmup_codec"] = dict(self.warmup_codec.config())
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -192,6 +236,11 @@ class OneBitAdam(torch.optim.AdamW):
         if saved != (self.warmup_steps, sorted(self.variance_refresh)):
             raise ValueError(f"OneBitAdam.load_state_dict: saved with warmup_steps={saved[0]}, variance_refresh="
                              f"{saved[1]}; this optimizer has {self.warmup_steps}, {sorted(self.variance_refresh)}")
+        saved_codec = onebit.get("warmup_codec")
+        mine = None if self.warmup_codec is None else dict(self.warmup_codec.config())
+        if int(onebit["steps"]) < self.warmup_steps and saved_codec != mine:
+            raise ValueError(f"OneBitAdam.load_state_dict: saved with warm-up codec {saved_codec} (None: full "
+                             f"precision) before the end of its warm-up; this optimizer has {mine}")
         super().load_state_dict(state_dict)
         self._steps = int(onebit["steps"])
         self._groups = None

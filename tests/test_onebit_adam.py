@@ -1,6 +1,7 @@
-"""ddp_qhooks.optim.OneBitAdam with the DDP hook: exact AdamW on the mean gradient during the warm-up,
-the frozen-variance update on the averaged momentum afterwards (checked against a reference written
-here), bitwise resume, the warm-up's bytes in stats(), and the misuse errors."""
+"""ddp_qhooks.optim.OneBitAdam with the DDP hook: exact AdamW on the mean gradient during a
+full-precision warm-up, AdamW on a mean within the warm-up codec's rounding of the exact one during a
+compressed warm-up, the frozen-variance update on the averaged momentum afterwards (checked against
+a reference written here), bitwise resume, the warm-up's bytes in stats(), and the misuse errors."""
 import math
 
 import _dist  # tests/conftest.py puts tests/ on sys.path
@@ -42,27 +43,76 @@ def _mean_grads(model, world, step):
     return [g / world for g in grads]
 
 
-def _train(rank, world, codec, warmup, steps, clip, bucket_mb=0.001, refresh=()):
+def _train(rank, world, codec, warmup, steps, clip, bucket_mb=0.001, refresh=(), warmup_codec=None):
     model = _model()
     ddp = DDP(model, bucket_cap_mb=bucket_mb)  # several buckets, rebuilt after the first step
     state = ddp_qhooks.register(ddp, codec)
     opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=warmup, hook=state,
-                     variance_refresh=refresh)
-    params = []
+                     variance_refresh=refresh, warmup_codec=warmup_codec)
+    params, grads = [], []
     for step in range(steps):
         x, y = _batch(rank, step)
         opt.zero_grad()
         torch.nn.functional.mse_loss(ddp(x), y).backward()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         params.append([p.detach().clone() for p in model.parameters()])
-    return {"params": params, "stats": state.stats(),
+    return {"params": params, "grads": grads, "stats": state.stats(),
             "numel": sum(p.numel() for p in model.parameters())}
 
 
 def _w_warmup(rank, world):
     return _train(rank, world, "sign", warmup=100, steps=6, clip=0.5)
+
+
+def _w_compressed_warmup(rank, world):
+    return _train(rank, world, "sign", warmup=100, steps=4, clip=None, bucket_mb=25, warmup_codec="stochastic")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_compressed_warmup_is_adamw_on_a_mean_within_the_codec_s_rounding(world):
+    """The default warm-up sends stochastic 2-bit payloads: each rank's gradient is off by less than
+    one rounding interval, (max - min) / 3 of its block, so the mean is within that of the exact
+    mean (two roundings at W=3, where the two-phase exchange re-encodes the mean); the optimizer is
+    AdamW on what arrived; the bytes are the 2-bit payloads'."""
+    res = _dist.results(_w_compressed_warmup, world)
+    model = _model()
+    ref_model = _model()
+    ref = torch.optim.AdamW(_groups(ref_model), lr=LR, betas=BETAS, eps=EPS)
+    roundings = 1 if world == 2 else 2
+    off = []
+    for step in range(4):
+        per_rank = []
+        for r in range(world):
+            model.zero_grad()
+            x, y = _batch(r, step)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            per_rank.append([p.grad.detach().clone() for p in model.parameters()])
+        exact = [sum(gs) / world for gs in zip(*per_rank)]
+        interval = [max(float(g.max() - g.min()) for g in gs) / 3 for gs in zip(*per_rank)]
+        for a, b in zip(res[0]["grads"][step], res[-1]["grads"][step]):
+            assert torch.equal(a, b)  # every rank holds the same mean
+        for got, want, tol in zip(res[0]["grads"][step], exact, interval):
+            assert float((got - want).abs().max()) <= roundings * tol * (1 + 1e-5) + 1e-7
+            off.append(float((got - want).abs().max()))
+        for p, g in zip(ref_model.parameters(), res[0]["grads"][step]):
+            p.grad = g
+        ref.step()
+        for a, b in zip(res[0]["params"][step], ref_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        with torch.no_grad():  # the exact-gradient model follows the same parameters
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                p.copy_(q)
+    assert max(off) > 0  # compressed, not the exact mean
+    st = res[0]["stats"]
+    assert st["compressed_warmup_steps"] == 4 and st["uncompressed_steps"] == 0 and st["steps"] == 4
+    if world == 2:  # one bucket, all-gathered: one payload per step
+        payload = ddp_qhooks.codecs.payload_nbytes("stochastic", [p.numel() for p in model.parameters()], bits=2)
+        assert st["exchange_last_step"] == {"allgather": 1} and st["wire_bytes_sent"] == 4 * payload
+    else:  # the hook's own choice at W=3 for this bucket
+        assert st["exchange_last_step"] == {"alltoall": 1}
 
 
 def test_warmup_is_adamw_on_the_mean_gradient_and_sends_fp32():
@@ -128,8 +178,8 @@ def _w_resume(rank, world, tmp):
         model = _model()
         ddp = DDP(model, bucket_cap_mb=0.001)
         state = ddp_qhooks.register(ddp, "sign")
-        opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=2, hook=state,
-                         variance_refresh=(7,))
+        opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=4, hook=state,
+                         variance_refresh=(7,))  # the default warm-up: stochastic 2-bit
         return model, ddp, state, opt
 
     def run(model, ddp, opt, lo, hi):
@@ -146,7 +196,7 @@ def _w_resume(rank, world, tmp):
     sent = state.stats()["wire_bytes_sent"]
 
     model, ddp, state, opt = build()
-    run(model, ddp, opt, 0, 5)
+    run(model, ddp, opt, 0, 3)  # stopped inside the warm-up
     path = f"{tmp}/ckpt{rank}.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()}, path)
     del model, ddp, state, opt
@@ -155,16 +205,17 @@ def _w_resume(rank, world, tmp):
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
     state.load_state_dict(ck["hook"])
-    run(model, ddp, opt, 5, 10)
+    run(model, ddp, opt, 3, 10)
     resumed = [p.detach().clone() for p in model.parameters()]
     return {"straight": straight, "resumed": resumed, "sent": sent, "resent": state.stats()["wire_bytes_sent"],
-            "uncompressed": state.stats()["uncompressed_steps"], "steps": ck["opt"]["onebit"]["steps"]}
+            "uncompressed": state.stats()["uncompressed_steps"], "warmup": state.stats()["compressed_warmup_steps"],
+            "steps": ck["opt"]["onebit"]["steps"]}
 
 
 def test_resume_is_bitwise(tmp_path):
     res = _dist.results(_w_resume, 2, str(tmp_path))
     for r in res:
-        assert r["steps"] == 5 and r["uncompressed"] == 3  # warm-up 2, refresh at step 7
+        assert r["steps"] == 3 and r["warmup"] == 4 and r["uncompressed"] == 1  # the refresh at step 7
         assert all(torch.equal(a, b) for a, b in zip(r["straight"], r["resumed"]))
         assert r["sent"] == r["resent"]  # the byte counters travel with the hook state
 
@@ -183,6 +234,18 @@ def test_misuse_is_refused_with_one_clear_error():
     with pytest.raises(ValueError, match="worker momentum"):
         OneBitAdam(model.parameters(), warmup_steps=2,
                    hook=ddp_qhooks.QuantizedHookState(codec="sign", worker_momentum=0.9, module=model))
+    for bad, match in ((3, "warmup_codec must be a codec name"), ("nope", "valid codecs: "),
+                       ("adaptive", "relies on error feedback"), ("uniform", "warmup_bits=9.*1..8")):
+        with pytest.raises(ValueError, match=match):
+            OneBitAdam(model.parameters(), warmup_steps=2, hook=state, warmup_codec=bad,
+                       warmup_bits=9 if bad == "uniform" else 2)
+    assert state._optimizer is None  # a refused optimizer leaves the hook free
+    full = OneBitAdam(model.parameters(), warmup_steps=2, hook=ddp_qhooks.QuantizedHookState(codec="none", module=model),
+                      warmup_codec=None).state_dict()
+    opt = OneBitAdam(model.parameters(), warmup_steps=2, hook=state)
+    with pytest.raises(ValueError, match="before the end of its warm-up"):
+        opt.load_state_dict(full)  # a full-precision warm-up resumed with the compressed one
+    state._optimizer = None
     opt = OneBitAdam(model.parameters(), warmup_steps=1, hook=state)
     with pytest.raises(ValueError, match="already drives another OneBitAdam"):
         OneBitAdam(model.parameters(), warmup_steps=1, hook=state)
@@ -194,3 +257,23 @@ def test_misuse_is_refused_with_one_clear_error():
     with pytest.raises(RuntimeError, match="did not pass through the hook"):
         opt.step()  # gradients set by hand after the warm-up: not the hook's momentum
     assert math.isfinite(float(next(model.parameters()).detach().sum()))
+
+
+def _w_disagree(rank, world):
+    model = _model()
+    ddp = DDP(model)
+    state = ddp_qhooks.register(ddp, "sign")
+    opt = OneBitAdam(model.parameters(), warmup_steps=3 + rank, hook=state)
+    x, y = _batch(rank, 0)
+    try:
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return str(e)
+    opt.step()
+    return "trained"
+
+
+def test_ranks_with_different_warmups_fail_with_a_clear_error_instead_of_hanging():
+    res = _dist.results(_w_disagree, 2)
+    for message in res:
+        assert "optimizer" in message and "warmup_steps" in message, message

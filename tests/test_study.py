@@ -22,8 +22,14 @@ def test_split_recipe_onebit():
         ("sign", 0.001, 0.9, {"warmup_steps": 30, "variance_refresh": ()})
     assert study.split_recipe_onebit("sign,onebit_adam=1,onebit_refresh=10/20", 3e-3)[3] == \
         {"warmup_steps": 1, "variance_refresh": (10, 20)}
-    with pytest.raises(ValueError, match="onebit_refresh needs onebit_adam"):
+    with pytest.raises(ValueError, match="onebit_refresh and onebit_warmup need onebit_adam"):
         study.split_recipe_onebit("sign,onebit_refresh=10", 3e-3)
+    assert study.split_recipe_onebit("sign,onebit_adam=60,onebit_warmup=fp32", 3e-3)[3] == \
+        {"warmup_steps": 60, "variance_refresh": (), "warmup_codec": None}
+    assert study.split_recipe_onebit("sign,onebit_adam=60,onebit_warmup=stochastic:1", 3e-3)[3] == \
+        {"warmup_steps": 60, "variance_refresh": (), "warmup_codec": "stochastic", "warmup_bits": 1}
+    with pytest.raises(ValueError, match="onebit_warmup must be fp32 or codec:bits"):
+        study.split_recipe_onebit("sign,onebit_adam=60,onebit_warmup=stochastic", 3e-3)
     assert study.split_recipe_onebit("sign", 3e-3) == ("sign", 3e-3, 0.9, None)
     assert study.split_recipe("sign,onebit_adam=30", 3e-3) == ("sign", 3e-3, 0.9)  # the bench never sees it
     for bad in ("0", "-3", "2.5", "x"):

@@ -11,7 +11,7 @@ class Accounting:
 
     def _reset_stats(self) -> None:
         self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0,
-                        "uncompressed_steps": 0}
+                        "uncompressed_steps": 0, "compressed_warmup_steps": 0}
         self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0, "modes": {}, "timeline": []}
         # seconds, not checkpointed: inside hook calls (the autograd thread waits) and on the
         # completion thread (decoding, later phases)
@@ -30,6 +30,7 @@ class Accounting:
         self._staged_server = []
         self._step_chunks = 0
         self._uncompressed_in_step = False
+        self._warmup_in_step = False
 
     def stats(self) -> dict:
         """Cumulative traffic and quality figures of this rank.
@@ -48,8 +49,10 @@ class Accounting:
         last step's payload bytes and buckets), ``hook_calls`` (buckets exchanged so far),
         ``nonfinite_steps`` (steps with a non-finite input on some rank: NaN everywhere, residuals
         kept), ``uncompressed_steps`` (steps exchanged in full precision, an all-reduce of fp32,
-        because an attached ``ddp_qhooks.optim.OneBitAdam`` was in its warm-up or refreshing its
-        variance; their bytes are in ``wire_bytes_sent`` as a ring all-reduce sends them),
+        because an attached ``ddp_qhooks.optim.OneBitAdam`` was in an uncompressed warm-up or refreshing
+        its variance; their bytes are in ``wire_bytes_sent`` as a ring all-reduce sends them),
+        ``compressed_warmup_steps`` (steps of such an optimizer's warm-up exchanged through its
+        ``warmup_codec``, without error feedback),
         ``world_size``, ``codec`` and ``bits`` (the configuration).  Time (seconds,
         since the state was built, not checkpointed): ``hook_seconds`` spent inside hook calls
         (adding residuals, encoding, launching: the autograd thread waits for it) and
@@ -75,6 +78,7 @@ class Accounting:
             "hook_calls": t["hook_calls"],
             "nonfinite_steps": t["nonfinite_steps"],
             "uncompressed_steps": t["uncompressed_steps"],
+            "compressed_warmup_steps": t["compressed_warmup_steps"],
             "world_size": w,
             "codec": self.codec.name,
             "bits": self.codec.bits,

@@ -13,7 +13,7 @@ from ..exchange import collectives
 STATE_FORMAT = 1
 # rebuilt at run time, never pickled
 _TRANSIENT = ("process_group", "_plans", "memory", "server_memory", "_param_key", "_lock", "_strategies",
-              "_completion", "_optimizer", "_full_plans")
+              "_completion", "_optimizer", "_full_plans", "_warmup_strategies")
 
 
 class Checkpointing:

@@ -51,9 +51,9 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
         collectives.check_agreement(state.agreed_config(), buf.device, state.process_group)
         state._agreed = True
     if state._optimizer is not None and not state._optimizer.compressing():
-        # the attached optimizer's warm-up: the exact mean, residuals left as they are
-        return _submit_uncompressed(state, unit, signature, buf if buf.dtype == torch.float32 else buf.float(),
-                                    t_enter)
+        # the attached optimizer's warm-up or variance refresh: the plain mean, residuals left as they are
+        return _submit_warmup(state, unit, signature, buf if buf.dtype == torch.float32 else buf.float(), t_enter,
+                              state._optimizer.warmup_exchange_codec())
     plan = state._plan(signature, [p.numel() for p in unit.params], buf.device)
     if plan.uses == 0:
         _settle_server_residuals(state, signature, plan, buf.device)
@@ -80,43 +80,50 @@ def submit(state: QuantizedHookState, unit: Unit) -> torch.futures.Future:
     if state.error_feedback and plan.mode == "alltoall":
         server = state.server_memory.bucket_residual(signature, plan.layout.param_numels, buf.device)
         server_err = state.server_memory.staging(signature)
-    key = splitmix64(state.seed, collectives.rank(state.process_group), state.step)
     state._count(plan, unit.is_last)
     tracker = _UnitTracker(state, unit, plan, signature, residual is not None, server is not None)
+    started = _launch(state, plan, x, buf, err, server, server_err)
+    if held and plan.mode != "hierarchical":
+        restore_held(err, residual, held)
+    return _follow(state, unit, plan, tracker, started, t_enter)
+
+
+def _submit_warmup(state: QuantizedHookState, unit: Unit, signature, x, t_enter: float, codec):
+    """The mean of the unit for an attached optimizer's warm-up or variance refresh: in full
+    precision (``codec`` None: an all-reduce) or through the optimizer's warm-up codec without error
+    feedback.  Residuals, worker momentum and the hook codec's state are left as they are."""
+    plan = state._warmup_plan(signature, [p.numel() for p in unit.params], unit.buffer.device, codec)
+    state._count(plan, unit.is_last)
+    with state._lock:
+        if codec is None:
+            state._uncompressed_in_step = True
+        else:
+            state._warmup_in_step = True
+    tracker = _UnitTracker(state, unit, plan, signature, False, False)
+    started = _launch(state, plan, x, unit.buffer, None, None, None, stats=False)
+    return _follow(state, unit, plan, tracker, started, t_enter)
+
+
+def _launch(state: QuantizedHookState, plan: Plan, x, buf, err, server, server_err, stats: bool = True) -> list:
+    """Encode every chunk of the unit and launch its first collective, on the caller's thread."""
+    key = splitmix64(state.seed, collectives.rank(state.process_group), state.step)
     started = []
     for c, ((lo, hi), layout, buffers) in enumerate(zip(plan.bounds, plan.layouts, plan.buffers)):
         piece = Piece(layout, x[lo:hi], buf[lo:hi], None if err is None else err[lo:hi],
                       key if len(plan.bounds) == 1 else splitmix64(key, 4, c), plan.uses < VALIDATE_USES,
                       None if server is None else server[lo:hi], None if server_err is None else server_err[lo:hi],
-                      state.hold_unused_residuals, state.measure_error)
+                      state.hold_unused_residuals, state.measure_error and stats)
         gen = plan.strategy.run(piece, buffers)
-        started.append((gen, next(gen)))  # encode and launch on this thread
-    if held and plan.mode != "hierarchical":
-        restore_held(err, residual, held)
+        started.append((gen, next(gen)))
+    return started
+
+
+def _follow(state: QuantizedHookState, unit: Unit, plan: Plan, tracker, started: list, t_enter: float):
+    """Hand the launched chunks to the completion thread; the unit's future completes with the last."""
     plan.uses += 1
     state._event(unit.index, "launched")
     for gen, work in started:
-        state._completion.follow(gen, work, tracker.piece_done, buf.device)
-    with state._lock:
-        state._timing["hook_seconds"] += time.perf_counter() - t_enter
-    return tracker.surfaced
-
-
-def _submit_uncompressed(state: QuantizedHookState, unit: Unit, signature, x, t_enter: float):
-    """The full-precision mean of the unit (an attached optimizer's warm-up), counted as a ring
-    all-reduce; residuals and the codec's state are left as they are."""
-    plan = state._plan(signature, [p.numel() for p in unit.params], unit.buffer.device, uncompressed=True)
-    state._count(plan, unit.is_last)
-    with state._lock:
-        state._uncompressed_in_step = True
-    tracker = _UnitTracker(state, unit, plan, signature, False, False)
-    buf = unit.buffer
-    piece = Piece(plan.layout, x, buf, None, 0, False)
-    gen = plan.strategy.run(piece, None)
-    work = next(gen)
-    plan.uses += 1
-    state._event(unit.index, "launched")
-    state._completion.follow(gen, work, tracker.piece_done, buf.device)
+        state._completion.follow(gen, work, tracker.piece_done, unit.buffer.device)
     with state._lock:
         state._timing["hook_seconds"] += time.perf_counter() - t_enter
     return tracker.surfaced
@@ -224,6 +231,8 @@ def _end_of_step(state: QuantizedHookState) -> None:
             state.worker_momentum.commit(state._used_this_step)
     if state._uncompressed_in_step:
         state._totals["uncompressed_steps"] += 1
+    if state._warmup_in_step:
+        state._totals["compressed_warmup_steps"] += 1
     state.step += 1
     state._close_step_record()
     state._new_step()

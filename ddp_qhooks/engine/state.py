@@ -141,7 +141,9 @@ class QuantizedHookState(Accounting, Checkpointing):
         # (zero outside the own shards) so that it survives bucket rebuilds like ``memory``
         self.server_memory = ResidualMemory()
         self._plans: Dict[tuple, Plan] = {}
-        self._full_plans: Dict[tuple, Plan] = {}  # full-precision plans of an attached optimizer's warm-up
+        # plans and strategies of an attached optimizer's warm-up and variance refreshes
+        self._full_plans: Dict[tuple, Plan] = {}
+        self._warmup_strategies: Dict[tuple, dict] = {}
         self._optimizer = None  # attached by ddp_qhooks.optim.OneBitAdam(hook=...): decides the phase
         self._strategies: Dict[str, object] = {}
         self._used_this_step: set = set()
@@ -176,48 +178,64 @@ class QuantizedHookState(Accounting, Checkpointing):
 
     def agreed_config(self) -> dict:
         """What every rank must have alike (checked once, collectively)."""
-        return {**self.codec.config(), "error_feedback": self.error_feedback, "exchange": self.exchange,
-                "ranks_per_node": self.ranks_per_node, "server_codec": self.server_codec.config(),
-                "chunk_size": self.chunk_size,
-                "worker_momentum": None if self.worker_momentum is None else self.worker_momentum.beta}
+        agreed = {**self.codec.config(), "error_feedback": self.error_feedback, "exchange": self.exchange,
+                  "ranks_per_node": self.ranks_per_node, "server_codec": self.server_codec.config(),
+                  "chunk_size": self.chunk_size,
+                  "worker_momentum": None if self.worker_momentum is None else self.worker_momentum.beta}
+        if self._optimizer is not None:
+            agreed["optimizer"] = self._optimizer.agreed_config()
+        return agreed
 
     # -- plans -------------------------------------------------------------------------------------
-    def _plan(self, signature: tuple, numels: list, device, uncompressed: bool = False) -> Plan:
-        if uncompressed:
-            return self._uncompressed_plan(signature, numels, device)
+    def _plan(self, signature: tuple, numels: list, device) -> Plan:
         plan = self._plans.get(signature)
-        if plan is not None:
-            return plan
-        layout = Layout(numels, signature)
-        group = self.process_group
-        w, me = collectives.world_size(group), collectives.rank(group)
-        bounds = chunk_bounds(layout.numel, self.chunk_size)
-        layouts = piece_layouts(layout, bounds)
-        mode, reason = self._choose(layouts[0], w)
-        strategy = self._strategy(mode, w, me)
-        buffers = [strategy.prepare(sl, device) for sl in layouts]
-        sizes = [strategy.bytes(sl, b) for sl, b in zip(layouts, buffers)]
-        scratch = None
-        if self.measure_error and not self.error_feedback:
-            scratch = torch.empty(layout.numel, dtype=torch.float32, device=device)
-        plan = self._plans[signature] = Plan(layout, mode, reason, strategy, bounds, layouts, buffers,
-                                             sum(s[0] for s in sizes), sum(s[1] for s in sizes),
-                                             sum(s[2] for s in sizes), scratch)
+        if plan is None:
+            scratch = None
+            if self.measure_error and not self.error_feedback:
+                scratch = torch.empty(sum(numels), dtype=torch.float32, device=device)
+            plan = self._plans[signature] = self._build_plan(signature, numels, device, self.codec,
+                                                             self.server_codec, self._strategies, scratch)
         return plan
 
-    def _uncompressed_plan(self, signature: tuple, numels: list, device) -> Plan:
-        plan = self._full_plans.get(signature)
-        if plan is None:
+    def _warmup_plan(self, signature: tuple, numels: list, device, codec) -> Plan:
+        """The plan of an attached optimizer's warm-up or variance refresh: ``codec`` None is a
+        full-precision all-reduce; a codec (``OneBitAdam``'s warm-up codec) is exchanged like the
+        hook's own, without error feedback."""
+        key = (signature, None if codec is None else _config_key(codec))
+        plan = self._full_plans.get(key)
+        if plan is not None:
+            return plan
+        if codec is None:
             layout = Layout(numels, signature)
             w, me = collectives.world_size(self.process_group), collectives.rank(self.process_group)
             strategy = FullPrecision(self.codec, self.server_codec, self.process_group, w, me)
             payload, sent, values = strategy.bytes(layout, None)
-            plan = self._full_plans[signature] = Plan(layout, strategy.name, "the optimizer's uncompressed warm-up",
-                                                      strategy, [(0, layout.numel)], [layout], [None], payload, sent,
-                                                      values)
+            plan = Plan(layout, strategy.name, "the optimizer's uncompressed warm-up", strategy, [(0, layout.numel)],
+                        [layout], [None], payload, sent, values)
+        else:
+            strategies = self._warmup_strategies.setdefault(_config_key(codec), {})
+            server = server_codec_for(codec, None, codec.config())
+            plan = self._build_plan(signature, numels, device, codec, server, strategies, None)
+            plan.reason = f"the optimizer's warm-up codec; {plan.reason}"
+        self._full_plans[key] = plan
         return plan
 
-    def _choose(self, layout: Layout, w: int) -> tuple:
+    def _build_plan(self, signature, numels, device, codec, server_codec, strategies: dict, scratch) -> Plan:
+        layout = Layout(numels, signature)
+        w, me = collectives.world_size(self.process_group), collectives.rank(self.process_group)
+        bounds = chunk_bounds(layout.numel, self.chunk_size)
+        layouts = piece_layouts(layout, bounds)
+        mode, reason = self._choose(layouts[0], w, codec, server_codec)
+        strategy = strategies.get(mode)
+        if strategy is None:
+            extra = {"ranks_per_node": self.ranks_per_node} if mode == "hierarchical" else {}
+            strategy = strategies[mode] = STRATEGIES[mode](codec, server_codec, self.process_group, w, me, **extra)
+        buffers = [strategy.prepare(sl, device) for sl in layouts]
+        sizes = [strategy.bytes(sl, b) for sl, b in zip(layouts, buffers)]
+        return Plan(layout, mode, reason, strategy, bounds, layouts, buffers, sum(s[0] for s in sizes),
+                    sum(s[1] for s in sizes), sum(s[2] for s in sizes), scratch)
+
+    def _choose(self, layout: Layout, w: int, codec, server_codec) -> tuple:
         if w != dist.get_world_size():
             # the extra groups of the other exchanges are created by dist.new_group, which every
             # rank of the job must enter: ranks outside this subgroup never would (a hang)
@@ -226,18 +244,10 @@ class QuantizedHookState(Accounting, Checkpointing):
                                  f"{dist.get_world_size()} ranks); use exchange='allgather' for a subgroup")
             return "allgather", "process group is a subgroup: all-gather only"
         from ..codecs.wire import payload_nbytes
-        size = payload_nbytes(self.codec.body_nbytes(layout))
-        slot, mean_slot = TwoPhase.slots(self.codec, self.server_codec, layout, w) if layout.numel >= w > 1 else (0, 0)
+        size = payload_nbytes(codec.body_nbytes(layout))
+        slot, mean_slot = TwoPhase.slots(codec, server_codec, layout, w) if layout.numel >= w > 1 else (0, 0)
         return choose(self.exchange, w, layout.numel, (w - 1) * size, (w - 1) * (slot + mean_slot),
-                      ranks_per_node=self._ranks_per_node_checked(w), bits=self.server_codec.bits)
-
-    def _strategy(self, mode: str, w: int, me: int):
-        s = self._strategies.get(mode)
-        if s is None:
-            extra = {"ranks_per_node": self.ranks_per_node} if mode == "hierarchical" else {}
-            s = self._strategies[mode] = STRATEGIES[mode](self.codec, self.server_codec, self.process_group, w, me,
-                                                          **extra)
-        return s
+                      ranks_per_node=self._ranks_per_node_checked(w), bits=server_codec.bits)
 
     def _ranks_per_node_checked(self, w: int) -> Optional[int]:
         lpn = self.ranks_per_node
@@ -252,3 +262,7 @@ class QuantizedHookState(Accounting, Checkpointing):
             raise ValueError("exchange='hierarchical' does not support find_unused_parameters / hold_unused_residuals "
                              "yet; use exchange='allgather' or 'alltoall'")
         return lpn if not self.hold_unused_residuals else None
+
+
+def _config_key(codec) -> tuple:
+    return tuple(sorted(codec.config().items()))

@@ -77,11 +77,12 @@ def split_recipe(spec: str, default_lr: float, default_momentum: float = 0.9) ->
 def split_recipe_onebit(spec: str, default_lr: float, default_momentum: float = 0.9):
     """:func:`split_recipe` plus the study's ``onebit_adam=N`` (LM task: the optimizer is
     ``ddp_qhooks.optim.OneBitAdam`` with ``warmup_steps=N``, the AdamW recipe's hyper-parameters
-    unchanged) and ``onebit_refresh=A/B/...`` (its ``variance_refresh`` steps), returned last as a
-    dict of OneBitAdam's arguments (None without ``onebit_adam``)."""
+    unchanged), ``onebit_refresh=A/B/...`` (its ``variance_refresh`` steps) and
+    ``onebit_warmup=fp32`` or ``=codec:bits`` (its warm-up exchange; default: OneBitAdam's),
+    returned last as a dict of OneBitAdam's arguments (None without ``onebit_adam``)."""
     parts = spec.split(",")
     values = {"lr": default_lr, "momentum": default_momentum}
-    onebit, refresh = None, ()
+    onebit, refresh, warmup = None, (), {}
     kept = [parts[0]]
     for p in parts[1:]:
         key, eq, value = p.partition("=")
@@ -96,6 +97,15 @@ def split_recipe_onebit(spec: str, default_lr: float, default_momentum: float = 
                 raise ValueError(f"configuration {spec!r}: onebit_refresh must be step numbers joined by '/', "
                                  f"got {value!r}")
             refresh = tuple(int(v) for v in value.split("/"))
+        elif key == "onebit_warmup" and eq:
+            name, _, bits = value.strip().partition(":")
+            if name == "fp32":
+                warmup = {"warmup_codec": None}
+            elif bits.isdigit():
+                warmup = {"warmup_codec": name, "warmup_bits": int(bits)}
+            else:
+                raise ValueError(f"configuration {spec!r}: onebit_warmup must be fp32 or codec:bits such as "
+                                 f"stochastic:2, got {value!r}")
         elif key in values and eq:
             try:
                 values[key] = float(value)
@@ -107,10 +117,10 @@ def split_recipe_onebit(spec: str, default_lr: float, default_momentum: float = 
                 raise ValueError(f"configuration {spec!r}: momentum must be in [0, 1), got {value!r}")
         else:
             kept.append(p)
-    if refresh and onebit is None:
-        raise ValueError(f"configuration {spec!r}: onebit_refresh needs onebit_adam=N")
+    if (refresh or warmup) and onebit is None:
+        raise ValueError(f"configuration {spec!r}: onebit_refresh and onebit_warmup need onebit_adam=N")
     if onebit is not None:
-        onebit = {"warmup_steps": onebit, "variance_refresh": refresh}
+        onebit = {"warmup_steps": onebit, "variance_refresh": refresh, **warmup}
     return ",".join(kept), values["lr"], values["momentum"], onebit
 
 
