@@ -246,6 +246,7 @@ def _hierarchical(rank):
         s = st.stats()
         out[codec] = {"worst": worst, "scale": scale, "wire": s["wire_bytes_sent"], "fp32": s["fp32_bytes"],
                       "steps": s["steps"]}
+    out["names"] = _hierarchical_names(B, st, mesh2)
     B.zero_grad(set_to_none=True)
     _POISON["on"] = rank == 3  # lands in local rank 0's shard of node 1 only
     try:
@@ -257,6 +258,45 @@ def _hierarchical(rank):
     out["block_finite"] = all(bool(torch.isfinite(_local(p)).all()) for n, p in B.named_parameters()
                               if n.startswith("block"))
     return out
+
+
+def _hierarchical_names(model, state, mesh2):
+    """Residual names of the hierarchical mode: parameter names (a step without the aux branch's
+    gradient made its module's flat slot), loaded back by name into a fresh model's state, and
+    from the ``param<i>`` keys of before (slots in the order a backward pass reaches them)."""
+    import warnings
+    saved = state.state_dict()["residuals"]
+    fresh = lambda: ddp_qhooks.fsdp.register_between_nodes(_build(), mesh2, "stochastic", bits=4,  # noqa: E731
+                                                           block_size=None)
+    by_name = fresh()
+    by_name.load_state_dict(state.state_dict())
+    loaded = by_name.state_dict()["residuals"]
+    backward_order = [n for mod in reversed(_fsdp_modules(model))
+                      for n, p in model.named_parameters() if p.requires_grad and _owner(model, n) is mod]
+    legacy_sd = state.state_dict()
+    legacy_sd["residuals"] = {f"param{i}": saved[n] for i, n in enumerate(backward_order)}
+    legacy = fresh()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        legacy.load_state_dict(legacy_sd)
+    from_legacy = legacy.state_dict()["residuals"]
+    return {"saved": sorted(saved), "params": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+            "by_name_equal": sorted(loaded) == sorted(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved),
+            "legacy_equal": sorted(from_legacy) == sorted(backward_order)
+            and all(torch.equal(from_legacy[k], saved[k]) for k in backward_order),
+            "legacy_warned": sum("keyed param<i>" in str(w.message) for w in caught)}
+
+
+def _owner(model, name):
+    """The innermost FSDP module holding parameter ``name``."""
+    owner = model
+    parts = name.split(".")[:-1]
+    mod = model
+    for part in parts:
+        mod = getattr(mod, part)
+        if mod in _fsdp_modules(model):
+            owner = mod
+    return owner
 
 
 def _pipelined(rank, world):
@@ -584,6 +624,14 @@ def test_load_every_rank_at_another_world_size(runs):
     for r, res in enumerate(_sub(runs, 4, "redistribute")):
         assert res["worst"] <= 1e-7 and res["nonzero"] > 0 and res["warned"] and res["names"], (r, res)
         assert res["step"] == 3, (r, res)
+
+
+def test_hierarchical_residuals_are_keyed_by_parameter_name(runs):
+    for r, res in enumerate(_sub(runs, 4, "hierarchical")):
+        names = res["names"]
+        flat = [n for n in names["saved"] if "[flat " in n]
+        assert set(names["saved"]) - set(flat) == set(names["params"]) and len(flat) == 1, (r, names)
+        assert names["by_name_equal"] and names["legacy_equal"] and names["legacy_warned"] == 1, (r, names)
 
 
 def test_hierarchical_backward_is_one_step(runs):

@@ -13,7 +13,7 @@ from ..exchange import collectives
 STATE_FORMAT = 1
 # rebuilt at run time, never pickled
 _TRANSIENT = ("process_group", "_plans", "memory", "server_memory", "_param_key", "_lock", "_strategies",
-              "_completion", "_optimizer", "_full_plans", "_warmup_strategies")
+              "_completion", "_optimizer", "_full_plans", "_warmup_strategies", "_resolve_name")
 
 
 class Checkpointing:
@@ -144,12 +144,15 @@ class Checkpointing:
 
     def _residuals_by_key(self, named: dict) -> dict:
         by_name = {v: k for k, v in self._param_names.items()}
+        resolve = getattr(self, "_resolve_name", None)  # an integration's names made on demand
         residuals = {}
         for name, tensor in named.items():
             if by_name:
-                if name not in by_name:
+                key = by_name.get(name)
+                if key is None and resolve is not None:
+                    key = resolve(self, name)
+                if key is None:
                     raise ValueError(f"hook state has a residual for {name!r}, which is not a parameter of the model")
-                key = by_name[name]
                 if tensor.numel() != self._param_numels[key]:
                     raise ValueError(f"residual for {name!r} has {tensor.numel()} elements, the parameter has {self._param_numels[key]}")
             elif name.startswith("param") and name[5:].isdigit():

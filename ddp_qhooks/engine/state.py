@@ -166,6 +166,13 @@ class QuantizedHookState(Accounting, Checkpointing):
         self._needs_bind = False
         return self
 
+    def _name_param(self, obj, name: str) -> None:
+        """Give ``obj`` (anything with ``numel()`` standing for a parameter, such as a shard) the
+        next key and ``name`` for checkpoints."""
+        key = self._param_key[id(obj)] = len(self._param_key)
+        self._param_names[key] = name
+        self._param_numels[key] = obj.numel()
+
     def _key_of(self, p: torch.Tensor) -> int:
         key = self._param_key.get(id(p))
         if key is None:

@@ -2,6 +2,7 @@
 shard between nodes (``set_all_reduce_hook``)."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -50,8 +51,10 @@ def register_between_nodes(model, mesh=None, codec: str = "stochastic", bits: in
     exchange (``set_all_reduce_hook`` on every FSDP module), with error feedback on the shard:
     1/L of the model per rank.  ``mesh``: the 2-D mesh of :func:`node_mesh` (its ``"node"``
     dimension), or pass the cross-node ``process_group`` itself.  Returns the engine's
-    :class:`~ddp_qhooks.QuantizedHookState` (``stats()``, ``state_dict()``; residuals are keyed
-    ``param<i>`` per shard slot).  Collective; config agreement over the default group.
+    :class:`~ddp_qhooks.QuantizedHookState` (``stats()``, ``state_dict()``; each residual is this
+    rank's padded shard of a parameter, keyed by the parameter's fully qualified name; a module's
+    step in which some of its parameters got no gradient is exchanged as one flat slot, keyed
+    ``<module>[flat <n>]``).  Collective; config agreement over the default group.
 
     ``nonfinite_everywhere`` (default True) also replaces FSDP's reduce-scatter inside the node by
     :func:`register`'s with codec ``none`` (fp32, equal to FSDP's to fp32 rounding, no residual):
@@ -89,9 +92,40 @@ def register_between_nodes(model, mesh=None, codec: str = "stochastic", bits: in
     if nonfinite_everywhere:
         register(model, "none", error_feedback=False, measure_error=False)
     steps = _StepEnd(state)
-    for i, (fqn, mod, pg) in enumerate(units):
-        mod.set_all_reduce_hook(_NodeHook(state, i, pg, steps))
+    names = {id(p): n for n, p in model.named_parameters()}
+    hooks = [_NodeHook(state, i, fqn, pg, steps, names) for i, (fqn, mod, pg) in enumerate(units)]
+    for (_, mod, _), hook in zip(units, hooks):
+        mod.set_all_reduce_hook(hook)
+    state._resolve_name = _NameResolver(hooks)
     return state
+
+
+class _NameResolver:
+    """Finds the residual slot of a checkpoint name the state does not know yet: a module's flat
+    slot (created on demand), or ``param<i>``, the name of the i-th slot in the order a first
+    backward pass reaches them (modules in reverse order of ``named_modules``), which is how the
+    residuals of this mode were keyed before they had names."""
+
+    def __init__(self, hooks: list):
+        self.hooks = hooks
+        self.warned = False
+
+    def __call__(self, state, name: str):
+        for hook in self.hooks:
+            prefix = f"{hook.name}[flat "
+            if name.startswith(prefix) and name.endswith("]") and name[len(prefix):-1].isdigit():
+                return state._key_of(hook.flat_slot(int(name[len(prefix):-1]))[0])
+        if name.startswith("param") and name[5:].isdigit():
+            order = [slot for hook in reversed(self.hooks) for slot in hook.full]
+            i = int(name[5:])
+            if i < len(order):
+                if not self.warned:
+                    self.warned = True
+                    warnings.warn("ddp_qhooks: hook state with residuals keyed param<i> (before they were keyed by "
+                                  "parameter name): matched to the parameters in backward order, sizes checked",
+                                  stacklevel=4)
+                return state._key_of(order[i])
+        return None
 
 
 class _StepEnd:
@@ -118,16 +152,28 @@ class _StepEnd:
 class _NodeHook:
     """``hook(reduce_output)``: the quantized mean of this shard over the nodes, in place."""
 
-    def __init__(self, state, index: int, pg, steps: _StepEnd):
+    def __init__(self, state, index: int, fqn: str, pg, steps: _StepEnd, names: dict):
         self.state, self.index, self.steps = state, index, steps
-        self.full = [_ShardSlot(fp.padded_sharded_param_size.numel()) for fp in pg.fsdp_params
-                     if fp.sharded_param.requires_grad]
+        self.name = fqn or "<root>"
+        self.full = []
+        for fp in pg.fsdp_params:
+            if fp.sharded_param.requires_grad:
+                slot = _ShardSlot(fp.padded_sharded_param_size.numel())
+                state._name_param(slot, names[id(fp.sharded_param)])
+                self.full.append(slot)
         self._other: Dict[int, list] = {}
+
+    def flat_slot(self, n: int) -> list:
+        """The one slot of a step in which only some parameters had a gradient (``n`` values)."""
+        slots = self._other.get(n)
+        if slots is None:
+            slots = self._other[n] = [_ShardSlot(n)]
+            self.state._name_param(slots[0], f"{self.name}[flat {n}]")
+        return slots
 
     def __call__(self, reduce_output: torch.Tensor) -> None:
         n = reduce_output.numel()
-        slots = self.full if sum(s.numel() for s in self.full) == n else \
-            self._other.setdefault(n, [_ShardSlot(n)])  # some parameters had no gradient: one flat slot
+        slots = self.full if sum(s.numel() for s in self.full) == n else self.flat_slot(n)
         flat = reduce_output.view(-1)
         submit(self.state, Unit(self.index, flat, slots, False)).wait()
         self.steps.after_unit()
