@@ -5,3 +5,4 @@ OMP_NUM_THREADS=1 $S --world 2 --seeds 0 1 2 --configs sign,onebit_adam=60 sign,
   --output results/onebit_compressed_warmup/w2
 OMP_NUM_THREADS=1 $S --world 4 --seeds 0 1 --configs fp32 sign,onebit_adam=60 ternary,onebit_adam=60 \
   --output results/onebit_compressed_warmup/w4
+OMP_NUM_THREADS=1 $S --world 3 --seeds 0 --configs fp32 sign,onebit_adam=60 --output results/onebit_compressed_warmup/w3
