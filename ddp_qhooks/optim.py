@@ -28,8 +28,10 @@ Why the warm-up is compressed: the variance may freeze only once the learning-ra
 (frozen earlier it stalls or diverges even without compression), and a learning-rate warm-up is a
 share of the run (10 % in the study's recipe), so an fp32 warm-up alone caps the saving at a few
 times (``1 / (share + (1 - share) / c)`` for a codec ``c`` times smaller than fp32: 4.4x measured,
-under 8x for any run length at a 10 % share).  Adam's second moment only needs an unbiased
-estimate of the mean gradient, which 2 bits per value give.
+under 8x for any run length at a 10 % share).  With unbiased rounding the warm-up's moments see the
+mean gradient plus zero-mean noise (the second moment comes out larger by the rounding variance),
+which measured no worse than fp32 here; a biased codec's error would build up without error
+feedback, so the warm-up codec must round stochastically.
 
 With codec ``"none"`` the compressed phase is that frozen-variance Adam exactly.  Clipping in the
 script (``clip_grad_norm_``) acts on the gradient during the warm-up and on the exchanged momentum
@@ -54,6 +56,8 @@ import torch
 
 __all__ = ["OneBitAdam"]
 
+LOSSLESS_ENOUGH = ("none", "fp16", "bf16")  # warm-up codecs whose rounding needs no correction
+
 
 class OneBitAdam(torch.optim.AdamW):
     """AdamW whose second moment freezes after ``warmup_steps`` and whose momentum is exchanged
@@ -77,9 +81,13 @@ class OneBitAdam(torch.optim.AdamW):
             the step count.  Each costs one fp32 exchange.  Default: none.
         warmup_codec, warmup_bits, warmup_options: the codec (a name of
             ``ddp_qhooks.codecs.available()``), its bits and keyword options for the warm-up's
-            gradient exchange, which keeps no error feedback (so not a codec that needs it, such as
-            adaptive).  Default: ``"stochastic"`` at 2 bits, unbiased.  ``None``: an fp32
-            all-reduce.  The hook's exchange choice (all-gather, two-phase, ...) applies to it too.
+            gradient exchange, which keeps no error feedback, so it must round without bias:
+            ``"stochastic"`` (default, at 2 bits), ``"qsgd"``, ``"log"``, sign with
+            ``mode="stochastic"``, ternary with ``rounding="stochastic"``, or ``"fp16"`` /
+            ``"bf16"`` / ``"none"``; ``None``: an fp32 all-reduce.  The hook's exchange choice (all-gather, two-phase, ...) applies to it too.
+
+    Build it on every rank at the same point of the script (like any optimizer): the ranks check at
+    the next exchange that their schedules and phases agree.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -114,10 +122,14 @@ class OneBitAdam(torch.optim.AdamW):
             except (ValueError, TypeError) as e:
                 raise ValueError(f"OneBitAdam: warmup_codec={warmup_codec!r}, warmup_bits={warmup_bits!r}, "
                                  f"warmup_options={warmup_options!r}: {e}") from None
-            if getattr(self.warmup_codec, "needs_error_feedback", False):
-                raise ValueError(f"OneBitAdam: warmup_codec={warmup_codec!r} clips values to its range and relies on "
-                                 "error feedback, which the warm-up exchange does not keep; use an unbiased codec "
-                                 "such as 'stochastic' (the default) or None (full precision)")
+            if not (getattr(self.warmup_codec, "stochastic", False) or self.warmup_codec.name in LOSSLESS_ENOUGH) \
+                    or getattr(self.warmup_codec, "needs_error_feedback", False):
+                raise ValueError(f"OneBitAdam: warmup_codec={warmup_codec!r} with {self.warmup_codec.config()} is biased "
+                                 "(or clips and relies on error feedback), and the warm-up exchange keeps no error "
+                                 "feedback, so its rounding error would build up in the moments; use an unbiased, "
+                                 "stochastically rounding codec: 'stochastic' (the default), 'qsgd', 'log', 'sign' with "
+                                 "mode='stochastic', 'ternary' with rounding='stochastic'; or "
+                                 f"{', '.join(LOSSLESS_ENOUGH)}; or None (fp32)")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.warmup_steps = warmup_steps
         self.variance_refresh = frozenset(refresh)
@@ -141,7 +153,8 @@ class OneBitAdam(torch.optim.AdamW):
     def agreed_config(self) -> dict:
         """What every rank's optimizer must have alike (the hook checks it with its own)."""
         return {"warmup_steps": self.warmup_steps, "variance_refresh": sorted(self.variance_refresh),
-                "warmup_codec": None if self.warmup_codec is None else self.warmup_codec.config()}
+                "warmup_codec": None if self.warmup_codec is None else self.warmup_codec.config(),
+                "steps": self._steps}  # the phase: a rank that missed load_state_dict would be in another
 
     @torch.no_grad()
     def mix_momentum(self, params, x: torch.Tensor) -> None:
@@ -240,7 +253,9 @@ class OneBitAdam(torch.optim.AdamW):
         mine = None if self.warmup_codec is None else dict(self.warmup_codec.config())
         if int(onebit["steps"]) < self.warmup_steps and saved_codec != mine:
             raise ValueError(f"OneBitAdam.load_state_dict: saved with warm-up codec {saved_codec} (None: full "
-                             f"precision) before the end of its warm-up; this optimizer has {mine}")
+                             f"precision) before the end of its warm-up; this optimizer has {mine}: build it with "
+                             "the saved one (warmup_codec=None for a full-precision warm-up)")
         super().load_state_dict(state_dict)
         self._steps = int(onebit["steps"])
         self._groups = None
+        self.hook._agreed = False  # the loaded phase is checked across ranks at the next exchange

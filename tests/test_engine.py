@@ -398,3 +398,52 @@ def test_chunked_buckets_give_the_same_mean(exchange, world):
             err_chunked = (chunked[step][0] - exact[step]).norm() / exact[step].norm()
             # 4 bits: each chunk has its own range, never a worse one than the bucket's
             assert 0 < err_chunked < 0.5 and err_chunked <= err_whole * 1.1
+
+
+def _w_bookkeeping_failure(rank, world):
+    from ddp_qhooks.engine import pipeline
+    state = QuantizedHookState(None, codec="stochastic", bits=4)
+    params, bufs = _units(rank, 0, [[10]])
+    real = pipeline._end_of_step
+
+    def broken(state):
+        raise RuntimeError("bookkeeping broke")
+    pipeline._end_of_step = broken
+    try:
+        fut = submit(state, Unit(0, bufs[0], params[0], True))
+        out, finished = [], threading.Event()
+
+        def wait():
+            try:
+                fut.wait()
+                out.append("completed")
+            except Exception as e:  # noqa: BLE001 - the message is the result
+                out.append(str(e))
+            finished.set()
+        threading.Thread(target=wait, daemon=True).start()
+        return out[0] if finished.wait(30) else "the future did not complete within 30 s"
+    finally:
+        pipeline._end_of_step = real
+
+
+def test_a_failure_on_the_completion_thread_reaches_the_unit_s_future():
+    """The step's bookkeeping runs on the completion thread; should it fail, the caller (DDP's
+    backward) gets the error instead of waiting forever for a future nobody completes."""
+    for message in _dist.results(_w_bookkeeping_failure, 2):
+        assert "bookkeeping broke" in message
+
+
+def test_a_state_pickled_without_newer_fields_still_steps():
+    """A state pickled by an older version (no compressed-warm-up counter or per-step flag) is
+    completed when unpickled: stats() has every key and a step ends."""
+    import pickle
+    from ddp_qhooks.engine.pipeline import _end_of_step
+    old = QuantizedHookState(None, codec="stochastic", bits=4).__getstate__()
+    old["_totals"].pop("compressed_warmup_steps")
+    old.pop("_warmup_in_step")
+    state = pickle.loads(pickle.dumps(QuantizedHookState(None, codec="stochastic", bits=4)))
+    state.__setstate__(old)
+    assert state.stats()["compressed_warmup_steps"] == 0
+    with state._lock:
+        _end_of_step(state)
+    assert state.step == 1 and state.stats()["steps"] == 1

@@ -49,7 +49,7 @@ def _train(rank, world, codec, warmup, steps, clip, bucket_mb=0.001, refresh=(),
     state = ddp_qhooks.register(ddp, codec)
     opt = OneBitAdam(_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=warmup, hook=state,
                      variance_refresh=refresh, warmup_codec=warmup_codec)
-    params, grads = [], []
+    params, grads, nmse, warmup_plans = [], [], [], []
     for step in range(steps):
         x, y = _batch(rank, step)
         opt.zero_grad()
@@ -59,7 +59,9 @@ def _train(rank, world, codec, warmup, steps, clip, bucket_mb=0.001, refresh=(),
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         params.append([p.detach().clone() for p in model.parameters()])
-    return {"params": params, "grads": grads, "stats": state.stats(),
+        nmse.append(state.stats()["nmse"])
+        warmup_plans.append(len(state._full_plans))
+    return {"params": params, "grads": grads, "stats": state.stats(), "nmse": nmse, "warmup_plans": warmup_plans,
             "numel": sum(p.numel() for p in model.parameters())}
 
 
@@ -132,6 +134,18 @@ def test_warmup_is_adamw_on_the_mean_gradient_and_sends_fp32():
     # a sign codec, yet every step went uncompressed: a ring all-reduce's bytes, 2(W-1)/W x 4 per value
     assert st["uncompressed_steps"] == 6 and st["steps"] == 6
     assert st["wire_bytes_sent"] == 6 * 4 * res[0]["numel"] and set(st["exchange_last_step"]) == {"allreduce"}
+
+
+def _w_end_of_warmup(rank, world):
+    return _train(rank, world, "sign", warmup=3, steps=5, clip=None, warmup_codec="stochastic")
+
+
+def test_the_warmup_s_plans_go_when_it_ends_and_its_steps_report_no_error_figure():
+    for r in _dist.results(_w_end_of_warmup, 2):
+        assert r["warmup_plans"][:3] != [0, 0, 0] and r["warmup_plans"][3:] == [0, 0], r["warmup_plans"]
+        # the warm-up's quantization error is not measured (no error feedback): NaN, not 0
+        assert all(math.isnan(v) for v in r["nmse"][:3]) and all(0 < v < 1 for v in r["nmse"][3:]), r["nmse"]
+        assert r["stats"]["compressed_warmup_steps"] == 3 and r["stats"]["steps"] == 5
 
 
 def _w_none(rank, world):
@@ -235,15 +249,20 @@ def test_misuse_is_refused_with_one_clear_error():
         OneBitAdam(model.parameters(), warmup_steps=2,
                    hook=ddp_qhooks.QuantizedHookState(codec="sign", worker_momentum=0.9, module=model))
     for bad, match in ((3, "warmup_codec must be a codec name"), ("nope", "valid codecs: "),
-                       ("adaptive", "relies on error feedback"), ("uniform", "warmup_bits=9.*1..8")):
+                       ("adaptive", "relies on error feedback"), ("uniform", "warmup_bits=9.*1..8"),
+                       ("sign", "is biased"), ("ternary", "is biased"), ("topk", "is biased")):
         with pytest.raises(ValueError, match=match):
             OneBitAdam(model.parameters(), warmup_steps=2, hook=state, warmup_codec=bad,
-                       warmup_bits=9 if bad == "uniform" else 2)
+                       warmup_bits={"uniform": 9, "sign": 1, "topk": 8}.get(bad, 2))
     assert state._optimizer is None  # a refused optimizer leaves the hook free
+    for name, bits, options in (("sign", 1, {"mode": "stochastic"}), ("ternary", 2, {"rounding": "stochastic"}),
+                                ("qsgd", 4, None), ("fp16", 16, None)):  # unbiased: accepted
+        OneBitAdam(model.parameters(), warmup_steps=2, warmup_codec=name, warmup_bits=bits, warmup_options=options,
+                   hook=ddp_qhooks.QuantizedHookState(codec="none", module=model))
     full = OneBitAdam(model.parameters(), warmup_steps=2, hook=ddp_qhooks.QuantizedHookState(codec="none", module=model),
                       warmup_codec=None).state_dict()
     opt = OneBitAdam(model.parameters(), warmup_steps=2, hook=state)
-    with pytest.raises(ValueError, match="before the end of its warm-up"):
+    with pytest.raises(ValueError, match="before the end of its warm-up.*warmup_codec=None"):
         opt.load_state_dict(full)  # a full-precision warm-up resumed with the compressed one
     state._optimizer = None
     opt = OneBitAdam(model.parameters(), warmup_steps=1, hook=state)
@@ -259,11 +278,15 @@ def test_misuse_is_refused_with_one_clear_error():
     assert math.isfinite(float(next(model.parameters()).detach().sum()))
 
 
-def _w_disagree(rank, world):
+def _w_disagree(rank, world, what):
     model = _model()
     ddp = DDP(model)
     state = ddp_qhooks.register(ddp, "sign")
-    opt = OneBitAdam(model.parameters(), warmup_steps=3 + rank, hook=state)
+    opt = OneBitAdam(model.parameters(), warmup_steps=3 + rank if what == "warmup_steps" else 3, hook=state)
+    if what == "steps" and rank == 1:  # a rank resumed from another checkpoint: another phase
+        sd = opt.state_dict()
+        sd["onebit"]["steps"] = 2
+        opt.load_state_dict(sd)
     x, y = _batch(rank, 0)
     try:
         torch.nn.functional.mse_loss(ddp(x), y).backward()
@@ -273,7 +296,8 @@ def _w_disagree(rank, world):
     return "trained"
 
 
-def test_ranks_with_different_warmups_fail_with_a_clear_error_instead_of_hanging():
-    res = _dist.results(_w_disagree, 2)
+@pytest.mark.parametrize("what", ["warmup_steps", "steps"])
+def test_ranks_with_different_warmups_or_phases_fail_with_a_clear_error_instead_of_hanging(what):
+    res = _dist.results(_w_disagree, 2, what)
     for message in res:
-        assert "optimizer" in message and "warmup_steps" in message, message
+        assert "optimizer" in message and f"'{what}'" in message, message

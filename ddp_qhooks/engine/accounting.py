@@ -6,12 +6,15 @@ import time
 from ..exchange import collectives
 
 
+TOTALS = ("payload_bytes", "wire_bytes_sent", "fp32_bytes", "hook_calls", "nonfinite_steps", "uncompressed_steps",
+          "compressed_warmup_steps")
+
+
 class Accounting:
     """Mixin of :class:`~ddp_qhooks.QuantizedHookState`: counters and their report."""
 
     def _reset_stats(self) -> None:
-        self._totals = {"payload_bytes": 0, "wire_bytes_sent": 0, "fp32_bytes": 0, "hook_calls": 0, "nonfinite_steps": 0,
-                        "uncompressed_steps": 0, "compressed_warmup_steps": 0}
+        self._totals = dict.fromkeys(TOTALS, 0)
         self._last = {"nmse": float("nan"), "payload_bytes": 0, "buckets": 0, "modes": {}, "timeline": []}
         # seconds, not checkpointed: inside hook calls (the autograd thread waits) and on the
         # completion thread (decoding, later phases)
@@ -41,7 +44,7 @@ class Accounting:
         mean payload)), ``fp32_bytes`` (4 bytes per gradient value: what an fp32 payload
         would have been), ``compression_ratio`` (fp32_bytes / payload_bytes), ``nmse`` (last step:
         sum of squared quantization errors / sum of squared inputs, over all buckets; NaN with
-        ``measure_error=False``), ``fp32_allreduce_wire_bytes`` (what a ring fp32 allreduce sends
+        ``measure_error=False`` and in a compressed warm-up step), ``fp32_allreduce_wire_bytes`` (what a ring fp32 allreduce sends
         per rank: 2(W-1)/W x 4 bytes per value), ``exchange`` (as configured),
         ``exchange_last_step`` (buckets per exchange used, e.g. ``{"alltoall": 3, "allgather": 1}``),
         ``exchange_reason`` (why, per exchange used), ``chunks_last_step`` (pipelined chunks in the
@@ -126,7 +129,7 @@ class Accounting:
 
     def _close_step_record(self) -> None:
         nmse = float("nan")
-        if self.measure_error and self._step_bad_host is False:
+        if self.measure_error and self._step_bad_host is False and not self._warmup_in_step:
             nmse = self._step_err / self._step_inp if self._step_inp > 0 else (0.0 if self._step_err == 0 else float("inf"))
         self._last = {"nmse": nmse, "payload_bytes": self._step_payload, "buckets": self._step_buckets,
                       "modes": dict(self._step_modes), "timeline": _timeline(self._step_events),

@@ -9,11 +9,16 @@ import torch
 import torch.distributed as dist
 
 from ..exchange import collectives
+from .accounting import TOTALS
 
 STATE_FORMAT = 1
+# what a state's ``_resolve_name(state, name)`` returns for a residual it recognises but cannot place
+# (and has warned about): it is left out; None means the name is unknown (an error)
+UNPLACEABLE = -1
 # rebuilt at run time, never pickled
 _TRANSIENT = ("process_group", "_plans", "memory", "server_memory", "_param_key", "_lock", "_strategies",
-              "_completion", "_optimizer", "_full_plans", "_warmup_strategies", "_resolve_name")
+              "_completion", "_optimizer", "_full_plans", "_warmup_strategies", "_warmup_used",
+              "_resolve_name")
 
 
 class Checkpointing:
@@ -153,6 +158,8 @@ class Checkpointing:
                     key = resolve(self, name)
                 if key is None:
                     raise ValueError(f"hook state has a residual for {name!r}, which is not a parameter of the model")
+                if key == UNPLACEABLE:
+                    continue
                 if tensor.numel() != self._param_numels[key]:
                     raise ValueError(f"residual for {name!r} has {tensor.numel()} elements, the parameter has {self._param_numels[key]}")
             elif name.startswith("param") and name[5:].isdigit():
@@ -174,6 +181,9 @@ class Checkpointing:
         residuals = state.pop("_residuals")
         server = state.pop("_server_residuals", {})
         self.__dict__.update(state)
+        # a state pickled by an older version lacks the newer counters and per-step fields
+        self._totals = {**dict.fromkeys(TOTALS, 0), **self._totals}
+        self._new_step()
         self.process_group = None
         self._param_key = {}
         self._needs_bind = bool(self._param_names)

@@ -21,10 +21,22 @@ never shared between the two streams.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+_log = logging.getLogger("ddp_qhooks")
+
+
+def _deliver(done, result, exc, busy: float) -> None:
+    """``done`` completes the caller's future; should it fail anyway, say so rather than let the
+    executor keep the exception where nobody looks."""
+    try:
+        done(result, exc, busy)
+    except BaseException:  # noqa: BLE001
+        _log.exception("ddp_qhooks: completing an exchange failed")
 
 
 class Completion:
@@ -58,10 +70,10 @@ class Completion:
                 finally:
                     busy += time.perf_counter() - t0
             except StopIteration as stop:
-                done(stop.value, None, busy)
+                _deliver(done, stop.value, None, busy)
                 return
             except BaseException as exc:  # noqa: BLE001 - delivered to the result future, never lost
-                done(None, exc, busy)
+                _deliver(done, None, exc, busy)
                 return
         self._executor.submit(self._advance, gen, nxt, done, device, busy)
 

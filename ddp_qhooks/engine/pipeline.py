@@ -146,6 +146,15 @@ class _UnitTracker:
         self.surfaced = self.future.then(_value)
 
     def piece_done(self, result, exc, busy: float) -> None:
+        try:
+            self._piece_done(result, exc, busy)
+        except BaseException as failure:  # noqa: BLE001 - the unit's future must complete, or DDP waits forever
+            if not self.future.done():
+                self.future.set_exception(failure)
+            else:
+                raise
+
+    def _piece_done(self, result, exc, busy: float) -> None:
         state = self.state
         state._event(self.unit.index, "received")
         state._callback_time(self.unit.index, busy)
@@ -236,9 +245,16 @@ def _end_of_step(state: QuantizedHookState) -> None:
     state.step += 1
     state._close_step_record()
     state._new_step()
-    for sig in [s for s in state._plans if s not in state._used_this_step]:
-        del state._plans[sig]  # layouts DDP no longer uses (e.g. before the bucket rebuild)
+    if state._used_this_step:  # not a step of an attached optimizer's warm-up or refresh alone
+        for sig in [s for s in state._plans if s not in state._used_this_step]:
+            del state._plans[sig]  # layouts DDP no longer uses (e.g. before the bucket rebuild)
+    for key in [k for k in state._full_plans if k not in state._warmup_used]:
+        del state._full_plans[key]  # and the warm-up's, once it is over
+    live = {codec for _, codec in state._full_plans}
+    for codec in [c for c in state._warmup_strategies if c not in live]:
+        del state._warmup_strategies[codec]
     state._used_this_step.clear()
+    state._warmup_used.clear()
 
 
 def _settle_server_residuals(state: QuantizedHookState, signature, plan: Plan, device) -> None:

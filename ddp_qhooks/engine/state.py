@@ -1,6 +1,7 @@
 """The configured state of a quantized exchange (like torch's ``PowerSGDState``)."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -143,7 +144,8 @@ class QuantizedHookState(Accounting, Checkpointing):
         self._plans: Dict[tuple, Plan] = {}
         # plans and strategies of an attached optimizer's warm-up and variance refreshes
         self._full_plans: Dict[tuple, Plan] = {}
-        self._warmup_strategies: Dict[tuple, dict] = {}
+        self._warmup_strategies: Dict[str, dict] = {}
+        self._warmup_used: set = set()
         self._optimizer = None  # attached by ddp_qhooks.optim.OneBitAdam(hook=...): decides the phase
         self._strategies: Dict[str, object] = {}
         self._used_this_step: set = set()
@@ -209,6 +211,7 @@ class QuantizedHookState(Accounting, Checkpointing):
         full-precision all-reduce; a codec (``OneBitAdam``'s warm-up codec) is exchanged like the
         hook's own, without error feedback."""
         key = (signature, None if codec is None else _config_key(codec))
+        self._warmup_used.add(key)
         plan = self._full_plans.get(key)
         if plan is not None:
             return plan
@@ -271,5 +274,5 @@ class QuantizedHookState(Accounting, Checkpointing):
         return lpn if not self.hold_unused_residuals else None
 
 
-def _config_key(codec) -> tuple:
-    return tuple(sorted(codec.config().items()))
+def _config_key(codec) -> str:
+    return json.dumps(codec.config(), sort_keys=True, default=str)  # configs may nest (topk's value codec)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ...engine import QuantizedHookState, Unit, end_step, submit
+from ...engine.checkpoint import UNPLACEABLE
 from ...exchange import check_agreement
 from .register import fsdp_units, register
 
@@ -77,6 +78,9 @@ def register_between_nodes(model, mesh=None, codec: str = "stochastic", bits: in
         if not units:
             raise ValueError(f"register_between_nodes() found no fully_shard module with parameters in "
                              f"{type(model).__name__}")
+        if "module" in options:
+            raise ValueError("register_between_nodes does not take module=: residuals are named after the "
+                             "parameters of model")
         options.setdefault("exchange", "allgather")
         state = QuantizedHookState(process_group=process_group, codec=codec, bits=bits,
                                    error_feedback=error_feedback, **options)
@@ -108,24 +112,31 @@ class _NameResolver:
 
     def __init__(self, hooks: list):
         self.hooks = hooks
-        self.warned = False
+        self.warned = set()
 
     def __call__(self, state, name: str):
         for hook in self.hooks:
             prefix = f"{hook.name}[flat "
             if name.startswith(prefix) and name.endswith("]") and name[len(prefix):-1].isdigit():
                 return state._key_of(hook.flat_slot(int(name[len(prefix):-1]))[0])
-        if name.startswith("param") and name[5:].isdigit():
-            order = [slot for hook in reversed(self.hooks) for slot in hook.full]
-            i = int(name[5:])
-            if i < len(order):
-                if not self.warned:
-                    self.warned = True
-                    warnings.warn("ddp_qhooks: hook state with residuals keyed param<i> (before they were keyed by "
-                                  "parameter name): matched to the parameters in backward order, sizes checked",
-                                  stacklevel=4)
-                return state._key_of(order[i])
-        return None
+        if not (name.startswith("param") and name[5:].isdigit()):
+            return None
+        order = [slot for hook in reversed(self.hooks) for slot in hook.full]
+        i = int(name[5:])
+        if i < len(order):
+            self._warn_once("matched", "ddp_qhooks: hook state with residuals keyed param<i> (before they were keyed "
+                            "by parameter name): matched to the parameters in the order a backward pass reaches "
+                            "them (FSDP modules in reverse order of named_modules), sizes checked")
+            return state._key_of(order[i])
+        self._warn_once("dropped", f"ddp_qhooks: hook state with residuals keyed param<i>: {name} is beyond the "
+                        "parameters' slots (a flat slot of a step in which some parameters had no gradient), which "
+                        "cannot be matched to parameters; left out, with any other such residual")
+        return UNPLACEABLE
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(message, stacklevel=5)
 
 
 class _StepEnd:
@@ -156,10 +167,10 @@ class _NodeHook:
         self.state, self.index, self.steps = state, index, steps
         self.name = fqn or "<root>"
         self.full = []
-        for fp in pg.fsdp_params:
+        for j, fp in enumerate(pg.fsdp_params):
             if fp.sharded_param.requires_grad:
                 slot = _ShardSlot(fp.padded_sharded_param_size.numel())
-                state._name_param(slot, names[id(fp.sharded_param)])
+                state._name_param(slot, names.get(id(fp.sharded_param)) or fp._param_fqn or f"{self.name}.<param {j}>")
                 self.full.append(slot)
         self._other: Dict[int, list] = {}
 
