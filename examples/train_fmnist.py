@@ -183,7 +183,7 @@ def evaluate(model, x, y, rank: int, world: int, device) -> float:
     return (correct[0] / correct[1]).item()
 
 
-def train(args, env: launch.Launch) -> dict:
+def train(env: launch.Launch, args) -> dict:
     rank, world, device = env.rank, env.world_size, env.device
     x_train, y_train = data.load("train", args.data)
     home = torch.nonzero((y_train == (2 * rank) % 10) | (y_train == (2 * rank + 1) % 10)).view(-1)
@@ -296,38 +296,13 @@ def train(args, env: launch.Launch) -> dict:
     return result
 
 
-def _local_worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    run(args)
-
-
-def run(args) -> None:
-    env = launch.init_from_env(cpu=args.cpu, timeout_s=args.timeout)
-    try:
-        train(args, env)
-    finally:
-        dist.destroy_process_group()
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         data.find_dir(args.data)
     except data.DatasetMissing as exc:
         sys.exit(f"error: {exc}")
-    if launch.launcher() is not None:
-        run(args)
-        return
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args.cpu = True
-    mp.start_processes(_local_worker, args=(args.world_size, port, args), nprocs=args.world_size, start_method="spawn")
+    launch.run(train, args, world_size=args.world_size, cpu=args.cpu, timeout_s=args.timeout)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ Freeze its variance after the learning-rate warm-up (here 10 % of ``--steps``; t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_qhooks
@@ -48,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train(args, env: launch.Launch) -> dict:
+def train(env: launch.Launch, args) -> dict:
     rank, device = env.rank, env.device
     task = lm.LmTask(args.batch_size, rank, device)
     model = task.model()  # the same initial weights on every rank
@@ -80,38 +78,13 @@ def train(args, env: launch.Launch) -> dict:
     return result
 
 
-def run(args) -> None:
-    env = launch.init_from_env(cpu=args.cpu)
-    try:
-        train(args, env)
-    finally:
-        dist.destroy_process_group()
-
-
-def _local_worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    run(args)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         lm.load_corpus()
     except lm.CorpusMissing as exc:
         sys.exit(f"error: {exc}")
-    if launch.launcher() is not None:
-        run(args)
-        return
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args.cpu = True
-    mp.start_processes(_local_worker, args=(args.world_size, port, args), nprocs=args.world_size, start_method="spawn")
+    launch.run(train, args, world_size=args.world_size, cpu=args.cpu)
 
 
 if __name__ == "__main__":

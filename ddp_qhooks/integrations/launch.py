@@ -77,3 +77,36 @@ def init_from_env(cpu: bool = False, timeout_s: float | None = None) -> Launch:
                       rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(backend, **kwargs)
     return Launch(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, kind)
+
+
+def run(train, *args, world_size: int = 2, cpu: bool = False, timeout_s: float | None = None) -> None:
+    """Call ``train(env, *args)`` on every rank in a process group, ``env`` being this rank's
+    :class:`Launch`: under a launcher (torchrun, srun) in this process; from a plain ``python
+    script.py``, in ``world_size`` local processes on the CPU, each with the variables torchrun
+    would set.  ``train`` must be a module-level function (local processes are spawned)."""
+    if launcher() is not None:
+        _in_group(train, args, cpu, timeout_s)
+        return
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_local_rank, args=(world_size, port, train, args, timeout_s), nprocs=world_size,
+                       start_method="spawn")
+
+
+def _local_rank(rank: int, world: int, port: int, train, args, timeout_s) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # the local ranks share this machine's cores
+    _in_group(train, args, True, timeout_s)
+
+
+def _in_group(train, args, cpu: bool, timeout_s) -> None:
+    env = init_from_env(cpu=cpu, timeout_s=timeout_s)
+    try:
+        train(env, *args)
+    finally:
+        dist.destroy_process_group()
