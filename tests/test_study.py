@@ -49,16 +49,17 @@ def test_split_lr():
 def test_short_run_every_family_learns(tmp_path, capsys):
     configs = ["fp32", "stochastic:4", "qsgd:4,block_size=32", "log:4", "kmeans:2", "ternary,block_size=256",
                "sign,block_size=256,lr=0.3,momentum=0", "topk:8,ratio=0.05", "stochastic:4,local_steps=10"]
-    study.main(["--configs", *configs, "--seeds", "0", "--world", "2", "--steps", "150", "--eval-every", "50",
-                "--output", str(tmp_path)])
+    # the MLP: every family reaches 78-82 % in 150 steps (the CNN took twice as long to 71-80 %)
+    study.main(["--configs", *configs, "--model", "mlp", "--seeds", "0", "--world", "2", "--steps", "150",
+                "--eval-every", "50", "--output", str(tmp_path)])
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "study.json").read_text())
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows) == configs
-    numel = sum(p.numel() for p in data.SmallCNN().parameters())
+    numel = sum(p.numel() for p in data.MLP().parameters())
     for spec, r in rows.items():
         assert r["finished"] == 1 and not r["errors"], r
-        assert r["accuracy"] > 70.0, f"{spec}: {r['accuracy']:.1f} % after 150 steps"  # chance is 10 %
+        assert r["accuracy"] > 75.0, f"{spec}: {r['accuracy']:.1f} % after 150 steps"  # chance is 10 %
     runs = {r["config"]: r for r in result["runs"]}
     sign = runs["sign,block_size=256,lr=0.3,momentum=0"]  # per-config recipe
     assert (sign["lr"], sign["momentum"], runs["fp32"]["lr"], runs["fp32"]["momentum"]) == (0.3, 0.0, 0.05, 0.9)
