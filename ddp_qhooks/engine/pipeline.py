@@ -250,9 +250,8 @@ def _end_of_step(state: QuantizedHookState) -> None:
             del state._plans[sig]  # layouts DDP no longer uses (e.g. before the bucket rebuild)
     for key in [k for k in state._full_plans if k not in state._warmup_used]:
         del state._full_plans[key]  # and the warm-up's, once it is over
-    live = {codec for _, codec in state._full_plans}
-    for codec in [c for c in state._warmup_strategies if c not in live]:
-        del state._warmup_strategies[codec]
+    if all(full for _, full in state._full_plans):  # no warm-up codec plan left
+        state._warmup_strategies.clear()
     state._used_this_step.clear()
     state._warmup_used.clear()
 

@@ -1,7 +1,6 @@
 """The configured state of a quantized exchange (like torch's ``PowerSGDState``)."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -144,7 +143,7 @@ class QuantizedHookState(Accounting, Checkpointing):
         self._plans: Dict[tuple, Plan] = {}
         # plans and strategies of an attached optimizer's warm-up and variance refreshes
         self._full_plans: Dict[tuple, Plan] = {}
-        self._warmup_strategies: Dict[str, dict] = {}
+        self._warmup_strategies: Dict[str, object] = {}  # of the optimizer's one warm-up codec, by mode
         self._warmup_used: set = set()
         self._optimizer = None  # attached by ddp_qhooks.optim.OneBitAdam(hook=...): decides the phase
         self._strategies: Dict[str, object] = {}
@@ -208,9 +207,9 @@ class QuantizedHookState(Accounting, Checkpointing):
 
     def _warmup_plan(self, signature: tuple, numels: list, device, codec) -> Plan:
         """The plan of an attached optimizer's warm-up or variance refresh: ``codec`` None is a
-        full-precision all-reduce; a codec (``OneBitAdam``'s warm-up codec) is exchanged like the
-        hook's own, without error feedback."""
-        key = (signature, None if codec is None else _config_key(codec))
+        full-precision all-reduce; a codec (``OneBitAdam``'s warm-up codec, fixed for the optimizer
+        the hook has) is exchanged like the hook's own, without error feedback."""
+        key = (signature, codec is None)
         self._warmup_used.add(key)
         plan = self._full_plans.get(key)
         if plan is not None:
@@ -223,9 +222,8 @@ class QuantizedHookState(Accounting, Checkpointing):
             plan = Plan(layout, strategy.name, "the optimizer's uncompressed warm-up", strategy, [(0, layout.numel)],
                         [layout], [None], payload, sent, values)
         else:
-            strategies = self._warmup_strategies.setdefault(_config_key(codec), {})
             server = server_codec_for(codec, None, codec.config())
-            plan = self._build_plan(signature, numels, device, codec, server, strategies, None)
+            plan = self._build_plan(signature, numels, device, codec, server, self._warmup_strategies, None)
             plan.reason = f"the optimizer's warm-up codec; {plan.reason}"
         self._full_plans[key] = plan
         return plan
@@ -272,7 +270,3 @@ class QuantizedHookState(Accounting, Checkpointing):
             raise ValueError("exchange='hierarchical' does not support find_unused_parameters / hold_unused_residuals "
                              "yet; use exchange='allgather' or 'alltoall'")
         return lpn if not self.hold_unused_residuals else None
-
-
-def _config_key(codec) -> str:
-    return json.dumps(codec.config(), sort_keys=True, default=str)  # configs may nest (topk's value codec)

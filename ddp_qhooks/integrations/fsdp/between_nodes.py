@@ -112,6 +112,7 @@ class _NameResolver:
 
     def __init__(self, hooks: list):
         self.hooks = hooks
+        self.backward_order = [slot for hook in reversed(hooks) for slot in hook.full]
         self.warned = set()
 
     def __call__(self, state, name: str):
@@ -121,13 +122,12 @@ class _NameResolver:
                 return state._key_of(hook.flat_slot(int(name[len(prefix):-1]))[0])
         if not (name.startswith("param") and name[5:].isdigit()):
             return None
-        order = [slot for hook in reversed(self.hooks) for slot in hook.full]
         i = int(name[5:])
-        if i < len(order):
+        if i < len(self.backward_order):
             self._warn_once("matched", "ddp_qhooks: hook state with residuals keyed param<i> (before they were keyed "
                             "by parameter name): matched to the parameters in the order a backward pass reaches "
                             "them (FSDP modules in reverse order of named_modules), sizes checked")
-            return state._key_of(order[i])
+            return state._key_of(self.backward_order[i])
         self._warn_once("dropped", f"ddp_qhooks: hook state with residuals keyed param<i>: {name} is beyond the "
                         "parameters' slots (a flat slot of a step in which some parameters had no gradient), which "
                         "cannot be matched to parameters; left out, with any other such residual")
